@@ -1,0 +1,394 @@
+"""Replay buffers: the public API over the C++ core (``fastdqn._core``).
+
+Frames are stored once and frame stacks rebuilt at sample time, n-step returns are
+folded at sample time, and sampling runs without the GIL and without a lock against
+a concurrent ``add``. Arrays in, numpy arrays out: use them from numpy, PyTorch
+(``torch.from_numpy``) or JAX (``jnp.asarray``). The storage layout and its invariants
+are documented in ``csrc/replay_buffer.h``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import os
+from typing import Iterator
+
+import numpy as np
+
+from fastdqn import _core
+
+__all__ = ["Batch", "FrameBatch", "Prefetcher", "PrioritizedReplayBuffer", "ReplayBuffer"]
+
+
+@dataclasses.dataclass
+class Batch:
+    """A sampled batch. The learning target is ``rewards + discounts * max_a Q(next_obs, a)``."""
+
+    obs: np.ndarray
+    """``(B, *obs_shape)``: the observations the actions were taken on."""
+    actions: np.ndarray
+    """``(B,)``, the buffer's action dtype."""
+    rewards: np.ndarray
+    """``(B,)`` float32: the discounted sum of up to ``n_step`` rewards, stopping at the episode's end."""
+    next_obs: np.ndarray
+    """``(B, *obs_shape)``: the observation ``m <= n_step`` steps later (the final one at an episode's end)."""
+    terminated: np.ndarray
+    """``(B,)`` float32: 1 if the episode terminated within those ``m`` steps (truncation is not termination)."""
+    discounts: np.ndarray
+    """``(B,)`` float32: ``gamma**m``, or 0 if terminated."""
+    indices: np.ndarray
+    """``(B,)`` int64: identify the transitions, e.g. for ``update_priorities``."""
+    weights: np.ndarray | None = None
+    """``(B,)`` float32 importance weights (prioritized buffers only)."""
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The fields that hold arrays, by name (no copies)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclasses.dataclass
+class FrameBatch:
+    """A batch in the shared-frame layout: ``k + m`` frames per sample instead of ``2k``.
+
+    ``frames[b, :k]`` is the observation and ``frames[b, next_offset[b]:next_offset[b] + k]``
+    the next observation (``next_offset`` is ``m``). Fewer bytes to copy and to move to a
+    GPU, where the next observations are gathered.
+    """
+
+    frames: np.ndarray
+    """``(B, frame_stack + n_step, *frame_shape)``."""
+    next_offset: np.ndarray
+    """``(B,)`` int64: where the next observation starts in ``frames``."""
+    actions: np.ndarray
+    rewards: np.ndarray
+    terminated: np.ndarray
+    discounts: np.ndarray
+    indices: np.ndarray
+    weights: np.ndarray | None = None
+
+    arrays = Batch.arrays
+
+    def unpack(self, frame_stack: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(obs, next_obs)`` as separate arrays (copies)."""
+        columns = self.next_offset[:, None] + np.arange(frame_stack)
+        next_obs = np.take_along_axis(self.frames, columns.reshape(columns.shape + (1,) * (self.frames.ndim - 2)), axis=1)
+        return self.frames[:, :frame_stack].copy(), next_obs
+
+
+def _int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _real(name: str, value, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return float(value)
+
+
+def _numeric_dtype(name: str, dtype) -> np.dtype:
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError as error:
+        raise TypeError(f"{name} must be a numpy dtype, got {dtype!r}") from error
+    if dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a numeric dtype, got {dtype}")
+    return dtype
+
+
+def _column(name: str, value, rows: int, dtype: np.dtype, kinds: str) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.kind not in kinds:
+        raise TypeError(f"{name} must have a dtype of kind {kinds!r} (convertible to {dtype}), got {array.dtype}")
+    if array.shape != (rows,):
+        raise ValueError(f"{name} must have shape ({rows},), got {array.shape}")
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+class ReplayBuffer:
+    """A circular replay buffer with frame stacking, n-step returns and several env streams.
+
+    Args:
+        capacity: transitions held in total over all envs; the oldest go first. Rounded down
+            to a multiple of ``num_envs`` (each env has its own ring). Each episode also keeps
+            its first observation's oldest frame (rarely more) in one slot of its ring.
+        obs_shape: the observation as the env returns it; with ``frame_stack=k > 1``,
+            ``obs_shape[0] == k`` and each frame is stored once.
+        frame_stack: frames per observation.
+        num_envs: env streams added together, each with its own episodes.
+        obs_dtype, action_dtype: dtypes of observations and actions.
+        n_step: rewards folded into one transition.
+        gamma: discount of the n-step return.
+        seed: seed of the sampler; ``None`` draws one.
+    """
+
+    prioritized = False
+
+    def __init__(self, capacity, obs_shape, frame_stack=1, num_envs=1, obs_dtype=np.uint8, action_dtype=np.int64,
+                 n_step=1, gamma=0.99, seed=None):
+        self._init(capacity, obs_shape, frame_stack, num_envs, obs_dtype, action_dtype, n_step, gamma, seed,
+                   alpha=0.0, eps=1.0)
+
+    def _init(self, capacity, obs_shape, frame_stack, num_envs, obs_dtype, action_dtype, n_step, gamma, seed,
+              alpha, eps):
+        self.num_envs = _int("num_envs", num_envs, 1)
+        self.capacity = _int("capacity", capacity, 1) // self.num_envs * self.num_envs
+        self.frame_stack = _int("frame_stack", frame_stack, 1)
+        if isinstance(obs_shape, numbers.Integral):
+            obs_shape = (obs_shape,)
+        try:
+            self.obs_shape = tuple(_int("obs_shape[i]", d, 1) for d in obs_shape)
+        except TypeError as error:
+            raise TypeError(f"obs_shape must be a tuple of positive ints, got {obs_shape!r}") from error
+        if not self.obs_shape:
+            raise ValueError("obs_shape must have at least one dimension")
+        if self.frame_stack > 1 and (len(self.obs_shape) < 2 or self.obs_shape[0] != self.frame_stack):
+            raise ValueError(f"with frame_stack={self.frame_stack}, obs_shape must be ({self.frame_stack}, *frame_shape), "
+                             f"got {self.obs_shape}")
+        self.frame_shape = self.obs_shape[1:] if self.frame_stack > 1 else self.obs_shape
+        self.obs_dtype = _numeric_dtype("obs_dtype", obs_dtype)
+        self.action_dtype = _numeric_dtype("action_dtype", action_dtype)
+        self.n_step = _int("n_step", n_step, 1)
+        self.gamma = _real("gamma", gamma, 0.0, 1.0)
+        if seed is None:
+            seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0])
+        self.seed = _int("seed", seed, 0)
+        if self.seed >= 2**64:
+            raise ValueError(f"seed must be < 2**64, got {seed}")
+        frame_bytes = int(np.prod(self.frame_shape)) * self.obs_dtype.itemsize
+        self._core = _core.ReplayBuffer(self.capacity, self.num_envs, self.frame_stack, frame_bytes,
+                                        self.action_dtype.itemsize, self.n_step, self.gamma, self.seed,
+                                        self.prioritized, alpha, eps)
+
+    def __len__(self) -> int:
+        return self._core.size()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(capacity={self.capacity}, obs_shape={self.obs_shape}, "
+                f"frame_stack={self.frame_stack}, num_envs={self.num_envs}, n_step={self.n_step}, len={len(self)})")
+
+    def add(self, obs, actions, rewards, next_obs, terminated, truncated, env_ids=None) -> None:
+        """Adds one step of each env: arrays with leading dimension ``num_envs``.
+
+        ``obs`` is what the action was taken on and ``next_obs`` what the env returned, at an
+        episode's end the final observation. After an env's episode ends (terminated or
+        truncated), its next ``add`` starts a new episode. With auto-resetting vector envs,
+        never add the step that only resets. ``env_ids`` (distinct ints) adds rows for those
+        envs only, e.g. the envs an async envpool ``recv`` returned.
+        """
+        if env_ids is None:
+            rows = self.num_envs
+        else:
+            env_ids = np.asarray(env_ids)
+            if env_ids.dtype.kind not in "iu" or env_ids.ndim != 1:
+                raise TypeError(f"env_ids must be a 1-D int array, got {env_ids.dtype} with shape {env_ids.shape}")
+            rows = len(env_ids)
+            if rows > self.num_envs or rows and (env_ids.min() < 0 or env_ids.max() >= self.num_envs):
+                raise ValueError(f"env_ids must be distinct ids in [0, {self.num_envs}), got {env_ids}")
+            env_ids = np.ascontiguousarray(env_ids, dtype=np.int64)
+        self._core.add(
+            self._check_obs("obs", obs, rows),
+            _column("actions", actions, rows, self.action_dtype, "biu" if self.action_dtype.kind in "biu" else "biuf"),
+            _column("rewards", rewards, rows, np.float32, "biuf"),
+            self._check_obs("next_obs", next_obs, rows),
+            _column("terminated", terminated, rows, np.bool_, "biu"),
+            _column("truncated", truncated, rows, np.bool_, "biu"),
+            env_ids,
+        )
+
+    def _check_obs(self, name: str, value, rows: int) -> np.ndarray:
+        array = np.asarray(value)
+        if array.dtype != self.obs_dtype:
+            raise TypeError(f"{name} must have dtype {self.obs_dtype}, got {array.dtype}")
+        if array.shape != (rows, *self.obs_shape):
+            raise ValueError(f"{name} must have shape {(rows, *self.obs_shape)}, got {array.shape}")
+        return np.ascontiguousarray(array)
+
+    def empty_batch(self, batch_size: int) -> Batch:
+        """Arrays to sample into with ``sample(..., out=batch)``: no allocation per batch."""
+        batch_size = _int("batch_size", batch_size, 1)
+        vector = lambda dtype: np.empty(batch_size, dtype)  # noqa: E731
+        return Batch(obs=np.empty((batch_size, *self.obs_shape), self.obs_dtype), actions=vector(self.action_dtype),
+                     rewards=vector(np.float32), next_obs=np.empty((batch_size, *self.obs_shape), self.obs_dtype),
+                     terminated=vector(np.float32), discounts=vector(np.float32), indices=vector(np.int64),
+                     weights=vector(np.float32) if self.prioritized else None)
+
+    def empty_frame_batch(self, batch_size: int) -> FrameBatch:
+        """Arrays to sample into with ``sample_frames(..., out=batch)``."""
+        batch = self.empty_batch(batch_size)
+        fields = {k: v for k, v in batch.arrays().items() if k not in ("obs", "next_obs")}
+        frames = np.empty((batch.indices.size, self.frame_stack + self.n_step, *self.frame_shape), self.obs_dtype)
+        return FrameBatch(frames=frames, next_offset=np.empty(batch.indices.size, np.int64), **fields)
+
+    def sample(self, batch_size: int, out: Batch | None = None) -> Batch:
+        """Draws ``batch_size`` transitions uniformly (with replacement) from the valid ones.
+
+        With ``out``, fills those arrays in place (e.g. pinned torch tensors seen as numpy)
+        and returns it.
+        """
+        return self._sample(batch_size, out, self.empty_batch, Batch, beta=0.0)
+
+    def sample_frames(self, batch_size: int, out: FrameBatch | None = None) -> FrameBatch:
+        """Like ``sample``, in the shared-frame layout (see ``FrameBatch``)."""
+        return self._sample(batch_size, out, self.empty_frame_batch, FrameBatch, beta=0.0)
+
+    def _sample(self, batch_size, out, allocate, kind, beta):
+        batch_size = _int("batch_size", batch_size, 1)
+        if len(self) == 0:
+            raise ValueError("cannot sample from an empty buffer")
+        if out is None:
+            out = allocate(batch_size)
+        elif not isinstance(out, kind):
+            raise TypeError(f"out must be a {kind.__name__}, got {type(out).__name__}")
+        else:
+            self._check_out(out, allocate(1))
+        self._core.sample(batch_size, out.arrays(), beta)
+        return out
+
+    def _check_out(self, out, like) -> None:
+        for name, template in like.arrays().items():
+            array = getattr(out, name)
+            if not isinstance(array, np.ndarray) or array.dtype != template.dtype:
+                got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+                raise TypeError(f"out.{name} must be a numpy array of dtype {template.dtype}, got {got}")
+            if array.shape[1:] != template.shape[1:]:
+                raise ValueError(f"out.{name} must have shape (batch_size, *{template.shape[1:]}), got {array.shape}")
+
+    def prefetch(self, batch_size: int, depth: int = 2, out: list[Batch] | None = None) -> Prefetcher:
+        """A C++ worker thread that samples the next batches while the caller trains."""
+        return Prefetcher(self, batch_size, depth, out)
+
+    def get(self, indices) -> Batch:
+        """The transitions at ``indices`` (as returned by ``sample``), if they are still valid."""
+        indices = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
+        out = self.empty_batch(max(indices.size, 1))
+        out = Batch(**{k: v[: indices.size] for k, v in out.arrays().items()})
+        self._core.get(indices, out.arrays())
+        return out
+
+    def valid_indices(self) -> np.ndarray:
+        """The indices of every transition that can be sampled now, sorted (a full scan)."""
+        return self._core.valid_indices()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the whole buffer to ``path`` atomically (see ``fastdqn.replay_file``)."""
+        from fastdqn import replay_file
+
+        replay_file.save(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ReplayBuffer:
+        """Reads a buffer written by ``save``; it samples exactly what the saved one would have."""
+        from fastdqn import replay_file
+
+        return replay_file.load(path, expected=cls)
+
+
+class PrioritizedReplayBuffer(ReplayBuffer):
+    """Proportional prioritized replay (Schaul et al., 2016) on a C++ sum tree.
+
+    The same arguments as ``ReplayBuffer``, plus ``alpha`` (how much priorities count),
+    ``beta`` (the importance-weight exponent; anneal it to 1) and ``eps`` (added to every
+    priority). New transitions get the largest priority seen so far. Batches are drawn
+    stratified, one draw per equal slice of the total priority, and carry ``weights``
+    ``(N * P(i)) ** -beta`` normalized by the largest possible weight, that of the lowest
+    priority held (so the weights are at most 1).
+    """
+
+    prioritized = True
+
+    def __init__(self, capacity, obs_shape, frame_stack=1, num_envs=1, obs_dtype=np.uint8, action_dtype=np.int64,
+                 n_step=1, gamma=0.99, seed=None, alpha=0.6, beta=0.4, eps=1e-6):
+        self.alpha = _real("alpha", alpha, 0.0, float("inf"))
+        self.eps = _real("eps", eps, 0.0, float("inf"))
+        if self.eps <= 0.0:
+            raise ValueError("eps must be > 0: a zero priority would hide a transition forever")
+        self._init(capacity, obs_shape, frame_stack, num_envs, obs_dtype, action_dtype, n_step, gamma, seed,
+                   alpha=self.alpha, eps=self.eps)
+        self.beta = beta
+
+    @property
+    def beta(self) -> float:
+        """The default importance-weight exponent, also used by prefetchers."""
+        return self._core.beta
+
+    @beta.setter
+    def beta(self, value) -> None:
+        self._core.beta = _real("beta", value, 0.0, float("inf"))
+
+    def sample(self, batch_size: int, beta: float | None = None, out: Batch | None = None) -> Batch:
+        beta = self.beta if beta is None else _real("beta", beta, 0.0, float("inf"))
+        return self._sample(batch_size, out, self.empty_batch, Batch, beta)
+
+    def sample_frames(self, batch_size: int, beta: float | None = None, out: FrameBatch | None = None) -> FrameBatch:
+        beta = self.beta if beta is None else _real("beta", beta, 0.0, float("inf"))
+        return self._sample(batch_size, out, self.empty_frame_batch, FrameBatch, beta)
+
+    def update_priorities(self, indices, priorities) -> None:
+        """Sets the priorities (e.g. |TD error|) of sampled transitions.
+
+        Indices overwritten since they were sampled are ignored. Negative, NaN or infinite
+        priorities, and indices never returned by ``sample``, raise ``ValueError`` before
+        any change.
+        """
+        indices = np.asarray(indices)
+        priorities = np.asarray(priorities)
+        if indices.dtype.kind not in "iu":
+            raise TypeError(f"indices must be integers, got {indices.dtype}")
+        if priorities.dtype.kind not in "iuf":
+            raise TypeError(f"priorities must be numbers, got {priorities.dtype}")
+        if indices.shape != priorities.shape or indices.ndim != 1:
+            raise ValueError(f"indices and priorities must be 1-D of one length, got {indices.shape} and {priorities.shape}")
+        self._core.update_priorities(np.ascontiguousarray(indices, np.int64), np.ascontiguousarray(priorities, np.float64))
+
+    def priority_total(self) -> float:
+        """The sum tree's total of priority**alpha over the valid transitions."""
+        return self._core.priority_total()
+
+
+class Prefetcher:
+    """Samples batches on a C++ worker thread, ``depth`` batches ahead.
+
+    ``next()`` returns the oldest ready batch, which stays valid until the following
+    ``next()``; iterate or call ``next()``, and ``close()`` (or use ``with``) when done.
+    A prioritized buffer's batches use its ``beta`` at the time they are drawn.
+    """
+
+    def __init__(self, buffer: ReplayBuffer, batch_size: int, depth: int = 2, out: list[Batch] | None = None):
+        batch_size = _int("batch_size", batch_size, 1)
+        if out is None:
+            out = [buffer.empty_batch(batch_size) for _ in range(_int("depth", depth, 1))]
+        if not out:
+            raise ValueError("out must hold at least one batch")
+        for batch in out:
+            if not isinstance(batch, Batch):
+                raise TypeError(f"out must hold Batch objects, got {type(batch).__name__}")
+            buffer._check_out(batch, buffer.empty_batch(1))
+        if len(buffer) == 0:
+            raise ValueError("cannot prefetch from an empty buffer")
+        self._batches = list(out)
+        self._core = _core.Prefetcher(buffer._core, [b.arrays() for b in self._batches], batch_size)
+
+    def next(self) -> Batch:
+        return self._batches[self._core.next()]
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        return self.next()
+
+    def close(self) -> None:
+        self._core.close()
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
