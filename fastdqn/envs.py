@@ -1,0 +1,599 @@
+"""Vectorized environments: envpool where it knows the id, gymnasium otherwise, one step interface.
+
+Both backends reset an environment on the step *after* its episode ends (envpool's native behaviour,
+gymnasium's ``AutoresetMode.NEXT_STEP``). That step only resets: its action is ignored, its reward is 0
+and ``StepResult.valid`` is False for it, so the caller never stores it. The step that ends an episode
+carries the final observation, so storing ``next_obs`` is always right.
+
+Atari follows a named protocol (``ATARI_PROTOCOLS``). The gymnasium fallback for ALE ids (``ALE/Pong-v5``)
+re-implements envpool's Atari preprocessing in ``AtariPreprocessing`` so that both backends give the
+same observations for the same game.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+__all__ = ["ATARI_PROTOCOLS", "AtariPreprocessing", "AtariProtocol", "StepResult", "VecEnv", "make_env"]
+
+ATARI_FRAME_SIZE = 84
+ATARI_FRAME_STACK = 4
+
+
+@dataclass(frozen=True)
+class AtariProtocol:
+    """How Atari games are played: reset, frame skipping, termination and rewards."""
+
+    name: str
+    """Short name recorded with results ("cleanrl", "machado")."""
+    source: str
+    """Who defined the protocol, for the description."""
+    noop_max: int
+    """A reset plays U{1..noop_max} no-op frames (one fewer when a FIRE frame follows); 1 means no random starts."""
+    sticky_actions: float
+    """ALE repeat_action_probability: each frame repeats the previous action with this probability."""
+    fire_reset: bool
+    """Press FIRE once after each reset (including after a life loss) in games that have FIRE."""
+    episodic_life: bool
+    """Training only: a life loss terminates the training episode; the game goes on without a reset."""
+    clip_rewards: bool
+    """Training only: rewards become their sign. Episode returns stay raw."""
+    frame_skip: int = 4
+    """Agent steps repeat the action for this many frames and max-pool the last two."""
+    max_episode_steps: int = 27_000
+    """Truncate a game after this many agent steps (27,000 steps = 108,000 frames)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.noop_max, int) or self.noop_max < 1:
+            raise ValueError(f"noop_max must be an int >= 1 (1 = no random no-op starts), got {self.noop_max!r}")
+        if not 0.0 <= self.sticky_actions < 1.0:
+            raise ValueError(f"sticky_actions must be in [0, 1), got {self.sticky_actions!r}")
+        if not isinstance(self.frame_skip, int) or self.frame_skip < 2:
+            raise ValueError(f"frame_skip must be an int >= 2 (the last two frames are max-pooled), got {self.frame_skip!r}")
+        if not isinstance(self.max_episode_steps, int) or self.max_episode_steps < 1:
+            raise ValueError(f"max_episode_steps must be a positive int, got {self.max_episode_steps!r}")
+
+    def for_mode(self, mode: str) -> AtariProtocol:
+        """The protocol as played in `mode`: evaluation plays full games with raw rewards."""
+        if mode == "eval":
+            return dataclasses.replace(self, episodic_life=False, clip_rewards=False)
+        return self
+
+    def describe(self, mode: str) -> str:
+        """One line naming the protocol and every setting, for logs and evaluation output."""
+        p = self.for_mode(mode)
+        noops = f"up to {p.noop_max} random no-op frames at reset" if p.noop_max > 1 else "no no-op starts"
+        parts = [
+            noops,
+            "FIRE after reset" if p.fire_reset else "no FIRE reset",
+            f"frame skip {p.frame_skip} (max-pool of the last 2 frames)",
+            f"{ATARI_FRAME_SIZE}x{ATARI_FRAME_SIZE} grayscale",
+            f"{ATARI_FRAME_STACK}-frame stack",
+            f"sticky actions {p.sticky_actions:g}" if p.sticky_actions else "no sticky actions",
+            "episodic life" if p.episodic_life else "full games",
+            "sign-clipped rewards" if p.clip_rewards else "raw rewards",
+            f"at most {p.max_episode_steps:,} agent steps ({p.max_episode_steps * p.frame_skip:,} frames)",
+        ]
+        return f"{p.source} ({mode}): " + ", ".join(parts)
+
+
+ATARI_PROTOCOLS: dict[str, AtariProtocol] = {
+    # CleanRL dqn_atari.py: NoopReset(30), MaxAndSkip(4), EpisodicLife, FireReset, ClipReward, 84x84 gray, stack 4.
+    "cleanrl": AtariProtocol(
+        name="cleanrl", source="CleanRL dqn_atari", noop_max=30, sticky_actions=0.0,
+        fire_reset=True, episodic_life=True, clip_rewards=True,
+    ),
+    # Machado et al. (2018), as in gymnasium's ALE v5 and Dopamine: sticky actions replace no-op starts,
+    # an episode is a whole game, the minimal action set.
+    "machado": AtariProtocol(
+        name="machado", source="Machado et al. (2018)", noop_max=1, sticky_actions=0.25,
+        fire_reset=False, episodic_life=False, clip_rewards=True,
+    ),
+}
+
+_MODES = ("train", "eval")
+_BACKENDS = ("auto", "envpool", "gymnasium")
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """One batch of transitions. Rows follow `env_ids`."""
+
+    obs: np.ndarray
+    """Observation to act on next (a reset observation on rows that just reset)."""
+    next_obs: np.ndarray
+    """Observation to store for this transition (the final observation where an episode ended)."""
+    rewards: np.ndarray
+    """float32; sign-clipped in Atari training, raw otherwise."""
+    terminated: np.ndarray
+    """bool; the episode reached a terminal state (a life loss counts in Atari training)."""
+    truncated: np.ndarray
+    """bool; the episode was cut by a time limit. Never set together with `terminated`."""
+    valid: np.ndarray
+    """bool; False on rows that only reset (no transition: never store them)."""
+    env_ids: np.ndarray
+    """int32; which environment each row belongs to."""
+    episode_returns: np.ndarray
+    """float64; raw returns of the games that finished at this step (a game spans all lives)."""
+    episode_lengths: np.ndarray
+    """int64; their lengths in agent steps, reset-only steps not counted."""
+
+
+_NO_RETURNS = np.zeros(0, np.float64)
+_NO_LENGTHS = np.zeros(0, np.int64)
+_NO_RETURNS.flags.writeable = False
+_NO_LENGTHS.flags.writeable = False
+
+
+class VecEnv:
+    """A batch of `num_envs` environments of one id, stepped together (or in async batches on envpool)."""
+
+    env_id: str
+    backend: str
+    protocol: str | None
+    """Atari protocol name, None for other environments."""
+    protocol_description: str
+    mode: str
+    num_envs: int
+    batch_size: int
+    """Rows per `recv`; below `num_envs` only in envpool's async mode."""
+    obs_shape: tuple[int, ...]
+    obs_dtype: np.dtype
+    num_actions: int
+    frame_stack: int
+    is_image: bool
+
+    def __init__(self, env_id: str, backend: str, mode: str, num_envs: int, batch_size: int,
+                 atari: AtariProtocol | None, observation_space: Any, action_space: Any) -> None:
+        self.env_id, self.backend, self.mode = env_id, backend, mode
+        self.num_envs, self.batch_size = num_envs, batch_size
+        self.atari = atari.for_mode(mode) if atari is not None else None
+        self.protocol = atari.name if atari is not None else None
+        self.protocol_description = (
+            atari.describe(mode) if atari is not None else f"{env_id} as registered ({backend}), raw rewards"
+        )
+        self.obs_shape = tuple(int(d) for d in observation_space.shape)
+        self.obs_dtype = np.dtype(observation_space.dtype)
+        self.num_actions = int(action_space.n)
+        self.frame_stack = ATARI_FRAME_STACK if atari is not None else 1
+        self.is_image = len(self.obs_shape) == 3
+        self._clip_rewards = self.atari is not None and self.atari.clip_rewards
+        # The next step of an env whose episode just ended only resets it.
+        self._resetting = np.zeros(num_envs, bool)
+        self._returns = np.zeros(num_envs, np.float64)
+        self._lengths = np.zeros(num_envs, np.int64)
+        self._started = False
+        self._closed = False
+
+    # ---- public interface -------------------------------------------------------------------------
+
+    def reset(self) -> np.ndarray:
+        """Reset every env (sync mode) and return the first observations, shape (num_envs, *obs_shape)."""
+        if self.batch_size != self.num_envs:
+            raise RuntimeError("reset() is for sync mode; this env is async (batch_size < num_envs): use async_reset()")
+        obs = self._reset()
+        self._begin(resetting=False)
+        return obs
+
+    def step(self, actions: Any) -> StepResult:
+        """Step every env with `actions` (num_envs,) and return the transitions (sync mode)."""
+        if self.batch_size != self.num_envs:
+            raise RuntimeError("step() is for sync mode; this env is async (batch_size < num_envs): use send()/recv()")
+        self.send(actions)
+        return self.recv()
+
+    def async_reset(self) -> None:
+        """Start every env resetting; each env's reset comes back from `recv` as a row with valid=False."""
+        self._async_reset()
+        self._begin(resetting=True)
+
+    def send(self, actions: Any, env_ids: Any = None) -> None:
+        """Queue `actions` for `env_ids` (default: all envs, in order); collect the results with `recv`."""
+        if not self._started:
+            raise RuntimeError("call reset() (sync) or async_reset() (async) before stepping")
+        actions = np.asarray(actions)
+        n = self.num_envs if env_ids is None else len(env_ids)
+        if actions.shape != (n,):
+            raise ValueError(f"actions must have shape ({n},), got {actions.shape}")
+        if actions.dtype.kind not in "iu":
+            raise TypeError(f"actions must be integers, got dtype {actions.dtype}")
+        if n and (actions.min() < 0 or actions.max() >= self.num_actions):
+            raise ValueError(f"actions must be in [0, {self.num_actions}), got {actions.min()}..{actions.max()}")
+        self._send(actions, None if env_ids is None else np.asarray(env_ids, dtype=np.int32))
+
+    def recv(self) -> StepResult:
+        """The next batch of `batch_size` transitions (rows follow `env_ids`)."""
+        obs, raw_rewards, terminated, truncated, game_over, env_ids = self._recv()
+        raw_rewards = raw_rewards.astype(np.float32, copy=False)
+        truncated = truncated & ~terminated
+        valid = ~self._resetting[env_ids]
+        self._resetting[env_ids] = terminated | truncated
+        if self.frame_stack > 1 and not valid.all():
+            # A new episode (or life) starts from one frame repeated, as CleanRL's FrameStack does:
+            # envpool keeps the frames from before a life loss.
+            fresh = ~valid
+            obs[fresh] = obs[fresh, -1:]
+        rewards = np.sign(raw_rewards) if self._clip_rewards else raw_rewards
+        self._returns[env_ids] += raw_rewards
+        self._lengths[env_ids] += valid
+        episode_returns, episode_lengths = _NO_RETURNS, _NO_LENGTHS
+        if game_over.any():
+            ended = env_ids[game_over]
+            episode_returns, episode_lengths = self._returns[ended], self._lengths[ended]
+            self._returns[ended] = 0.0
+            self._lengths[ended] = 0
+        return StepResult(obs, obs, rewards, terminated, truncated, valid, env_ids, episode_returns, episode_lengths)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    def __enter__(self) -> VecEnv:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"VecEnv({self.env_id!r}, backend={self.backend!r}, num_envs={self.num_envs}, "
+                f"batch_size={self.batch_size}, mode={self.mode!r}, protocol={self.protocol!r})")
+
+    def _begin(self, resetting: bool) -> None:
+        self._resetting[:] = resetting
+        self._returns[:] = 0.0
+        self._lengths[:] = 0
+        self._started = True
+
+    # ---- backend hooks: (obs, raw rewards f32, terminated, truncated, game over, env ids int32) --------
+
+    def _reset(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _async_reset(self) -> None:
+        raise NotImplementedError
+
+    def _send(self, actions: np.ndarray, env_ids: np.ndarray | None) -> None:
+        raise NotImplementedError
+
+    def _recv(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+
+class _EnvpoolVecEnv(VecEnv):
+    def __init__(self, env_id: str, num_envs: int, seed: int, mode: str, batch_size: int,
+                 atari: AtariProtocol | None, num_threads: int | None, max_episode_steps: int | None) -> None:
+        import envpool
+
+        kwargs: dict[str, Any] = {"num_envs": num_envs, "batch_size": batch_size, "seed": seed}
+        if num_threads is not None:
+            kwargs["num_threads"] = num_threads
+        if atari is not None:
+            p = atari.for_mode(mode)
+            kwargs.update(
+                noop_max=p.noop_max, repeat_action_probability=p.sticky_actions, use_fire_reset=p.fire_reset,
+                episodic_life=p.episodic_life, reward_clip=False, frame_skip=p.frame_skip,
+                max_episode_steps=p.max_episode_steps, stack_num=ATARI_FRAME_STACK, img_height=ATARI_FRAME_SIZE,
+                img_width=ATARI_FRAME_SIZE, gray_scale=True, full_action_space=False,
+            )
+        elif max_episode_steps is not None:
+            kwargs["max_episode_steps"] = max_episode_steps
+        self._pool = envpool.make_gymnasium(env_id, **kwargs)
+        try:
+            _check_discrete(env_id, self._pool.action_space)
+            super().__init__(env_id, "envpool", mode, num_envs, batch_size, atari,
+                             self._pool.observation_space, self._pool.action_space)
+        except BaseException:
+            self._pool.close()
+            raise
+
+    def _reset(self) -> np.ndarray:
+        obs, _ = self._pool.reset()
+        return obs
+
+    def _async_reset(self) -> None:
+        self._pool.async_reset()
+
+    def _send(self, actions: np.ndarray, env_ids: np.ndarray | None) -> None:
+        self._pool.send(actions, env_ids)
+
+    def _recv(self) -> tuple[np.ndarray, ...]:
+        # envpool hands out freshly allocated arrays: rows the caller holds are never overwritten.
+        obs, rewards, terminated, truncated, info = self._pool.recv()
+        env_ids = info["env_id"]
+        if self.atari is None:
+            return obs, rewards, terminated, truncated, terminated | truncated, env_ids
+        # envpool reports a game that ends on the time limit's last step as truncated; it terminated.
+        game_ended = info["terminated"].astype(bool)
+        truncated = truncated & ~game_ended
+        terminated = terminated | game_ended
+        return obs, info["reward"], terminated, truncated, game_ended | truncated, env_ids
+
+    def _close(self) -> None:
+        self._pool.close()
+
+
+class _GymnasiumVecEnv(VecEnv):
+    def __init__(self, env_id: str, num_envs: int, seed: int, mode: str,
+                 atari: AtariProtocol | None, max_episode_steps: int | None) -> None:
+        from gymnasium.vector import AutoresetMode, SyncVectorEnv
+
+        if atari is not None:
+            p = atari.for_mode(mode)
+
+            def make_one() -> gym.Env:
+                ale = gym.make(env_id, frameskip=1, repeat_action_probability=p.sticky_actions,
+                               full_action_space=False, max_num_frames_per_episode=None, obs_type="grayscale")
+                return AtariPreprocessing(ale, p)
+        else:
+            kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
+
+            def make_one() -> gym.Env:
+                return gym.make(env_id, **kwargs)
+
+        self._vec = SyncVectorEnv([make_one for _ in range(num_envs)], autoreset_mode=AutoresetMode.NEXT_STEP)
+        try:
+            _check_discrete(env_id, self._vec.single_action_space)
+            super().__init__(env_id, "gymnasium", mode, num_envs, num_envs, atari,
+                             self._vec.single_observation_space, self._vec.single_action_space)
+        except BaseException:
+            self._vec.close()
+            raise
+        self._seed: int | None = seed  # envs are seeded once, on the first reset
+        self._all_ids = np.arange(num_envs, dtype=np.int32)
+        self._actions: np.ndarray | None = None
+        self._pending_reset: np.ndarray | None = None
+        self._no_rewards = np.zeros(num_envs, np.float32)
+        self._no_flags = np.zeros(num_envs, bool)
+
+    def _reset(self) -> np.ndarray:
+        obs, _ = self._vec.reset(seed=self._seed)
+        self._seed = None
+        return obs
+
+    def _async_reset(self) -> None:
+        self._pending_reset = self._reset()
+
+    def _send(self, actions: np.ndarray, env_ids: np.ndarray | None) -> None:
+        if env_ids is not None and not np.array_equal(env_ids, self._all_ids):
+            raise ValueError("the gymnasium backend steps all envs together: env_ids must be None or all ids in order")
+        self._actions = actions
+
+    def _recv(self) -> tuple[np.ndarray, ...]:
+        if self._pending_reset is not None:  # async_reset's rows: resets only
+            obs, self._pending_reset, self._actions = self._pending_reset, None, None
+            f = self._no_flags
+            return obs, self._no_rewards, f, f, f, self._all_ids
+        if self._actions is None:
+            raise RuntimeError("recv() without a send()")
+        obs, rewards, terminated, truncated, info = self._vec.step(self._actions)
+        self._actions = None
+        game_over = info["game_over"] if self.atari is not None else terminated | truncated
+        return obs, rewards, terminated, truncated, game_over, self._all_ids
+
+    def _close(self) -> None:
+        self._vec.close()
+
+
+def _area_resize(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV's INTER_AREA shrink along one axis as (size_out, k) source indices and weights.
+
+    Output pixel i averages the source interval [i * scale, (i + 1) * scale), weighting each source pixel
+    by its overlap. At most k = ceil(scale) + 1 source pixels overlap one output pixel, so a gather
+    of k rows beats a dense matrix product by far.
+    """
+    scale = size_in / size_out
+    start = np.arange(size_out)[:, None] * scale
+    pixel = np.arange(size_in)[None, :]
+    weights = np.clip(np.minimum(start + scale, pixel + 1) - np.maximum(start, pixel), 0.0, None) / scale
+    k = int((weights > 0).sum(1).max())
+    index = (weights > 0).argmax(1)[:, None] + np.arange(k)
+    inside = index < size_in
+    index = np.minimum(index, size_in - 1)
+    return index, (np.take_along_axis(weights, index, 1) * inside).astype(np.float32)
+
+
+class AtariPreprocessing(gym.Wrapper):
+    """envpool's Atari preprocessing for a gymnasium ALE env created with frameskip=1.
+
+    Reset: a real game reset (unless episodic life and the game is not over), U{1..noop_max} no-op frames
+    (one fewer when FIRE follows), FIRE. Step: repeat the action for frame_skip frames (stop at game over),
+    max-pool the last two grayscale frames, area-resize to 84x84, push onto a 4-frame stack. Rewards are raw;
+    info["game_over"] marks the end of a whole game (game over or time limit).
+    """
+
+    def __init__(self, env: gym.Env, protocol: AtariProtocol) -> None:
+        from ale_py import Action
+
+        super().__init__(env)
+        self._p = protocol
+        self._ale = env.unwrapped.ale
+        self._action_set = list(env.unwrapped._action_set)
+        self._noop = Action.NOOP
+        self._fire = Action.FIRE if protocol.fire_reset and Action.FIRE in self._action_set else None
+        height, width = self._ale.getScreenDims()
+        self._row_index, self._row_weights = _area_resize(height, ATARI_FRAME_SIZE)
+        self._col_index, self._col_weights = _area_resize(width, ATARI_FRAME_SIZE)
+        self._screens = np.zeros((2, height, width), np.uint8)
+        self._stack = np.zeros((ATARI_FRAME_STACK, ATARI_FRAME_SIZE, ATARI_FRAME_SIZE), np.uint8)
+        self._rng = np.random.default_rng()
+        self._lives = 0
+        self._elapsed = 0
+        self._game_running = False
+        self.observation_space = gym.spaces.Box(0, 255, self._stack.shape, np.uint8)
+        self.action_space = gym.spaces.Discrete(len(self._action_set))
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        if seed is not None:
+            self._rng = np.random.default_rng(seed)
+        new_game = (seed is not None or not self._game_running or not self._p.episodic_life
+                    or self._ale.game_over() or self._elapsed >= self._p.max_episode_steps)
+        if new_game:
+            self.env.reset(seed=seed, options=options)
+            self._elapsed = 0
+        for _ in range(int(self._rng.integers(self._p.noop_max)) + 1 - (self._fire is not None)):
+            self._ale.act(self._noop)
+            if self._ale.game_over():
+                self.env.reset()
+                new_game = True
+        if self._fire is not None:
+            self._ale.act(self._fire)
+        self._ale.getScreenGrayscale(self._screens[1])
+        self._push(self._screens[1], fill=new_game)
+        self._lives = self._ale.lives()
+        self._game_running = True
+        return self._stack.copy(), {"game_over": False}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        ale_action = self._action_set[action]
+        reward = 0.0
+        skip = self._p.frame_skip
+        for frame in range(skip):
+            reward += self._ale.act(ale_action)
+            if self._ale.game_over():
+                break
+            if frame == skip - 2:
+                self._ale.getScreenGrayscale(self._screens[0])
+        self._ale.getScreenGrayscale(self._screens[1])
+        completed = frame == skip - 1
+        self._push(np.maximum(self._screens[0], self._screens[1]) if completed else self._screens[1])
+        self._elapsed += 1
+        game_over = self._ale.game_over()
+        lives = self._ale.lives()
+        truncated = not game_over and self._elapsed >= self._p.max_episode_steps
+        terminated = game_over or (self._p.episodic_life and 0 < lives < self._lives)
+        self._lives = lives
+        return self._stack.copy(), reward, terminated, truncated, {"game_over": game_over or truncated}
+
+    def _push(self, screen: np.ndarray, fill: bool = False) -> None:
+        rows = np.einsum("ok,okw->ow", self._row_weights, screen[self._row_index].astype(np.float32))
+        small = np.einsum("hok,ok->ho", rows[:, self._col_index], self._col_weights)
+        frame = np.clip(np.rint(small), 0, 255).astype(np.uint8)
+        if fill:
+            self._stack[:] = frame
+        else:
+            self._stack[:-1] = self._stack[1:]
+            self._stack[-1] = frame
+
+
+def _check_discrete(env_id: str, action_space: Any) -> None:
+    if not isinstance(action_space, gym.spaces.Discrete) or int(action_space.start) != 0:
+        raise ValueError(f"DQN needs a Discrete action space starting at 0; {env_id} has {action_space}")
+
+
+def _envpool_ids() -> list[str]:
+    try:
+        import envpool
+    except ImportError:
+        return []
+    return list(envpool.list_all_envs())
+
+
+def _gymnasium_ids() -> list[str]:
+    try:
+        import ale_py  # registers the ALE/... ids
+
+        gym.register_envs(ale_py)
+    except ImportError:
+        pass
+    return list(gym.registry.keys())
+
+
+def _is_envpool_atari(env_id: str) -> bool:
+    from envpool.registration import registry
+
+    return registry.specs[env_id][0] == "envpool.atari"
+
+
+def _is_gymnasium_atari(env_id: str) -> bool:
+    entry_point = gym.spec(env_id).entry_point
+    return isinstance(entry_point, str) and entry_point.startswith("ale_py")
+
+
+def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def make_env(
+    env_id: str,
+    num_envs: int = 1,
+    seed: int = 0,
+    *,
+    mode: str = "train",
+    protocol: str | AtariProtocol = "cleanrl",
+    backend: str = "auto",
+    batch_size: int | None = None,
+    num_threads: int | None = None,
+    max_episode_steps: int | None = None,
+) -> VecEnv:
+    """Make `num_envs` copies of `env_id` behind the `VecEnv` interface.
+
+    backend: "auto" uses envpool for the ids it knows and gymnasium for any other registered id.
+    mode: "train" or "eval" (Atari evaluation plays full games with raw rewards).
+    protocol: Atari protocol name in ATARI_PROTOCOLS or an AtariProtocol; ignored by other envs.
+    batch_size: envpool async mode when below num_envs (use async_reset/send/recv).
+    num_threads: envpool worker threads (default: envpool's choice).
+    max_episode_steps: time limit override (for Atari it replaces the protocol's).
+    """
+    if not isinstance(env_id, str):
+        raise TypeError(f"env_id must be a str, got {type(env_id).__name__}")
+    _check_int("num_envs", num_envs, 1)
+    _check_int("seed", seed, 0, 2**31 - 1)
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if isinstance(protocol, str):
+        if protocol not in ATARI_PROTOCOLS:
+            raise ValueError(f"protocol must be one of {tuple(ATARI_PROTOCOLS)} or an AtariProtocol, got {protocol!r}")
+        atari_protocol = ATARI_PROTOCOLS[protocol]
+    elif isinstance(protocol, AtariProtocol):
+        atari_protocol = protocol
+    else:
+        raise TypeError(f"protocol must be a str or an AtariProtocol, got {type(protocol).__name__}")
+    if batch_size is None:
+        batch_size = num_envs
+    _check_int("batch_size", batch_size, 1, num_envs)
+    if num_threads is not None:
+        _check_int("num_threads", num_threads, 0)
+    if max_episode_steps is not None:
+        _check_int("max_episode_steps", max_episode_steps, 1)
+        atari_protocol = dataclasses.replace(atari_protocol, max_episode_steps=max_episode_steps)
+
+    envpool_ids = _envpool_ids() if backend != "gymnasium" else []
+    use_envpool = env_id in envpool_ids
+    if backend == "envpool" and not use_envpool:
+        raise ValueError(_unknown_id_message(env_id, _envpool_ids(), "envpool"))
+    if not use_envpool:
+        gymnasium_ids = _gymnasium_ids()
+        if env_id not in gymnasium_ids:
+            candidates = gymnasium_ids + ([] if backend == "gymnasium" else envpool_ids)
+            raise ValueError(_unknown_id_message(env_id, candidates, "envpool or gymnasium"
+                                                 if backend == "auto" else "gymnasium"))
+        if batch_size != num_envs:
+            raise ValueError(f"batch_size < num_envs (async mode) needs envpool; {env_id} runs on gymnasium")
+        if num_threads is not None:
+            raise ValueError("num_threads is an envpool setting; this env runs on gymnasium")
+        atari = atari_protocol if _is_gymnasium_atari(env_id) else None
+        return _GymnasiumVecEnv(env_id, num_envs, seed, mode, atari, max_episode_steps)
+    atari = atari_protocol if _is_envpool_atari(env_id) else None
+    return _EnvpoolVecEnv(env_id, num_envs, seed, mode, batch_size, atari, num_threads, max_episode_steps)
+
+
+def _unknown_id_message(env_id: str, known: list[str], where: str) -> str:
+    close = difflib.get_close_matches(env_id, known, n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown env_id {env_id!r}: not registered with {where}{hint}"
