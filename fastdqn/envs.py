@@ -168,6 +168,7 @@ class VecEnv:
         self._resetting = np.zeros(num_envs, bool)
         self._returns = np.zeros(num_envs, np.float64)
         self._lengths = np.zeros(num_envs, np.int64)
+        self._age = np.zeros(num_envs, np.int64)  # valid steps since the episode started, capped at the stack size
         self._started = False
         self._closed = False
 
@@ -205,7 +206,11 @@ class VecEnv:
             raise TypeError(f"actions must be integers, got dtype {actions.dtype}")
         if n and (actions.min() < 0 or actions.max() >= self.num_actions):
             raise ValueError(f"actions must be in [0, {self.num_actions}), got {actions.min()}..{actions.max()}")
-        self._send(actions, None if env_ids is None else np.asarray(env_ids, dtype=np.int32))
+        if env_ids is not None:
+            env_ids = np.asarray(env_ids, dtype=np.int32)
+            if n and (env_ids.min() < 0 or env_ids.max() >= self.num_envs):
+                raise ValueError(f"env_ids must be in [0, {self.num_envs}), got {env_ids.min()}..{env_ids.max()}")
+        self._send(actions, env_ids)
 
     def recv(self) -> StepResult:
         """The next batch of `batch_size` transitions (rows follow `env_ids`)."""
@@ -214,11 +219,8 @@ class VecEnv:
         truncated = truncated & ~terminated
         valid = ~self._resetting[env_ids]
         self._resetting[env_ids] = terminated | truncated
-        if self.frame_stack > 1 and not valid.all():
-            # A new episode (or life) starts from one frame repeated, as CleanRL's FrameStack does:
-            # envpool keeps the frames from before a life loss.
-            fresh = ~valid
-            obs[fresh] = obs[fresh, -1:]
+        if self.frame_stack > 1:
+            self._hide_frames_before_episode_start(obs, valid, env_ids)
         rewards = np.sign(raw_rewards) if self._clip_rewards else raw_rewards
         self._returns[env_ids] += raw_rewards
         self._lengths[env_ids] += valid
@@ -245,8 +247,28 @@ class VecEnv:
         return (f"VecEnv({self.env_id!r}, backend={self.backend!r}, num_envs={self.num_envs}, "
                 f"batch_size={self.batch_size}, mode={self.mode!r}, protocol={self.protocol!r})")
 
+    def _hide_frames_before_episode_start(self, obs: np.ndarray, valid: np.ndarray, env_ids: np.ndarray) -> None:
+        """Frame stacks never reach back past the start of an episode (or, in training, of a life).
+
+        envpool keeps the frames from before a life loss in the stack; CleanRL's FrameStack restarts it
+        from the first frame repeated, and so do we: a row `age` valid steps into its episode has its
+        oldest `stack - 1 - age` frames replaced by the episode's first frame.
+        """
+        stack = self.frame_stack
+        age = np.where(valid, self._age[env_ids] + 1, 0)
+        self._age[env_ids] = np.minimum(age, stack)
+        young = age < stack - 1
+        if not young.any():
+            return
+        for a in range(stack - 1):
+            rows = np.flatnonzero(age == a)
+            if len(rows):
+                first = stack - 1 - a
+                obs[rows, :first] = obs[rows, first : first + 1]
+
     def _begin(self, resetting: bool) -> None:
         self._resetting[:] = resetting
+        self._age[:] = 0
         self._returns[:] = 0.0
         self._lengths[:] = 0
         self._started = True
@@ -576,7 +598,9 @@ def make_env(
     envpool_ids = _envpool_ids() if backend != "gymnasium" else []
     use_envpool = env_id in envpool_ids
     if backend == "envpool" and not use_envpool:
-        raise ValueError(_unknown_id_message(env_id, _envpool_ids(), "envpool"))
+        if not envpool_ids:
+            raise ImportError("backend='envpool' needs the envpool package (pip install envpool)")
+        raise ValueError(_unknown_id_message(env_id, envpool_ids, "envpool"))
     if not use_envpool:
         gymnasium_ids = _gymnasium_ids()
         if env_id not in gymnasium_ids:
