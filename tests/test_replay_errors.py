@@ -1,0 +1,146 @@
+"""Bad input gets a clear error before any state changes."""
+
+import numpy as np
+import pytest
+
+from fastdqn import PrioritizedReplayBuffer, ReplayBuffer
+
+K, FRAME = 4, (3, 3)
+
+
+def make(**kw):
+    args = dict(capacity=64, obs_shape=(K, *FRAME), frame_stack=K, num_envs=2, n_step=2, seed=0)
+    args.update(kw)
+    return ReplayBuffer(**args)
+
+
+def step(num_envs=2, value=1):
+    obs = np.full((num_envs, K, *FRAME), value, np.uint8)
+    nxt = obs.copy()
+    nxt[:, -1] = value + 1
+    return dict(obs=obs, actions=np.zeros(num_envs, np.int64), rewards=np.ones(num_envs, np.float32), next_obs=nxt,
+                terminated=np.zeros(num_envs, bool), truncated=np.zeros(num_envs, bool))
+
+
+def snapshot(buf):
+    storage = {k: v.copy() for k, v in buf._core.storage().items()}
+    return len(buf), buf.valid_indices().tolist(), buf._core.state(), storage
+
+
+def assert_same(a, b):
+    assert a[:3] == b[:3]
+    for k in a[3]:
+        np.testing.assert_array_equal(a[3][k], b[3][k])
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    (dict(capacity=0), ValueError, "capacity"),
+    (dict(capacity=-5), ValueError, "capacity"),
+    (dict(capacity=10), ValueError, "capacity must be >= "),
+    (dict(capacity=1.5), TypeError, "capacity"),
+    (dict(obs_shape=(3, *FRAME)), ValueError, "obs_shape"),
+    (dict(obs_shape=(K,)), ValueError, "obs_shape"),
+    (dict(obs_shape="abc"), TypeError, "obs_shape"),
+    (dict(n_step=0), ValueError, "n_step"),
+    (dict(gamma=1.5), ValueError, "gamma"),
+    (dict(gamma=-0.1), ValueError, "gamma"),
+    (dict(num_envs=0), ValueError, "num_envs"),
+    (dict(frame_stack=0), ValueError, "frame_stack"),
+    (dict(obs_dtype=object), TypeError, "obs_dtype"),
+    (dict(seed=-1), ValueError, "seed"),
+])
+def test_bad_constructor_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        make(**kwargs)
+
+
+@pytest.mark.parametrize(("field", "value", "error", "match"), [
+    ("obs", np.zeros((3, K, *FRAME), np.uint8), ValueError, r"obs must have shape \(2, 4, 3, 3\)"),
+    ("obs", np.zeros((2, K, 3, 4), np.uint8), ValueError, "obs must have shape"),
+    ("obs", np.zeros((2, K, *FRAME), np.float32), TypeError, "obs must have dtype uint8"),
+    ("next_obs", np.zeros((1, K, *FRAME), np.uint8), ValueError, "next_obs must have shape"),
+    ("actions", np.zeros(3, np.int64), ValueError, r"actions must have shape \(2,\)"),
+    ("actions", np.zeros(2, np.float32), TypeError, "actions"),
+    ("rewards", np.zeros((2, 1)), ValueError, "rewards"),
+    ("rewards", np.array(["a", "b"]), TypeError, "rewards"),
+    ("rewards", np.array([0.0, np.nan]), ValueError, "rewards"),
+    ("terminated", np.zeros(2, np.float32), TypeError, "terminated"),
+    ("truncated", np.zeros(1, bool), ValueError, "truncated"),
+])
+def test_bad_add_leaves_the_buffer_unchanged(field, value, error, match):
+    buf = make()
+    buf.add(**step())
+    before = snapshot(buf)
+    with pytest.raises(error, match=match):
+        buf.add(**{**step(value=2), field: value})
+    assert_same(before, snapshot(buf))
+
+
+def test_a_row_that_does_not_continue_its_episode_is_rejected_atomically():
+    buf = make()
+    buf.add(**step())
+    before = snapshot(buf)
+    bad = step(value=2)  # row 0 continues (its newest frame is 2), row 1 does not
+    bad["obs"][1, -1] = 7
+    with pytest.raises(ValueError, match=r"obs\[1\] does not continue env 1's episode"):
+        buf.add(**bad)
+    assert_same(before, snapshot(buf))
+
+
+@pytest.mark.parametrize(("env_ids", "error", "match"), [
+    ([0, 0], ValueError, "twice"),
+    ([0, 2], ValueError, "env_ids"),
+    ([-1, 0], ValueError, "env_ids"),
+    ([0.0, 1.0], TypeError, "env_ids"),
+])
+def test_bad_env_ids(env_ids, error, match):
+    buf = make()
+    before = snapshot(buf)
+    with pytest.raises(error, match=match):
+        buf.add(**step(), env_ids=np.array(env_ids))
+    assert_same(before, snapshot(buf))
+
+
+def test_sampling_errors():
+    buf = make()
+    with pytest.raises(ValueError, match="empty"):
+        buf.sample(4)
+    buf.add(**step())
+    with pytest.raises(ValueError, match="n-step window"):
+        buf.sample(4)  # two transitions held, neither window complete
+    buf.add(**{**step(value=2), "terminated": np.ones(2, bool)})
+    for bad, error in [(0, ValueError), (-3, ValueError), (2.0, TypeError), (True, TypeError)]:
+        with pytest.raises(error, match="batch_size"):
+            buf.sample(bad)
+    out = buf.empty_batch(4)
+    out.obs = np.zeros((4, K, *FRAME), np.float32)
+    with pytest.raises(TypeError, match="out.obs"):
+        buf.sample(4, out=out)
+    out = buf.empty_batch(4)
+    with pytest.raises(ValueError, match="bytes"):
+        buf.sample(8, out=out)
+
+
+def test_prioritized_errors_change_nothing():
+    buf = PrioritizedReplayBuffer(64, (K, *FRAME), frame_stack=K, num_envs=2, seed=0)
+    for v in range(1, 5):
+        buf.add(**step(value=v))
+    batch = buf.sample(4)
+    total = buf.priority_total()
+    for indices, priorities, error in [
+        (batch.indices, [1.0, -1.0, 1.0, 1.0], ValueError),
+        (batch.indices, [1.0, np.nan, 1.0, 1.0], ValueError),
+        (batch.indices, [1.0, np.inf, 1.0, 1.0], ValueError),
+        ([*batch.indices[:3], 10**9], [1.0] * 4, ValueError),
+        ([-1, *batch.indices[1:]], [1.0] * 4, ValueError),
+        (batch.indices, [1.0] * 3, ValueError),
+        (batch.indices.astype(float), [1.0] * 4, TypeError),
+    ]:
+        with pytest.raises(error):
+            buf.update_priorities(np.asarray(indices), np.asarray(priorities))
+        assert buf.priority_total() == total
+    for kwargs in [dict(alpha=-1), dict(eps=0), dict(beta=-0.5)]:
+        with pytest.raises(ValueError):
+            PrioritizedReplayBuffer(64, (K, *FRAME), frame_stack=K, **kwargs)
+    with pytest.raises(ValueError, match="beta"):
+        buf.sample(4, beta=-1)
