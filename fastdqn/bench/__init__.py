@@ -1,0 +1,1 @@
+"""Benchmarks that measure fastdqn against its peers, side by side in one run."""

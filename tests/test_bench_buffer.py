@@ -1,0 +1,173 @@
+"""The replay-buffer benchmark: its synthetic stream, its ratios, and a --quick run of fastdqn alone.
+
+No timing is asserted: only that the report is complete and its numbers consistent.
+"""
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import pytest
+
+import fastdqn
+from fastdqn.bench import buffer as bench
+
+ATARI_FRAME = 84 * 84
+
+
+def test_stream_stacks_frames_like_an_atari_env():
+    stream = bench.AtariStream(mean_episode=50, seed=3)
+    # Across the wrap-arounds of both the frame period and the stream length.
+    for i in list(range(stream.PERIOD - 3, stream.PERIOD + 3)) + list(range(stream.LENGTH - 3, stream.LENGTH + 3)):
+        obs, actions, rewards, next_obs, terminated, truncated = stream.step(i)
+        assert obs.shape == next_obs.shape == (bench.NUM_ENVS, *bench.OBS_SHAPE) and obs.dtype == np.uint8
+        assert actions.shape == rewards.shape == terminated.shape == truncated.shape == (bench.NUM_ENVS,)
+        np.testing.assert_array_equal(next_obs, stream.step(i + 1)[0])
+        np.testing.assert_array_equal(next_obs[:, :-1], obs[:, 1:])  # consecutive stacks share k-1 frames
+        assert not (obs[0] == obs[1]).all()  # each env has its own frames
+    ends = stream.terminated | stream.truncated
+    assert not (stream.terminated & stream.truncated).any()
+    assert abs(ends.mean() - 1 / 50) < 0.005  # 32,768 draws: about 6 standard deviations
+    assert 0.05 < stream.truncated.sum() / ends.sum() < 0.15
+
+
+def test_settings_reject_bad_values_naming_them():
+    with pytest.raises(ValueError, match="fill"):
+        bench.Settings(capacity=800, fill=808)
+    with pytest.raises(ValueError, match="capacity"):
+        bench.Settings(capacity=100)
+    with pytest.raises(ValueError, match="batch_sizes"):
+        bench.Settings(batch_sizes=(32, 0))
+    with pytest.raises(ValueError, match="impls"):
+        bench.Settings(impls=("fastdqn", "dopamine"))
+    with pytest.raises(ValueError, match="torch_threads"):
+        bench.Settings(torch_threads=-1)
+
+
+def test_command_line_reports_bad_options(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--capacity", "800", "--fill", "808"])
+    assert "fill must be" in capsys.readouterr().err
+
+
+def test_ratios_and_targets_follow_from_the_numbers():
+    def rate(median):
+        return {"median": median}
+
+    skipped = {"status": "skipped: not installed"}
+    report = {
+        "settings": {"batch_sizes": [32, 256]},
+        "uniform": {
+            "fastdqn": {"add": rate(300.0), "bytes_per_transition": 7000.0,
+                        "sample": {"sample": {"32": rate(60.0), "256": rate(10.0)},
+                                   "sample_out": {"32": rate(90.0), "256": rate(12.0)}}},
+            "sb3": {"add": rate(100.0), "bytes_per_transition": 28000.0,
+                    "sample": {"sample": {"32": rate(20.0), "256": rate(5.0)}}},
+            "cpprb": {"add": rate(600.0), "bytes_per_transition": 7000.0,
+                      "sample": {"sample": {"32": rate(30.0), "256": rate(4.0)}}},
+            "torchrl": skipped,
+        },
+        "prioritized": {
+            "fastdqn": {"sample": {"32": rate(40.0), "256": rate(8.0)},
+                        "sample_update": {"32": rate(30.0), "256": rate(6.0)}},
+            "sb3": skipped,
+            "cpprb": {"sample": {"32": rate(10.0), "256": rate(2.0)},
+                      "sample_update": {"32": rate(10.0), "256": rate(3.0)}},
+            "torchrl": skipped,
+        },
+        "memcopy": {"gather": {"32": rate(100.0), "256": rate(15.0)}},
+        "save": {"save_gbps": 1.0, "disk_write_gbps": 2.0, "load_gbps": 3.0, "disk_read_gbps": 3.0},
+    }
+    ratios = bench.compute_ratios(report)
+    assert ratios["uniform"]["sb3"] == {"add": 3.0, "memory": 4.0, "sample_32": 3.0, "best_sample_32": 4.5,
+                                        "sample_256": 2.0, "best_sample_256": 2.4}
+    assert ratios["uniform"]["cpprb"]["add"] == 0.5 and ratios["uniform"]["cpprb"]["memory"] == 1.0
+    assert ratios["uniform"]["cpprb"]["sample_256"] == 2.5
+    assert all(value is None for value in ratios["uniform"]["torchrl"].values())
+    assert ratios["memcopy_fraction"]["sample"] == {"32": 0.6, "256": 10.0 / 15.0}
+    assert ratios["memcopy_fraction"]["sample_out"]["256"] == 0.8
+    assert ratios["memcopy_fraction"]["prefetch"] == {"32": None, "256": None}
+    assert ratios["prioritized"]["cpprb"] == {"sample_32": 4.0, "sample_256": 4.0,
+                                              "sample_update_32": 3.0, "sample_update_256": 2.0}
+    assert ratios["save_vs_disk"] == 0.5 and ratios["load_vs_disk"] == 1.0
+
+    report["ratios"] = ratios
+    met = {t["target"]: t["met"] for t in bench.check_targets(report)}
+    assert met["plain sample(256) >= 2x SB3"] is True  # exactly 2.0
+    assert met["plain sample(256) >= 3x cpprb"] is False  # 2.5
+    assert met["add >= 3x SB3"] is True
+    assert met["sample(out=) at batch 32 >= 80% of the memory-copy limit"] is True
+    assert met["prioritized sample(256) >= 2x the best peer"] is True  # cpprb is the only peer: 4x
+    assert met["save at disk speed (>= 80% of raw write)"] is False
+    assert met["load at disk speed (>= 80% of raw read)"] is True
+
+
+def _saving_works() -> bool:
+    buffer = fastdqn.ReplayBuffer(64, bench.OBS_SHAPE, frame_stack=4, num_envs=1, seed=0)
+    obs = np.zeros((1, *bench.OBS_SHAPE), np.uint8)
+    buffer.add(obs, [0], [0.0], obs, [False], [False])
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            buffer.save(os.path.join(tmp, "b"))
+    except (AttributeError, ImportError, NotImplementedError):
+        return False
+    return True
+
+
+def _check_rates(stats, batch_size=None):
+    assert 0 < stats["min"] <= stats["median"] <= stats["max"]
+    assert stats["repeats"] == bench.QUICK["repeats"] and stats["calls_per_repeat"] >= 1
+    if batch_size is not None:
+        assert stats["gbps"] == pytest.approx(stats["median"] * 2 * batch_size * 4 * ATARI_FRAME / 1e9)
+        assert stats["transitions_per_s"] == pytest.approx(stats["median"] * batch_size)
+
+
+def test_quick_run_of_fastdqn_writes_a_consistent_report(tmp_path, capsys):
+    code = bench.main(["--quick", "--impls", "fastdqn", "--out", str(tmp_path), "--tmpdir", str(tmp_path),
+                       "--machine", "smoke", "--torch-threads", "1", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert json.loads((tmp_path / "buffer-smoke.json").read_text()) == printed
+    report = printed
+    assert report["schema"] == bench.SCHEMA and report["settings"]["fill"] == bench.QUICK["fill"]
+    assert report["machine"]["versions"]["numpy"] == np.__version__ and report["torch_threads"] == 1
+
+    memcopy = report["memcopy"]
+    assert memcopy["status"] == "ok" and memcopy["contiguous_gbps"] > 0
+    for size in ("32", "256"):
+        _check_rates(memcopy["gather"][size], int(size))
+
+    uniform = report["uniform"]["fastdqn"]
+    assert uniform["status"] == "ok"
+    assert uniform["held"] == bench.QUICK["fill"]  # below capacity nothing is evicted
+    _check_rates(uniform["add"])
+    # Frames are stored once: one 7,056-byte frame per transition and a little metadata.
+    assert 0.9 * ATARI_FRAME <= uniform["bytes_per_transition"] <= 2 * ATARI_FRAME
+    assert set(uniform["sample"]) == set(bench.VARIANT_NAMES)
+    for by_size in uniform["sample"].values():
+        for size in ("32", "256"):
+            _check_rates(by_size[size], int(size))
+    for peer in ("sb3", "cpprb", "torchrl"):
+        assert report["uniform"][peer] == {"status": "skipped: not selected"}
+        assert all(value is None for value in report["ratios"]["uniform"][peer].values())
+
+    prioritized = report["prioritized"]["fastdqn"]
+    assert prioritized["status"] == "ok" and prioritized["held"] == bench.QUICK["fill"]
+    for key in ("sample", "sample_update"):
+        for size in ("32", "256"):
+            _check_rates(prioritized[key][size], int(size))
+
+    save = report["save"]
+    if _saving_works():
+        assert save["status"] == "ok"
+        assert 0 < save["transitions"] <= bench.QUICK["save_capacity"]
+        assert save["file_bytes"] >= save["transitions"] * ATARI_FRAME
+        assert min(save["save_gbps"], save["load_gbps"], save["disk_write_gbps"], save["disk_read_gbps"]) > 0
+    else:
+        assert save["status"].startswith("skipped: save/load not available")
+    assert not any(tmp_path.glob("fastdqn-bench-*")), "the save/load files are cleaned up"
+
+    markdown = (tmp_path / "buffer-smoke.md").read_text()
+    assert "| fastdqn `sample(out=)` |" in markdown and "memory-copy limit" in markdown
+    assert "| SB3 |" not in markdown  # peers not selected get no rows
