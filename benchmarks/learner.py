@@ -1,0 +1,3 @@
+from fastdqn.bench.learner import main
+
+main()

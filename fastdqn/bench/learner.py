@@ -1,0 +1,192 @@
+"""Learner benchmark: DQN updates per second, eager PyTorch vs one CUDA graph per update.
+
+    python benchmarks/learner.py                      # all cases on the default device
+    python benchmarks/learner.py --device cpu --iters 5
+
+Cases: the Nature CNN (4x84x84 uint8 frames, 6 actions) at batch 32 and 256, and the MLP
+(CartPole-sized: 4 inputs, 120-84 hidden, 2 actions) at batch 128, with CleanRL's dqn_atari
+update (Adam 1e-4, one target network; here Huber loss and gradient clipping at 10, as in
+SB3). Each update copies a fresh host batch (pinned memory on CUDA, as the prefetcher
+delivers it) into the learner, so the rate includes the host-to-device copy. On CUDA every
+case runs eagerly and as a captured CUDA graph; on CPU eagerly.
+
+The rate is updates over wall time between two device synchronisations, after warm-up
+updates that include the graph capture. Results go to ``--out``/learner-<machine>.json
+and .md; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastdqn.learner import Learner
+from fastdqn.metrics import atomic_write_bytes
+from fastdqn.networks import build_q_network
+
+CASES = [  # name, obs_shape, obs_dtype, num_actions, batch_size
+    ("nature_cnn", (4, 84, 84), np.uint8, 6, 32),
+    ("nature_cnn", (4, 84, 84), np.uint8, 6, 256),
+    ("mlp", (4,), np.float32, 2, 128),
+]
+LEARNER_SETTINGS = dict(lr=1e-4, optimizer="adam", loss="huber", double_dqn=False, target_update_interval=1000,
+                        tau=1.0, max_grad_norm=10.0)
+HOST_BATCHES = 4  # distinct host batches cycled through, so no copy is served from a cache
+
+
+def log(message: str) -> None:
+    print(f"[bench learner {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _slug(text: str) -> str:
+    text = re.sub(r"\(r\)|\(tm\)|\bcpu\b|processor|@.*", "", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = _cpu_model()
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "device": device.type}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["slug"] = _slug(info["gpu"])
+    else:
+        info["slug"] = f"{_slug(cpu)}-{info['cores']}c"
+    return info
+
+
+def host_batches(obs_shape, obs_dtype, num_actions, batch_size, pin: bool, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+
+    def observations():
+        if obs_dtype == np.uint8:
+            return rng.integers(0, 256, (batch_size, *obs_shape), dtype=np.uint8)
+        return rng.normal(size=(batch_size, *obs_shape)).astype(obs_dtype)
+
+    batches = []
+    for _ in range(HOST_BATCHES):
+        arrays = {"obs": observations(), "actions": rng.integers(0, num_actions, batch_size),
+                  "rewards": rng.normal(size=batch_size).astype(np.float32), "next_obs": observations(),
+                  "discounts": np.full(batch_size, 0.99, np.float32)}
+        tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        batches.append({k: v.pin_memory() for k, v in tensors.items()} if pin else tensors)
+    return batches
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(case, device: torch.device, cuda_graph: bool, iters: int, warmup: int) -> dict:
+    name, obs_shape, obs_dtype, num_actions, batch_size = case
+    torch.manual_seed(0)
+    learner = Learner(build_q_network(obs_shape, num_actions), obs_shape=obs_shape, obs_dtype=obs_dtype,
+                      batch_size=batch_size, num_envs=1, device=device, cuda_graph=cuda_graph, **LEARNER_SETTINGS)
+    batches = host_batches(obs_shape, obs_dtype, num_actions, batch_size, pin=device.type == "cuda")
+    for i in range(warmup):  # includes the graph's warm-up calls and its capture
+        learner.update(batches[i % len(batches)])
+    synchronize(device)
+    report_every = max(1, iters // 5)
+    start = time.perf_counter()
+    for i in range(iters):
+        learner.update(batches[i % len(batches)])
+        if (i + 1) % report_every == 0 and i + 1 < iters:
+            log(f"  {i + 1}/{iters} updates, {(i + 1) / (time.perf_counter() - start):,.1f} updates/s (host side)")
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    loss = learner.metrics()["loss"]
+    return {"network": name, "batch_size": batch_size, "mode": "graph" if cuda_graph else "eager",
+            "iters": iters, "seconds": elapsed, "updates_per_s": iters / elapsed,
+            "ms_per_update": 1e3 * elapsed / iters, "final_loss": loss}
+
+
+def to_markdown(report: dict) -> str:
+    m = report["machine"]
+    hardware = f"{m['gpu']} (CUDA {m['cuda']})" if m["device"] == "cuda" else f"{m['cpu']}, {m['cores']} cores"
+    lines = [f"# Learner update benchmark: {m['slug']}", "",
+             f"{report['started']}; {hardware}; torch {m['torch']} ({m['torch_threads']} CPU threads).",
+             "Updates/s of one DQN update (host batch copy, forward, loss, backward, clip, Adam, target "
+             "update), Nature CNN on 4x84x84 uint8 frames, MLP 4-120-84-2.", "",
+             "| network | batch | mode | updates/s | ms/update |", "| --- | ---: | --- | ---: | ---: |"]
+    for r in report["results"]:
+        lines.append(f"| {r['network']} | {r['batch_size']} | {r['mode']} | {r['updates_per_s']:,.1f} "
+                     f"| {r['ms_per_update']:.3f} |")
+    if report["graph_speedup"]:
+        lines += ["", "CUDA graph speedup over eager PyTorch: "
+                  + ", ".join(f"{k} {v:.2f}x" for k, v in report["graph_speedup"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="fastdqn bench learner", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="timed updates per case (default: 1000 on CUDA, 10 on CPU)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed updates first, including graph capture (default: 20 on CUDA, 2 on CPU)")
+    parser.add_argument("--out", default="benchmarks/results", help="directory for learner-<machine>.json and .md")
+    parser.add_argument("--machine", help="machine name in the file names (default: GPU or CPU model)")
+    parser.add_argument("--json", action="store_true", help="also print the JSON report to stdout")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available")
+    on_cuda = device.type == "cuda"
+    iters = args.iters if args.iters is not None else (1000 if on_cuda else 10)
+    warmup = args.warmup if args.warmup is not None else (20 if on_cuda else 2)
+    if iters < 1 or warmup < 0:
+        parser.error("--iters must be at least 1 and --warmup at least 0")
+
+    machine = machine_info(device)
+    report = {"benchmark": "learner", "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"), "machine": machine, "settings": {"iters": iters, "warmup": warmup, **LEARNER_SETTINGS},
+        "results": [], "graph_speedup": {}}
+    log(f"{machine['slug']}: {iters} timed updates per case after {warmup} warm-up updates")
+    for case in CASES:
+        for cuda_graph in ((False, True) if on_cuda else (False,)):
+            label = f"{case[0]} batch {case[4]} {'graph' if cuda_graph else 'eager'}"
+            log(f"{label}: running")
+            result = measure(case, device, cuda_graph, iters, warmup)
+            report["results"].append(result)
+            log(f"{label}: {result['updates_per_s']:,.1f} updates/s ({result['ms_per_update']:.3f} ms/update)")
+        if on_cuda:
+            eager, graph = report["results"][-2:]
+            report["graph_speedup"][f"{case[0]}-b{case[4]}"] = graph["updates_per_s"] / eager["updates_per_s"]
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / f"learner-{_slug(args.machine) if args.machine else machine['slug']}"
+    atomic_write_bytes(base.with_suffix(".json"), (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(base.with_suffix(".md"), to_markdown(report).encode())
+    log(f"wrote {base}.json and {base}.md")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,369 @@
+"""The DQN learner: one gradient step per call, captured as a CUDA graph on the GPU.
+
+The whole step (online and target forward passes, TD target, loss, backward, gradient
+clipping, optimizer step, target-network update, new priorities and metric sums) is one
+function over static device tensors. On CPU, or with ``cuda_graph=False``, it runs eagerly;
+on CUDA it is run eagerly for a few warm-up calls, then captured once into a
+``torch.cuda.CUDAGraph`` and replayed. Both paths execute the same code, so the CPU tests
+exercise the graphed step's arithmetic too.
+
+Graph safety rules kept throughout: no ``.item()`` or other host syncs, no data-dependent
+Python branches (the target update is a lerp whose weight is 0 or tau), gradients are
+preallocated and zeroed in place, inputs are copied into static tensors, and the optimizer
+is capturable. Random numbers for exploration come from torch's default generator for the
+device, which CUDA graphs advance correctly on every replay (seed it with torch.manual_seed).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["Learner"]
+
+_BATCH_FIELDS = ("obs", "actions", "rewards", "next_obs", "discounts")
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return torch.from_numpy(np.zeros(0, dtype=np.dtype(dtype))).dtype
+    except TypeError as error:
+        raise TypeError(f"obs_dtype must be a numpy or torch dtype, got {dtype!r}") from error
+
+
+def _field(batch, name: str):
+    return batch.get(name) if isinstance(batch, Mapping) else getattr(batch, name, None)
+
+
+class _GraphedStep:
+    """Calls ``fn`` eagerly for the first ``warmup_calls`` calls, then as a CUDA graph.
+
+    Warm-up runs on a side stream, as CUDA graph capture requires, so that lazy
+    initialisation (cuBLAS handles, cuDNN algorithm choice, optimizer state) happens before
+    capture. Every call, warm-up or replay, is a real step. ``fn`` must read and write only
+    tensors whose storage outlives the graph.
+    """
+
+    def __init__(self, fn, warmup_calls: int = 3):
+        self.fn = fn
+        self.warmup_left = warmup_calls
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if self.warmup_left > 0:
+            self.warmup_left -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.fn()
+            torch.cuda.current_stream().wait_stream(side)
+            return
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the actor and the learner may live in different threads (the async
+        # pipeline); only this thread's work must stay capture-safe while capturing.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.fn()
+        self.graph = graph
+        graph.replay()
+
+
+class Learner:
+    """Owns the online and target Q-networks and the optimizer, and trains them.
+
+    Args:
+        q_network: maps observations (N, *obs_shape) to Q-values (N, num_actions). The
+            learner moves it to ``device`` and trains it in place.
+        obs_shape, obs_dtype: shape and dtype of one observation as stored in the replay
+            buffer (uint8 frames stay uint8 until the network casts them on the device).
+        batch_size: transitions per update (the static batch of the update graph).
+        num_envs: observations per ``act`` call (the static batch of the action graph).
+        device: where the networks live.
+        lr, optimizer ("adam" or "rmsprop"), adam_eps: the optimizer. RMSprop uses
+            rmsprop_alpha, rmsprop_eps and rmsprop_centered (Nature DQN: 0.95, 0.01, centered).
+        loss: "huber" (smooth L1 with delta 1, as in SB3 and Dopamine) or "mse" (CleanRL).
+        double_dqn: the online network picks the next action, the target network rates it.
+        target_update_interval, tau: after every update whose count is a multiple of the
+            interval, target <- target + tau * (online - target). tau=1 is a hard copy every
+            interval updates; interval=1 with a small tau is a soft (Polyak) update.
+        max_grad_norm: clip the global gradient norm to this; None disables clipping.
+        prioritized: weight each transition's loss by the batch's importance weights.
+        cuda_graph: "auto" (on for CUDA devices), True or False.
+        actor_copy: if True, ``act`` uses a separate copy of the online network that only
+            changes on ``sync_actor()``, so an actor thread never reads half-updated weights.
+    """
+
+    def __init__(self, q_network: nn.Module, *, obs_shape: Sequence[int], obs_dtype, batch_size: int,
+                 num_envs: int, device, lr: float = 1e-4, optimizer: str = "adam", adam_eps: float = 1e-8,
+                 rmsprop_alpha: float = 0.95, rmsprop_eps: float = 0.01, rmsprop_centered: bool = True,
+                 loss: str = "huber", double_dqn: bool = False, target_update_interval: int = 1000,
+                 tau: float = 1.0, max_grad_norm: float | None = 10.0, prioritized: bool = False,
+                 cuda_graph: bool | str = "auto", actor_copy: bool = False):
+        if not isinstance(q_network, nn.Module):
+            raise TypeError(f"q_network must be a torch.nn.Module, got {type(q_network).__name__}")
+        obs_shape = tuple(obs_shape)
+        if not obs_shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in obs_shape):
+            raise ValueError(f"obs_shape must be a non-empty tuple of positive ints, got {obs_shape!r}")
+        for name, value in (("batch_size", batch_size), ("num_envs", num_envs),
+                            ("target_update_interval", target_update_interval)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        if optimizer not in ("adam", "rmsprop"):
+            raise ValueError(f"optimizer must be 'adam' or 'rmsprop', got {optimizer!r}")
+        if loss not in ("huber", "mse"):
+            raise ValueError(f"loss must be 'huber' or 'mse', got {loss!r}")
+        if not (isinstance(tau, (int, float)) and 0 < tau <= 1):
+            raise ValueError(f"tau must be in (0, 1], got {tau!r}")
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+        if cuda_graph not in ("auto", True, False):
+            raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if cuda_graph is True and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got device={str(device)!r}")
+
+        self.device = device
+        self.obs_shape = obs_shape
+        self.obs_dtype = _torch_dtype(obs_dtype)
+        self.batch_size = batch_size
+        self.num_envs = num_envs
+        self.loss = loss
+        self.double_dqn = bool(double_dqn)
+        self.target_update_interval = target_update_interval
+        self.tau = float(tau)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.prioritized = bool(prioritized)
+        self.cuda_graph = device.type == "cuda" and cuda_graph in ("auto", True)
+
+        self.q_network = q_network.to(device)
+        try:
+            with torch.no_grad():
+                probe = self.q_network(torch.zeros((2, *obs_shape), dtype=self.obs_dtype, device=device))
+        except RuntimeError as error:
+            raise ValueError(f"q_network must map (N, *obs_shape) observations with obs_shape={obs_shape} to "
+                             f"Q-values (N, num_actions), but it failed on such a batch: {error}") from error
+        if probe.dim() != 2 or probe.shape[0] != 2 or not probe.is_floating_point():
+            raise ValueError("q_network must map (N, *obs_shape) observations to float Q-values (N, num_actions), "
+                             f"got output of shape {tuple(probe.shape)} and dtype {probe.dtype}")
+        self.num_actions = probe.shape[1]
+        self.target_network = copy.deepcopy(self.q_network).requires_grad_(False)
+        self.actor_network = (copy.deepcopy(self.q_network).requires_grad_(False) if actor_copy
+                              else self.q_network)
+
+        self._params = [p for p in self.q_network.parameters() if p.requires_grad]
+        if not self._params:
+            raise ValueError("q_network has no trainable parameters")
+        # Gradients live outside any graph's memory pool and are zeroed in place each step,
+        # so the graphed and the eager step do exactly the same thing.
+        for p in self._params:
+            p.grad = torch.zeros_like(p)
+        # The capturable optimizers keep their step count on the device; plain eager CUDA keeps
+        # the faster default path, which is what "eager PyTorch" means in the benchmarks.
+        self._capturable = self.cuda_graph
+        if optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self._params, lr=lr, eps=adam_eps, capturable=self._capturable)
+        else:
+            self.optimizer = torch.optim.RMSprop(self._params, lr=lr, alpha=rmsprop_alpha, eps=rmsprop_eps,
+                                                 centered=rmsprop_centered, capturable=self._capturable)
+        # Warm-up steps run outside capture by design; silence torch's once-only advice about it.
+        self.optimizer._warned_capturable_if_run_uncaptured = True
+
+        def zeros(*shape, dtype=torch.float32):
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        # Static inputs of the update step.
+        self._obs = zeros(batch_size, *obs_shape, dtype=self.obs_dtype)
+        self._actions = zeros(batch_size, dtype=torch.int64)
+        self._rewards = zeros(batch_size)
+        self._next_obs = zeros(batch_size, *obs_shape, dtype=self.obs_dtype)
+        self._discounts = zeros(batch_size)
+        self._weights = torch.ones(batch_size, device=device)
+        # Static state and outputs of the update step.
+        self._update_count = zeros(dtype=torch.int64)
+        self._tau = torch.tensor(self.tau, device=device)
+        self.new_priorities = zeros(batch_size)
+        self._loss_sum = zeros()
+        self._q_sum = zeros()
+        self._grad_norm_sum = zeros()
+        self._metric_updates = 0
+        self.num_updates = 0
+        # Static input and output of action selection.
+        self._act_obs = zeros(num_envs, *obs_shape, dtype=self.obs_dtype)
+        self._epsilon = zeros()
+        self._act_out = zeros(num_envs, dtype=torch.int64)
+
+        self._update_step = _GraphedStep(self._train_step) if self.cuda_graph else self._train_step
+        self._act_step = _GraphedStep(self._act_static) if self.cuda_graph else self._act_static
+
+    # ------------------------------------------------------------------ the update
+    def update(self, batch) -> None:
+        """One gradient step on ``batch``; asynchronous on CUDA (returns before it finishes).
+
+        ``batch`` is a mapping or an object (such as the replay buffer's Batch) with fields
+        obs, actions, rewards, next_obs, discounts and, for prioritized replay, weights, as
+        numpy arrays or torch tensors on the host (pinned memory makes the copy asynchronous)
+        or on the device. The TD target is rewards + discounts * Q_target(next_obs, a*),
+        with discounts = gamma**n, or 0 where the episode terminated.
+        """
+        sources = {}
+        for name in _BATCH_FIELDS + (("weights",) if self.prioritized else ()):
+            value = _field(batch, name)
+            if value is None:
+                raise ValueError(f"batch is missing field {name!r}"
+                                 + (" (prioritized=True needs importance weights)" if name == "weights" else ""))
+            value = torch.as_tensor(value)
+            expected = getattr(self, "_" + name).shape
+            if value.shape != expected:
+                raise ValueError(f"batch.{name} must have shape {tuple(expected)}, got {tuple(value.shape)}")
+            sources[name] = value
+        self._copy_inputs([(getattr(self, "_" + name), value) for name, value in sources.items()])
+        self._update_step()
+        self.num_updates += 1
+        self._metric_updates += 1
+
+    def _copy_inputs(self, pairs) -> None:
+        """Copy host or device tensors into static device tensors without a host sync.
+
+        Copies from pinned host memory are asynchronous; we wait for them to land (which also
+        keeps the host at most one step ahead of the device), so the caller may refill its
+        pinned buffer as soon as this returns. Pageable memory is staged by CUDA at once.
+        """
+        for static, value in pairs:
+            static.copy_(value, non_blocking=True)
+        if self.device.type == "cuda" and any(value.is_pinned() for _, value in pairs):
+            copied = torch.cuda.Event()
+            copied.record()
+            copied.synchronize()
+
+    def _train_step(self) -> None:
+        with torch.enable_grad():
+            q_values = self.q_network(self._obs)
+            q_taken = q_values.gather(1, self._actions.unsqueeze(1)).squeeze(1)
+            with torch.no_grad():
+                next_target_q = self.target_network(self._next_obs)
+                chooser = self.q_network(self._next_obs) if self.double_dqn else next_target_q
+                next_actions = chooser.argmax(dim=1, keepdim=True)
+                next_q = next_target_q.gather(1, next_actions).squeeze(1)
+                td_target = self._rewards + self._discounts * next_q
+            if self.loss == "huber":
+                losses = F.smooth_l1_loss(q_taken, td_target, reduction="none", beta=1.0)
+            else:
+                losses = F.mse_loss(q_taken, td_target, reduction="none")
+            loss = (losses * self._weights).mean() if self.prioritized else losses.mean()
+            self.optimizer.zero_grad(set_to_none=False)
+            loss.backward()
+        grads = [p.grad for p in self._params]
+        if self.max_grad_norm is None:
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
+        self.optimizer.step()
+        with torch.no_grad():
+            self._update_count.add_(1)
+            weight = self._tau * (self._update_count % self.target_update_interval == 0)
+            targets = list(self.target_network.parameters())
+            torch._foreach_lerp_(targets, list(self.q_network.parameters()), [weight] * len(targets))
+            self.new_priorities.copy_((q_taken - td_target).abs())
+            self._loss_sum.add_(loss)
+            self._q_sum.add_(q_taken.mean())
+            self._grad_norm_sum.add_(grad_norm)
+
+    def metrics(self) -> dict:
+        """Means of loss, Q(s, a) of the batch actions and gradient norm (before clipping)
+        over the updates since the last call, and the total update count. Syncs the device."""
+        sums = torch.stack([self._loss_sum, self._q_sum, self._grad_norm_sum]).tolist()
+        count = self._metric_updates
+        for tensor in (self._loss_sum, self._q_sum, self._grad_norm_sum):
+            tensor.zero_()
+        self._metric_updates = 0
+        loss, q_mean, grad_norm = (s / count if count else math.nan for s in sums)
+        return {"loss": loss, "q_mean": q_mean, "grad_norm": grad_norm, "updates": self.num_updates}
+
+    # ------------------------------------------------------------------ acting
+    def act(self, obs, epsilon) -> torch.Tensor:
+        """Epsilon-greedy actions (N,) int64 on the device, for observations (N, *obs_shape).
+
+        With N == num_envs this runs the static (graphed on CUDA) path and returns a static
+        tensor that the next ``act`` call overwrites: copy it (e.g. ``.cpu()``) before then.
+        Other N run eagerly. ``epsilon`` is a float or a 0-d tensor.
+        """
+        obs = torch.as_tensor(obs)
+        if obs.shape[1:] != self.obs_shape:
+            raise ValueError(f"obs must have shape (N, *{self.obs_shape}), got {tuple(obs.shape)}")
+        if isinstance(epsilon, torch.Tensor):
+            self._epsilon.copy_(epsilon, non_blocking=True)
+        else:
+            self._epsilon.fill_(float(epsilon))
+        if obs.shape[0] != self.num_envs:
+            return self._epsilon_greedy(obs.to(self.device, self.obs_dtype, non_blocking=True))
+        self._copy_inputs([(self._act_obs, obs)])
+        self._act_step()
+        return self._act_out
+
+    def _act_static(self) -> None:
+        self._act_out.copy_(self._epsilon_greedy(self._act_obs))
+
+    @torch.no_grad()
+    def _epsilon_greedy(self, obs: torch.Tensor) -> torch.Tensor:
+        greedy = self.actor_network(obs).argmax(dim=1)
+        random_actions = torch.randint(0, self.num_actions, greedy.shape, device=greedy.device)
+        explore = torch.rand(greedy.shape, device=greedy.device) < self._epsilon
+        return torch.where(explore, random_actions, greedy)
+
+    @torch.no_grad()
+    def sync_actor(self) -> None:
+        """Copy the online weights into the actor's network (with actor_copy=True), in place
+        and on the current stream, so a captured action graph stays valid."""
+        if self.actor_network is self.q_network:
+            return
+        torch._foreach_copy_(list(self.actor_network.parameters()), list(self.q_network.parameters()))
+        for actor_buffer, buffer in zip(self.actor_network.buffers(), self.q_network.buffers()):
+            actor_buffer.copy_(buffer)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Networks, optimizer and update count; tensors and plain values only, so
+        ``torch.load(..., weights_only=True)`` reads it back."""
+        return {
+            "q_network": self.q_network.state_dict(),
+            "target_network": self.target_network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "num_updates": torch.tensor(self.num_updates, dtype=torch.int64),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"q_network", "target_network", "optimizer", "num_updates"} - set(state)
+        if missing:
+            raise ValueError(f"learner state is missing {sorted(missing)}")
+        # Network weights are copied in place, so the captured graphs keep pointing at them.
+        self.q_network.load_state_dict(state["q_network"])
+        self.target_network.load_state_dict(state["target_network"])
+        # A deep copy: torch's loader keeps tensors that already sit on the right device, which
+        # would share optimizer moments with whoever handed us this state.
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        for group in self.optimizer.param_groups:
+            group["capturable"] = self._capturable
+        for param_state in self.optimizer.state.values():
+            if "step" in param_state:
+                step_device = self.device if self._capturable else "cpu"
+                param_state["step"] = param_state["step"].to(step_device, torch.float32)
+        self.num_updates = int(state["num_updates"])
+        self._update_count.fill_(self.num_updates)
+        self.sync_actor()
+        # The optimizer's state tensors were replaced: capture the update step again.
+        if self.cuda_graph:
+            self._update_step = _GraphedStep(self._train_step)
