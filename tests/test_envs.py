@@ -325,6 +325,16 @@ def test_protocols_configure_envpool(protocol, mode, expected):
         assert ("sign-clipped rewards" in description) == (mode == "train")
 
 
+@pytest.mark.parametrize("protocol, mode, sticky, episodic_life", [("cleanrl", "train", 0.0, True),
+                                                                    ("cleanrl", "eval", 0.0, False),
+                                                                    ("machado", "train", 0.25, False)])
+def test_protocols_configure_the_gymnasium_fallback(protocol, mode, sticky, episodic_life):
+    with make_env("ALE/Breakout-v5", 1, protocol=protocol, mode=mode) as env:
+        game = env._vec.envs[0]
+        assert game.unwrapped.ale.getFloat("repeat_action_probability") == pytest.approx(sticky)
+        assert env.atari.episodic_life == episodic_life and env.atari.sticky_actions == sticky
+
+
 def test_unknown_env_id_suggests_close_matches():
     with pytest.raises(ValueError, match="CartPole-v1"):
         make_env("CartPol-v1")
