@@ -374,8 +374,6 @@ class _GymnasiumVecEnv(VecEnv):
         self._all_ids = np.arange(num_envs, dtype=np.int32)
         self._actions: np.ndarray | None = None
         self._pending_reset: np.ndarray | None = None
-        self._no_rewards = np.zeros(num_envs, np.float32)
-        self._no_flags = np.zeros(num_envs, bool)
 
     def _reset(self) -> np.ndarray:
         obs, _ = self._vec.reset(seed=self._seed)
@@ -393,14 +391,14 @@ class _GymnasiumVecEnv(VecEnv):
     def _recv(self) -> tuple[np.ndarray, ...]:
         if self._pending_reset is not None:  # async_reset's rows: resets only
             obs, self._pending_reset, self._actions = self._pending_reset, None, None
-            f = self._no_flags
-            return obs, self._no_rewards, f, f, f, self._all_ids
+            no = np.zeros(self.num_envs, bool)
+            return obs, np.zeros(self.num_envs, np.float32), no, no.copy(), no.copy(), self._all_ids.copy()
         if self._actions is None:
             raise RuntimeError("recv() without a send()")
         obs, rewards, terminated, truncated, info = self._vec.step(self._actions)
         self._actions = None
         game_over = info["game_over"] if self.atari is not None else terminated | truncated
-        return obs, rewards, terminated, truncated, game_over, self._all_ids
+        return obs, rewards, terminated, truncated, game_over, self._all_ids.copy()
 
     def _close(self) -> None:
         self._vec.close()

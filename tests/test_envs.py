@@ -185,7 +185,7 @@ def test_frame_stack_shifts_and_restarts_at_every_episode_start(env_id):
     with make_env(env_id, 2, 0) as env:
         obs = env.reset()
         restarts = 0
-        for _ in range(300):
+        for _ in range(150):
             res = env.step(rng.integers(env.num_actions, size=2))
             for i in range(2):
                 if res.valid[i]:
