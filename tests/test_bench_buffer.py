@@ -103,6 +103,20 @@ def test_ratios_and_targets_follow_from_the_numbers():
     assert met["load at disk speed (>= 80% of raw read)"] is True
 
 
+def test_memory_copy_limit_is_the_faster_of_its_runs():
+    def run(contiguous, gather_32, gather_256):
+        return {"status": "ok", "contiguous_gbps": contiguous,
+                "gather": {"32": {"median": gather_32}, "256": {"median": gather_256}}}
+
+    before, after = run(5.0, 100.0, 9.0), run(4.0, 120.0, 8.0)
+    combined = bench._combine_memcopy([before, after])
+    assert combined["runs"] == [before, after] and combined["contiguous_gbps"] == 5.0
+    assert combined["gather"] == {"32": {"median": 120.0}, "256": {"median": 9.0}}
+    failed = {"status": "failed: MemoryError: "}
+    assert bench._combine_memcopy([failed, after])["gather"] == after["gather"]
+    assert bench._combine_memcopy([failed]) == failed
+
+
 def _saving_works() -> bool:
     buffer = fastdqn.ReplayBuffer(64, bench.OBS_SHAPE, frame_stack=4, num_envs=1, seed=0)
     obs = np.zeros((1, *bench.OBS_SHAPE), np.uint8)
@@ -134,7 +148,7 @@ def test_quick_run_of_fastdqn_writes_a_consistent_report(tmp_path, capsys):
     assert report["machine"]["versions"]["numpy"] == np.__version__ and report["torch_threads"] == 1
 
     memcopy = report["memcopy"]
-    assert memcopy["status"] == "ok" and memcopy["contiguous_gbps"] > 0
+    assert memcopy["status"] == "ok" and memcopy["contiguous_gbps"] > 0 and len(memcopy["runs"]) == 2
     for size in ("32", "256"):
         _check_rates(memcopy["gather"][size], int(size))
 

@@ -41,6 +41,7 @@ import multiprocessing
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -521,8 +522,7 @@ def _bench_uniform(subject: Subject, settings: Settings, log: Log) -> dict:
     rss_after = _rss_bytes()
     result = {"status": "ok", "config": subject.config, "held": subject.held(),
               "fill_per_s": fill["per_s"], "fill_seconds": fill["seconds"]}
-    result["bytes_per_transition"] = (None if rss_before is None
-                                      else (rss_after - rss_before) / (fill["steps"] * NUM_ENVS))
+    result["bytes_per_transition"] = None if rss_before is None else (rss_after - rss_before) / result["held"]
     log(f"filled {result['held']:,} transitions in {fill['seconds']:.1f} s; "
         f"{_fmt_bytes(result['bytes_per_transition'])} per transition (RSS growth)")
     step = itertools.count(fill["steps"])
@@ -624,6 +624,13 @@ def _save_load_missing(subject: FastDQN, settings: Settings) -> str | None:
 def _bench_save_load(stream: AtariStream, settings: Settings, log: Log) -> dict:
     import fastdqn
 
+    shortfall = _memory_shortfall(settings.save_capacity * FastDQN.bytes_estimate)
+    free_disk = shutil.disk_usage(settings.tmpdir or tempfile.gettempdir()).free
+    if not shortfall and free_disk < 2.5 * settings.save_capacity * FastDQN.bytes_estimate:
+        shortfall = f"needs about {2.5 * settings.save_capacity * FastDQN.bytes_estimate / 1e9:.1f} GB of disk, " \
+                    f"{free_disk / 1e9:.1f} GB free"  # the saved file and the raw-disk reference file
+    if shortfall:
+        return {"status": f"skipped: {shortfall}"}
     subject = FastDQN(stream)
     missing = _save_load_missing(subject, settings)
     if missing:
@@ -740,6 +747,16 @@ def _run_memcopy(settings: Settings) -> dict:
         result["gather"][str(batch_size)] = stats
         log(f"gather({batch_size}): {_fmt_rate(stats['median'])} batches/s, {stats['gbps']:.2f} GB/s")
     return result
+
+
+def _combine_memcopy(runs: list[dict]) -> dict:
+    """The memory-copy limit from runs before and after the implementations: the faster of each number."""
+    done = [run for run in runs if run.get("status") == "ok"]
+    if not done:
+        return runs[0] if runs else {"status": "skipped: not selected"}
+    return {"status": "ok", "runs": runs, "contiguous_gbps": max(run["contiguous_gbps"] for run in done),
+            "gather": {size: max((run["gather"][size] for run in done), key=lambda stats: stats["median"])
+                       for size in done[0]["gather"]}}
 
 
 def _in_fresh_process(function, *args):
@@ -891,7 +908,7 @@ def render_markdown(report: dict) -> str:
         "",
         f"{report['started']}; {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB; "
         f"Python {machine['python']}, numpy {versions['numpy']}, torch {versions['torch']} "
-        f"({report.get('torch_threads')} threads); fastdqn {versions['fastdqn']} ({machine['git']}); "
+        f"(torch threads: {report.get('torch_threads')}); fastdqn {versions['fastdqn']} ({machine['git']}); "
         f"SB3 {versions['stable-baselines3']}, cpprb {versions['cpprb']}, TorchRL {versions['torchrl']}.",
         "",
         f"Atari shapes: obs (4, 84, 84) uint8, frame_stack 4, {NUM_ENVS} envs adding together, mean episode "
@@ -992,7 +1009,7 @@ NOTES = (
     "add: transitions/s in steady state (buffer full, overwriting), each buffer fed prebuilt inputs in its own "
     "format, so input preparation is not timed. The first fill (which also pays first-touch page faults) is in "
     "the JSON as fill_per_s.",
-    "memory: growth of the process's resident set while filling, divided by the transitions added "
+    "memory: growth of the process's resident set while filling, divided by the transitions held "
     "(everything the buffer touched, metadata and allocator overhead included).",
     "fastdqn `sample` returns fresh numpy arrays wrapped with torch.from_numpy; `sample(out=)` fills arrays made "
     "once by empty_batch and already shared with torch tensors; `prefetch` (depth 2) times pf.next() while the "
@@ -1000,7 +1017,8 @@ NOTES = (
     "`sample_frames(out=)` returns the shared-frame layout (k + 1 frames per sample instead of 2k, the next "
     "observation gathered later on the learner's device), so it copies 5/8 of the bytes its GB/s column counts.",
     "memory-copy limit: single-thread np.take (mode='clip', into preallocated arrays) of the rows a batch needs "
-    "(4 consecutive frames for obs and the 4 shifted by one for next_obs, from a frame table the size of the fill).",
+    "(4 consecutive frames for obs and the 4 shifted by one for next_obs, from a frame table the size of the fill), "
+    "measured in its own process before and after the implementations; the faster run counts.",
     "SB3: optimize_memory_usage stores next_obs in the following slot, so an episode's final observation is "
     "overwritten by the next episode's first; without timeout handling a truncation counts as termination. "
     "Its sample copies into new torch tensors (th.tensor), which SB3 users pay too.",
@@ -1011,7 +1029,10 @@ NOTES = (
     "use needs one buffer per env).",
     "TorchRL: LazyTensorStorage in RAM (its DQN example uses LazyMemmapStorage, which is not faster); it stores "
     "observation and next observation in full (no frame sharing). Step TensorDicts are built untimed, as a "
-    "collector would deliver them. Batches are already torch tensors.",
+    "collector would deliver them. Batches are already torch tensors. Most of its sampling time is tensordict's "
+    "advanced indexing of the uint8 storage (torch's index kernel, much slower than index_select for whole "
+    "rows). Its PrioritizedSampler needs torchrl's C++ extension, built for one torch version: where it does not "
+    "load, the prioritized row says so.",
 )
 
 
@@ -1024,10 +1045,8 @@ def run(settings: Settings) -> dict:
               "prioritized": {}, "save": {"status": "skipped: not selected"}}
     log(f"{report['machine']['slug']}: capacity {settings.capacity:,}, fill {settings.fill:,}, "
         f"batches {list(settings.batch_sizes)}, impls {list(settings.impls)}")
-    if "uniform" in settings.sections:
-        report["memcopy"] = _run_section(log, lambda: _in_fresh_process(_run_memcopy, settings))
-    else:
-        report["memcopy"] = {"status": "skipped: not selected"}
+    measure_limit = "uniform" in settings.sections
+    memcopy_runs = [_run_section(log, lambda: _in_fresh_process(_run_memcopy, settings))] if measure_limit else []
     for name in IMPLS:
         if name not in settings.impls:
             results = {}
@@ -1044,6 +1063,9 @@ def run(settings: Settings) -> dict:
             report[section][name] = results.get(section, {"status": "skipped: not selected"})
         if name == "fastdqn" and "save" in results:
             report["save"] = results["save"]
+    if measure_limit:  # measured again at the end: noise from other work only slows, so the faster run counts
+        memcopy_runs.append(_run_section(log, lambda: _in_fresh_process(_run_memcopy, settings)))
+    report["memcopy"] = _combine_memcopy(memcopy_runs)
     report["seconds"] = time.time() - started
     report["ratios"] = compute_ratios(report)
     report["targets"] = check_targets(report)
@@ -1084,7 +1106,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny sizes and short repeats, for a smoke run ({QUICK}); explicit options win")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"),
-                        help="directory for buffer-<machine>.json and .md")
+                        help="directory for buffer-<machine>.json and .md ('' writes no files)")
     parser.add_argument("--machine", help="machine name in the file names (default: CPU model and core count)")
     parser.add_argument("--json", action="store_true", help="also print the JSON report on stdout")
     return parser
