@@ -28,6 +28,7 @@ from torch.nn import functional as F
 __all__ = ["Learner"]
 
 _BATCH_FIELDS = ("obs", "actions", "rewards", "next_obs", "discounts")
+_FRAME_BATCH_FIELDS = ("frames", "next_offset", "actions", "rewards", "discounts")
 
 
 def _torch_dtype(dtype) -> torch.dtype:
@@ -206,8 +207,17 @@ class Learner:
         self._epsilon = zeros()
         self._act_out = zeros(num_envs, dtype=torch.int64)
 
-        self._update_step = _GraphedStep(self._train_step) if self.cuda_graph else self._train_step
-        self._act_step = _GraphedStep(self._act_static) if self.cuda_graph else self._act_static
+        # The shared-frame layout (the replay buffer's FrameBatch) gets its static frames and its
+        # own graph on first use, once its frame count is known.
+        self._frames: torch.Tensor | None = None
+        self._next_offset = zeros(batch_size, dtype=torch.int64)
+
+        self._update_step = self._graphed(self._train_step)
+        self._frame_update_step = self._graphed(self._train_step_on_frames)
+        self._act_step = self._graphed(self._act_static)
+
+    def _graphed(self, step):
+        return _GraphedStep(step) if self.cuda_graph else step
 
     # ------------------------------------------------------------------ the update
     def update(self, batch) -> None:
@@ -218,9 +228,17 @@ class Learner:
         numpy arrays or torch tensors on the host (pinned memory makes the copy asynchronous)
         or on the device. The TD target is rewards + discounts * Q_target(next_obs, a*),
         with discounts = gamma**n, or 0 where the episode terminated.
+
+        The shared-frame layout (the buffer's FrameBatch: frames and next_offset in place of
+        obs and next_obs) is accepted too; it moves k + n frames per sample to the device
+        instead of 2k, and the observations are unpacked there.
         """
+        frame_layout = _field(batch, "frames") is not None
+        if frame_layout and self._frames is None:
+            self._allocate_frames(torch.as_tensor(_field(batch, "frames")).shape)
+        names = (_FRAME_BATCH_FIELDS if frame_layout else _BATCH_FIELDS) + (("weights",) if self.prioritized else ())
         sources = {}
-        for name in _BATCH_FIELDS + (("weights",) if self.prioritized else ()):
+        for name in names:
             value = _field(batch, name)
             if value is None:
                 raise ValueError(f"batch is missing field {name!r}"
@@ -230,23 +248,48 @@ class Learner:
             if value.shape != expected:
                 raise ValueError(f"batch.{name} must have shape {tuple(expected)}, got {tuple(value.shape)}")
             sources[name] = value
-        self._copy_inputs([(getattr(self, "_" + name), value) for name, value in sources.items()])
-        self._update_step()
+        self._copy_inputs([(getattr(self, "_" + name), value) for name, value in sources.items()],
+                          then=self._frame_update_step if frame_layout else self._update_step)
         self.num_updates += 1
         self._metric_updates += 1
 
-    def _copy_inputs(self, pairs) -> None:
-        """Copy host or device tensors into static device tensors without a host sync.
+    def _allocate_frames(self, shape) -> None:
+        """Static frames for the shared-frame layout, shaped by the first such batch."""
+        shape, k = tuple(shape), self.obs_shape[0]
+        if len(self.obs_shape) < 2 or len(shape) != len(self.obs_shape) + 1 or shape[0] != self.batch_size \
+                or shape[1] <= k or shape[2:] != self.obs_shape[1:]:
+            raise ValueError(f"batch.frames must have shape ({self.batch_size}, {k} + n_step, "
+                             f"*{self.obs_shape[1:]}) for frame-stacked observations {self.obs_shape}, got {shape}")
+        self._frames = torch.zeros(shape, dtype=self.obs_dtype, device=self.device)
 
-        Copies from pinned host memory are asynchronous; we wait for them to land (which also
-        keeps the host at most one step ahead of the device), so the caller may refill its
-        pinned buffer as soon as this returns. Pageable memory is staged by CUDA at once.
+    def _unpack_frames(self) -> None:
+        """obs = frames[:, :k], next_obs = frames[:, next_offset : next_offset + k], on the device."""
+        k = self.obs_shape[0]
+        self._obs.copy_(self._frames[:, :k])
+        columns = self._next_offset[:, None] + torch.arange(k, device=self.device)
+        index = columns.view(self.batch_size, k, *(1,) * (len(self.obs_shape) - 1)).expand_as(self._next_obs)
+        torch.gather(self._frames, 1, index, out=self._next_obs)
+
+    def _train_step_on_frames(self) -> None:
+        self._unpack_frames()
+        self._train_step()
+
+    def _copy_inputs(self, pairs, then) -> None:
+        """Copy host or device tensors into static device tensors, then call ``then()``.
+
+        Copies from pinned host memory are asynchronous. Once ``then``'s work is queued behind
+        them we wait for the copies (not for ``then``) to land, so the caller may refill its
+        pinned buffer as soon as we return, while the device stays busy. The wait also keeps
+        the host at most one step ahead of the device. Pageable memory is staged at once.
         """
         for static, value in pairs:
             static.copy_(value, non_blocking=True)
+        copied = None
         if self.device.type == "cuda" and any(value.is_pinned() for _, value in pairs):
             copied = torch.cuda.Event()
             copied.record()
+        then()
+        if copied is not None:
             copied.synchronize()
 
     def _train_step(self) -> None:
@@ -310,8 +353,7 @@ class Learner:
             self._epsilon.fill_(float(epsilon))
         if obs.shape[0] != self.num_envs:
             return self._epsilon_greedy(obs.to(self.device, self.obs_dtype, non_blocking=True))
-        self._copy_inputs([(self._act_obs, obs)])
-        self._act_step()
+        self._copy_inputs([(self._act_obs, obs)], then=self._act_step)
         return self._act_out
 
     def _act_static(self) -> None:
@@ -365,5 +407,5 @@ class Learner:
         self._update_count.fill_(self.num_updates)
         self.sync_actor()
         # The optimizer's state tensors were replaced: capture the update step again.
-        if self.cuda_graph:
-            self._update_step = _GraphedStep(self._train_step)
+        self._update_step = self._graphed(self._train_step)
+        self._frame_update_step = self._graphed(self._train_step_on_frames)

@@ -214,6 +214,41 @@ def test_batch_may_be_an_object_of_tensors_and_weights_are_ignored_without_per()
     assert_close(params(from_objects.q_network), params(from_dicts.q_network), atol=0)
 
 
+def test_shared_frame_batches_train_exactly_like_unpacked_batches():
+    k, n_step, frame = 4, 3, (5, 5)
+    torch.manual_seed(11)
+    net = MLP(k * 5 * 5, NUM_ACTIONS, hidden_sizes=(16,))  # flattens the (4, 5, 5) uint8 stack
+    rng = np.random.default_rng(10)
+
+    def learner():
+        return Learner(copy.deepcopy(net), obs_shape=(k, *frame), obs_dtype=np.uint8, batch_size=BATCH,
+                       num_envs=2, device="cpu", lr=1e-2, double_dqn=True, target_update_interval=2)
+
+    unpacked, shared = learner(), learner()
+    for _ in range(4):
+        frames = rng.integers(0, 256, (BATCH, k + n_step, *frame), dtype=np.uint8)
+        next_offset = rng.integers(1, n_step + 1, BATCH)  # m <= n_step steps later
+        rest = make_batch(rng)
+        del rest["obs"], rest["next_obs"]
+        obs = np.stack([frames[b, :k] for b in range(BATCH)])
+        next_obs = np.stack([frames[b, next_offset[b]:next_offset[b] + k] for b in range(BATCH)])
+        unpacked.update(dict(rest, obs=obs, next_obs=next_obs))
+        shared.update(SimpleNamespace(frames=frames, next_offset=next_offset, **rest))
+        torch.testing.assert_close(shared.new_priorities, unpacked.new_priorities, atol=0, rtol=0)
+    for module in ("q_network", "target_network"):
+        for a, b in zip(params(getattr(shared, module)), params(getattr(unpacked, module))):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"batch\.frames must have shape \(6, 7, 5, 5\), got \(6, 3, 5, 5\)"):
+        shared.update(dict(rest, frames=frames[:, :3], next_offset=next_offset))
+
+
+def test_shared_frame_batches_need_frame_stacked_observations():
+    learner = make_learner(make_net())
+    batch = make_batch(np.random.default_rng(11))
+    with pytest.raises(ValueError, match="batch.frames must have shape"):
+        learner.update(dict(batch, frames=np.zeros((BATCH, 5), np.float32), next_offset=np.ones(BATCH, np.int64)))
+
+
 def test_bad_batches_raise_before_any_state_changes():
     learner = make_learner(make_net(seed=5), prioritized=True)
     before = params(learner.q_network)
@@ -375,7 +410,7 @@ def test_learner_trains_the_nature_cnn_on_uint8_frames():
              "discounts": np.zeros(4, np.float32)}
     # With discounts 0 the target is the reward, 1: the loss must fall as the net fits it.
     losses = []
-    for _ in range(12):
+    for _ in range(8):
         learner.update(batch)
         losses.append(learner.metrics()["loss"])
     assert np.mean(losses[-3:]) < 0.25 * losses[0], losses
@@ -386,18 +421,22 @@ def test_learner_trains_the_nature_cnn_on_uint8_frames():
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def cuda_batches(obs_shape, obs_dtype, batch_size, num_actions, count, seed):
+def cuda_batches(obs_shape, obs_dtype, batch_size, num_actions, count, seed, n_step=0):
     rng = np.random.default_rng(seed)
     batches = []
     for _ in range(count):
-        if obs_dtype == np.uint8:
+        if n_step:  # the replay buffer's shared-frame layout
+            obs = rng.integers(0, 256, (batch_size, obs_shape[0] + n_step, *obs_shape[1:]), dtype=np.uint8)
+            next_obs = rng.integers(1, n_step + 1, batch_size)
+        elif obs_dtype == np.uint8:
             obs = rng.integers(0, 256, (batch_size, *obs_shape), dtype=np.uint8)
             next_obs = rng.integers(0, 256, (batch_size, *obs_shape), dtype=np.uint8)
         else:
             obs = rng.normal(size=(batch_size, *obs_shape)).astype(np.float32)
             next_obs = rng.normal(size=(batch_size, *obs_shape)).astype(np.float32)
-        batch = {"obs": obs, "actions": rng.integers(0, num_actions, batch_size),
-                 "rewards": rng.normal(size=batch_size).astype(np.float32), "next_obs": next_obs,
+        batch = {"frames" if n_step else "obs": obs, "actions": rng.integers(0, num_actions, batch_size),
+                 "rewards": rng.normal(size=batch_size).astype(np.float32),
+                 "next_offset" if n_step else "next_obs": next_obs,
                  "discounts": rng.choice([0.0, 0.99], size=batch_size).astype(np.float32),
                  "weights": rng.uniform(0.2, 1.0, batch_size).astype(np.float32)}
         # Pinned host tensors, as the prefetcher delivers them, exercise the asynchronous copy.
@@ -408,6 +447,8 @@ def cuda_batches(obs_shape, obs_dtype, batch_size, num_actions, count, seed):
 CUDA_CASES = {
     "nature-cnn": dict(obs_shape=(4, 84, 84), obs_dtype=np.uint8, batch_size=32, num_actions=6,
                        config=dict(double_dqn=True, prioritized=True, max_grad_norm=1.0, target_update_interval=4)),
+    "nature-cnn-frames": dict(obs_shape=(4, 84, 84), obs_dtype=np.uint8, batch_size=32, num_actions=6, n_step=3,
+                              config=dict(loss="mse", target_update_interval=2)),
     "mlp-soft": dict(obs_shape=(4,), obs_dtype=np.float32, batch_size=64, num_actions=2,
                      config=dict(optimizer="rmsprop", loss="mse", target_update_interval=1, tau=0.05, lr=1e-3)),
 }
@@ -424,12 +465,14 @@ def test_graphed_update_matches_eager_on_cuda(case):
                                batch_size=spec["batch_size"], num_envs=8, device="cuda", cuda_graph=graph,
                                **spec["config"])
                 for graph in (False, True)}
-    batches = cuda_batches(spec["obs_shape"], spec["obs_dtype"], spec["batch_size"], spec["num_actions"], 12, 0)
+    n_step = spec.get("n_step", 0)
+    batches = cuda_batches(spec["obs_shape"], spec["obs_dtype"], spec["batch_size"], spec["num_actions"], 12, 0,
+                           n_step)
     for batch in batches:  # 3 warm-up steps, the capture, then replays
         for learner in learners.values():
             learner.update(batch)
     eager, graphed = learners[False], learners[True]
-    assert graphed._update_step.graph is not None
+    assert (graphed._frame_update_step if n_step else graphed._update_step).graph is not None
     for module in ("q_network", "target_network"):
         assert_close(params(getattr(graphed, module)), params(getattr(eager, module)), atol=1e-4)
     torch.testing.assert_close(graphed.new_priorities, eager.new_priorities, atol=1e-4, rtol=1e-3)
@@ -437,7 +480,8 @@ def test_graphed_update_matches_eager_on_cuda(case):
 
     # A checkpoint loaded after capture re-captures against the new optimizer state.
     graphed.load_state_dict(eager.state_dict())
-    for batch in cuda_batches(spec["obs_shape"], spec["obs_dtype"], spec["batch_size"], spec["num_actions"], 6, 1):
+    for batch in cuda_batches(spec["obs_shape"], spec["obs_dtype"], spec["batch_size"], spec["num_actions"], 6, 1,
+                              n_step):
         for learner in learners.values():
             learner.update(batch)
     assert_close(params(graphed.q_network), params(eager.q_network), atol=1e-4)

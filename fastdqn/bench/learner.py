@@ -4,7 +4,9 @@
     python benchmarks/learner.py --device cpu --iters 5
 
 Cases: the Nature CNN (4x84x84 uint8 frames, 6 actions) at batch 32 and 256, and the MLP
-(CartPole-sized: 4 inputs, 120-84 hidden, 2 actions) at batch 128, with CleanRL's dqn_atari
+(CartPole-sized: 4 inputs, 120-84 hidden, 2 actions) at batch 128. At batch 32 the CNN also
+takes the replay buffer's shared-frame layout (5 frames per sample instead of 8, the next
+observation gathered on the device). All use CleanRL's dqn_atari
 update (Adam 1e-4, one target network; here Huber loss and gradient clipping at 10, as in
 SB3). Each update copies a fresh host batch (pinned memory on CUDA, as the prefetcher
 delivers it) into the learner, so the rate includes the host-to-device copy. On CUDA every
@@ -34,10 +36,11 @@ from fastdqn.learner import Learner
 from fastdqn.metrics import atomic_write_bytes
 from fastdqn.networks import build_q_network
 
-CASES = [  # name, obs_shape, obs_dtype, num_actions, batch_size
-    ("nature_cnn", (4, 84, 84), np.uint8, 6, 32),
-    ("nature_cnn", (4, 84, 84), np.uint8, 6, 256),
-    ("mlp", (4,), np.float32, 2, 128),
+CASES = [  # name, obs_shape, obs_dtype, num_actions, batch_size, layout
+    ("nature_cnn", (4, 84, 84), np.uint8, 6, 32, "obs"),
+    ("nature_cnn", (4, 84, 84), np.uint8, 6, 32, "frames"),
+    ("nature_cnn", (4, 84, 84), np.uint8, 6, 256, "obs"),
+    ("mlp", (4,), np.float32, 2, 128, "obs"),
 ]
 LEARNER_SETTINGS = dict(lr=1e-4, optimizer="adam", loss="huber", double_dqn=False, target_update_interval=1000,
                         tau=1.0, max_grad_norm=10.0)
@@ -77,19 +80,24 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def host_batches(obs_shape, obs_dtype, num_actions, batch_size, pin: bool, seed: int = 0) -> list[dict]:
+def host_batches(obs_shape, obs_dtype, num_actions, batch_size, layout: str, pin: bool, seed: int = 0) -> list[dict]:
+    """Random batches; layout "frames" is the replay buffer's shared-frame FrameBatch (n_step 1)."""
     rng = np.random.default_rng(seed)
 
-    def observations():
+    def observations(stack=obs_shape[0]):
         if obs_dtype == np.uint8:
-            return rng.integers(0, 256, (batch_size, *obs_shape), dtype=np.uint8)
+            return rng.integers(0, 256, (batch_size, stack, *obs_shape[1:]), dtype=np.uint8)
         return rng.normal(size=(batch_size, *obs_shape)).astype(obs_dtype)
 
     batches = []
     for _ in range(HOST_BATCHES):
-        arrays = {"obs": observations(), "actions": rng.integers(0, num_actions, batch_size),
-                  "rewards": rng.normal(size=batch_size).astype(np.float32), "next_obs": observations(),
-                  "discounts": np.full(batch_size, 0.99, np.float32)}
+        if layout == "frames":
+            arrays = {"frames": observations(obs_shape[0] + 1), "next_offset": np.ones(batch_size, np.int64)}
+        else:
+            arrays = {"obs": observations(), "next_obs": observations()}
+        arrays.update(actions=rng.integers(0, num_actions, batch_size),
+                      rewards=rng.normal(size=batch_size).astype(np.float32),
+                      discounts=np.full(batch_size, 0.99, np.float32))
         tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
         batches.append({k: v.pin_memory() for k, v in tensors.items()} if pin else tensors)
     return batches
@@ -101,11 +109,11 @@ def synchronize(device: torch.device) -> None:
 
 
 def measure(case, device: torch.device, cuda_graph: bool, iters: int, warmup: int) -> dict:
-    name, obs_shape, obs_dtype, num_actions, batch_size = case
+    name, obs_shape, obs_dtype, num_actions, batch_size, layout = case
     torch.manual_seed(0)
     learner = Learner(build_q_network(obs_shape, num_actions), obs_shape=obs_shape, obs_dtype=obs_dtype,
                       batch_size=batch_size, num_envs=1, device=device, cuda_graph=cuda_graph, **LEARNER_SETTINGS)
-    batches = host_batches(obs_shape, obs_dtype, num_actions, batch_size, pin=device.type == "cuda")
+    batches = host_batches(obs_shape, obs_dtype, num_actions, batch_size, layout, pin=device.type == "cuda")
     for i in range(warmup):  # includes the graph's warm-up calls and its capture
         learner.update(batches[i % len(batches)])
     synchronize(device)
@@ -118,7 +126,7 @@ def measure(case, device: torch.device, cuda_graph: bool, iters: int, warmup: in
     synchronize(device)
     elapsed = time.perf_counter() - start
     loss = learner.metrics()["loss"]
-    return {"network": name, "batch_size": batch_size, "mode": "graph" if cuda_graph else "eager",
+    return {"network": name, "batch_size": batch_size, "layout": layout, "mode": "graph" if cuda_graph else "eager",
             "iters": iters, "seconds": elapsed, "updates_per_s": iters / elapsed,
             "ms_per_update": 1e3 * elapsed / iters, "final_loss": loss}
 
@@ -130,10 +138,11 @@ def to_markdown(report: dict) -> str:
              f"{report['started']}; {hardware}; torch {m['torch']} ({m['torch_threads']} CPU threads).",
              "Updates/s of one DQN update (host batch copy, forward, loss, backward, clip, Adam, target "
              "update), Nature CNN on 4x84x84 uint8 frames, MLP 4-120-84-2.", "",
-             "| network | batch | mode | updates/s | ms/update |", "| --- | ---: | --- | ---: | ---: |"]
+             "| network | batch | batch layout | mode | updates/s | ms/update |",
+             "| --- | ---: | --- | --- | ---: | ---: |"]
     for r in report["results"]:
-        lines.append(f"| {r['network']} | {r['batch_size']} | {r['mode']} | {r['updates_per_s']:,.1f} "
-                     f"| {r['ms_per_update']:.3f} |")
+        lines.append(f"| {r['network']} | {r['batch_size']} | {r['layout']} | {r['mode']} | "
+                     f"{r['updates_per_s']:,.1f} | {r['ms_per_update']:.3f} |")
     if report["graph_speedup"]:
         lines += ["", "CUDA graph speedup over eager PyTorch: "
                   + ", ".join(f"{k} {v:.2f}x" for k, v in report["graph_speedup"].items()) + "."]
@@ -149,8 +158,13 @@ def main(argv=None) -> dict:
                         help="untimed updates first, including graph capture (default: 20 on CUDA, 2 on CPU)")
     parser.add_argument("--out", default="benchmarks/results", help="directory for learner-<machine>.json and .md")
     parser.add_argument("--machine", help="machine name in the file names (default: GPU or CPU model)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="also print the JSON report to stdout")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -168,14 +182,15 @@ def main(argv=None) -> dict:
     log(f"{machine['slug']}: {iters} timed updates per case after {warmup} warm-up updates")
     for case in CASES:
         for cuda_graph in ((False, True) if on_cuda else (False,)):
-            label = f"{case[0]} batch {case[4]} {'graph' if cuda_graph else 'eager'}"
+            label = f"{case[0]} batch {case[4]} {case[5]} {'graph' if cuda_graph else 'eager'}"
             log(f"{label}: running")
             result = measure(case, device, cuda_graph, iters, warmup)
             report["results"].append(result)
             log(f"{label}: {result['updates_per_s']:,.1f} updates/s ({result['ms_per_update']:.3f} ms/update)")
         if on_cuda:
             eager, graph = report["results"][-2:]
-            report["graph_speedup"][f"{case[0]}-b{case[4]}"] = graph["updates_per_s"] / eager["updates_per_s"]
+            key = f"{case[0]}-b{case[4]}" + ("-frames" if case[5] == "frames" else "")
+            report["graph_speedup"][key] = graph["updates_per_s"] / eager["updates_per_s"]
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
