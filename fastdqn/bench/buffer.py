@@ -1027,7 +1027,8 @@ NOTES = (
     "sequential stream: the 8 envs' rows go in one add call, as cpprb accepts them, and on_episode_end() is "
     "called at steps where any env's episode ends; its stacks are then not exact across envs (speed only; exact "
     "use needs one buffer per env).",
-    "TorchRL: LazyTensorStorage in RAM (its DQN example uses LazyMemmapStorage, which is not faster); it stores "
+    "TorchRL: LazyTensorStorage in RAM (its DQN example uses the file-backed LazyMemmapStorage; in a short check "
+    "neither was consistently faster); it stores "
     "observation and next observation in full (no frame sharing). Step TensorDicts are built untimed, as a "
     "collector would deliver them. Batches are already torch tensors. Most of its sampling time is tensordict's "
     "advanced indexing of the uint8 storage (torch's index kernel, much slower than index_select for whole "
@@ -1084,8 +1085,7 @@ def _write_atomic(path: str, text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     defaults = Settings()
     parser = argparse.ArgumentParser(
-        prog="fastdqn bench buffer", description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="fastdqn bench buffer", description=__doc__.split("\n")[0])
     parser.add_argument("--capacity", type=int, help=f"transitions each buffer holds (default {defaults.capacity:,})")
     parser.add_argument("--fill", type=int, help="transitions added before sampling (default: capacity)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", help=f"default {list(defaults.batch_sizes)}")
@@ -1106,7 +1106,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny sizes and short repeats, for a smoke run ({QUICK}); explicit options win")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"),
-                        help="directory for buffer-<machine>.json and .md ('' writes no files)")
+                        help="directory for buffer-<machine>.json and .md (default benchmarks/results; '' writes none)")
     parser.add_argument("--machine", help="machine name in the file names (default: CPU model and core count)")
     parser.add_argument("--json", action="store_true", help="also print the JSON report on stdout")
     return parser
