@@ -13,9 +13,10 @@ Sections (``--sections``):
 - uniform: add throughput (transitions/s, steady state: the buffer is full and overwriting),
   sample throughput at each batch size (batches/s, from the call until the learner holds torch
   tensors of obs, actions, rewards, next_obs, ...), and memory (growth of the process's
-  resident set while filling, per transition). fastdqn is measured three ways: ``sample``,
-  ``sample(out=)`` into arrays preallocated once and shared with torch tensors, and
-  ``prefetch`` (batches/s the C++ worker sustains while the caller does nothing else).
+  resident set while filling, per transition held). fastdqn is measured four ways: ``sample``,
+  ``sample(out=)`` into arrays preallocated once and shared with torch tensors, ``prefetch``
+  (batches/s the C++ worker sustains while the caller does nothing else), and
+  ``sample_frames(out=)`` (obs and next_obs sharing their frames).
   The memory-copy limit is this machine's single-thread copy speed for the same bytes in the
   same pattern: a numpy gather of the sampled frame rows into preallocated arrays.
 - prioritized: proportional prioritized replay, sample and sample plus update_priorities.
@@ -624,11 +625,11 @@ def _save_load_missing(subject: FastDQN, settings: Settings) -> str | None:
 def _bench_save_load(stream: AtariStream, settings: Settings, log: Log) -> dict:
     import fastdqn
 
-    shortfall = _memory_shortfall(settings.save_capacity * FastDQN.bytes_estimate)
+    buffer_bytes = settings.save_capacity * FastDQN.bytes_estimate
+    shortfall = _memory_shortfall(buffer_bytes)
     free_disk = shutil.disk_usage(settings.tmpdir or tempfile.gettempdir()).free
-    if not shortfall and free_disk < 2.5 * settings.save_capacity * FastDQN.bytes_estimate:
-        shortfall = f"needs about {2.5 * settings.save_capacity * FastDQN.bytes_estimate / 1e9:.1f} GB of disk, " \
-                    f"{free_disk / 1e9:.1f} GB free"  # the saved file and the raw-disk reference file
+    if not shortfall and free_disk < 2.5 * buffer_bytes:  # the saved file and the raw-disk reference file
+        shortfall = f"needs about {2.5 * buffer_bytes / 1e9:.1f} GB of disk, {free_disk / 1e9:.1f} GB free"
     if shortfall:
         return {"status": f"skipped: {shortfall}"}
     subject = FastDQN(stream)
