@@ -181,6 +181,14 @@ PYBIND11_MODULE(_core, m) {
       .def_property("beta", &ReplayBuffer::Beta, &ReplayBuffer::SetBeta)
       .def("priority_total", &ReplayBuffer::PriorityTotal)
       .def("max_priority", &ReplayBuffer::MaxPriority)
+      .def("sampling_mass",
+           [](const ReplayBuffer& self, const py::object& indices) {
+             const int64_t count = py::reinterpret_borrow<py::array>(indices).size();
+             const int64_t* idx = Data<int64_t>(indices, "indices", count, 'i', false);
+             py::array_t<double> out(count);
+             self.SamplingMass(idx, count, out.mutable_data());
+             return out;
+           })
       .def("priority_leaves",
            [](const ReplayBuffer& self) {
              std::vector<double> v = self.PriorityLeaves();

@@ -129,6 +129,8 @@ class ReplayBuffer {
   double Beta() const { return beta_.load(std::memory_order_relaxed); }
   void SetBeta(double beta) { beta_.store(beta, std::memory_order_relaxed); }
   double PriorityTotal() const;
+  // The sampling mass, priority**alpha, of each index; 0 for one that cannot be drawn.
+  void SamplingMass(const int64_t* indices, int64_t count, double* out) const;
   double MaxPriority() const;
 
   // Raw storage, for save/load. Quiescent use only (no concurrent Add).

@@ -347,6 +347,10 @@ class PrioritizedReplayBuffer(ReplayBuffer):
             raise ValueError(f"indices and priorities must be 1-D of one length, got {indices.shape} and {priorities.shape}")
         self._core.update_priorities(np.ascontiguousarray(indices, np.int64), np.ascontiguousarray(priorities, np.float64))
 
+    def sampling_mass(self, indices) -> np.ndarray:
+        """``(priority + eps) ** alpha`` of each index: its unnormalized chance to be drawn (0 if it cannot be)."""
+        return self._core.sampling_mass(np.ascontiguousarray(indices, dtype=np.int64).reshape(-1))
+
     def priority_total(self) -> float:
         """The sum tree's total of priority**alpha over the valid transitions."""
         return self._core.priority_total()
