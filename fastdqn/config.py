@@ -102,7 +102,7 @@ class DQNConfig:
     eval_interval: int = 0
     """Environment steps between evaluations written to eval.csv; 0 evaluates only at the end."""
     eval_episodes: int = 10
-    """Episodes per evaluation."""
+    """Episodes per evaluation; 0 turns evaluation off."""
     eval_epsilon: float = 0.0
     """Exploration rate during evaluation."""
     checkpoint_interval: int = 0
@@ -126,11 +126,11 @@ class DQNConfig:
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
         positive = ["total_steps", "num_envs", "batch_size", "buffer_size", "train_frequency",
-                    "gradient_steps", "target_update_interval", "n_step", "log_interval", "eval_episodes"]
+                    "gradient_steps", "target_update_interval", "n_step", "log_interval"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ["learning_starts", "eval_interval", "checkpoint_interval", "torch_threads"]:
+        for name in ["learning_starts", "eval_interval", "eval_episodes", "checkpoint_interval", "torch_threads"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):

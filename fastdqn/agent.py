@@ -1,0 +1,426 @@
+"""DQN: the synchronous training engine and the Python API.
+
+One iteration of ``learn`` acts on the batch of environments, steps them, stores the
+transitions and runs the updates that are due::
+
+    actions = act(obs)                  # random before learning_starts, then epsilon-greedy
+    result  = env.step(actions)         # auto-resets; reset-only rows are marked invalid
+    store(obs, actions, result)         # the final observation at episode ends, never a reset
+    train(updates_due)                  # keeps updates / env steps = gradient_steps / train_frequency
+
+Acting (``Learner.act``), learning (``Learner.update``) and environment stepping
+(``VecEnv.step``) are separate objects, so an overlapped actor/learner pipeline can drive
+the same pieces from two threads.
+
+Checkpoints cut the running episodes (stored as truncations, so the value of the cut
+state is still bootstrapped) and restart the environments from a seed derived from the
+step. A resumed run restarts them the same way, which is what lets ``--resume`` reproduce
+an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import io
+import math
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastdqn import checkpoint as ckpt
+from fastdqn.config import DQNConfig, preset_for_env
+from fastdqn.envs import make_env
+from fastdqn.learner import Learner
+from fastdqn.metrics import RunLogger, atomic_write_bytes, read_config
+from fastdqn.networks import build_q_network
+
+
+def linear_schedule(start: float, end: float, duration: float, t: float) -> float:
+    """``start`` at t=0, moving linearly to ``end`` at t=duration, then ``end``."""
+    if duration <= 0 or t >= duration:
+        return end
+    return start + (end - start) * (t / duration)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def env_seed(seed: int, step: int) -> int:
+    """Seed of the environments (re)started at ``step``; distinct for every (seed, step)."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0] >> 1)
+
+
+class DQN:
+    """A DQN agent for one environment id.
+
+    Args:
+        env_id: an envpool id (``CartPole-v1``, ``Pong-v5``) or any gymnasium id.
+        config: hyperparameters; None picks the preset for the env (``preset_for_env``).
+        q_network: your own ``torch.nn.Module`` mapping (N, *obs_shape) observations to
+            (N, num_actions) Q-values; None builds an MLP or the Nature CNN.
+        run_dir: where ``learn`` writes config.json, metrics, TensorBoard events and
+            checkpoints; None uses ``runs/<run_name>``.
+        progress: show a progress bar while learning.
+        tensorboard: write TensorBoard events.
+    """
+
+    def __init__(self, env_id: str, config: DQNConfig | None = None, *, q_network: torch.nn.Module | None = None,
+                 run_dir: str | os.PathLike | None = None, progress: bool = True, tensorboard: bool = True):
+        if not isinstance(env_id, str) or not env_id:
+            raise TypeError(f"env_id must be a non-empty string, got {env_id!r}")
+        if config is None:
+            config = DQNConfig.preset(preset_for_env(env_id))
+        if not isinstance(config, DQNConfig):
+            raise TypeError(f"config must be a DQNConfig, got {type(config).__name__}")
+        config.validate()
+        self.env_id = env_id
+        self.config = config
+        self.device = resolve_device(config.device)
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        self.run_name = f"{env_id.replace('/', '-')}__dqn__seed{config.seed}__{stamp}"
+        self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / self.run_name
+        self.progress, self.tensorboard = progress, tensorboard
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+
+        random.seed(config.seed)
+        torch.manual_seed(config.seed)
+        self.np_rng = np.random.default_rng(config.seed)
+        self.env = self._make_train_env(step=0)
+        self.obs_shape, self.num_actions = tuple(self.env.obs_shape), self.env.num_actions
+        if q_network is None:
+            q_network = build_q_network(self.obs_shape, self.num_actions, hidden_sizes=config.hidden_sizes,
+                                        dueling=config.dueling)
+        self.learner = Learner(
+            q_network, obs_shape=self.obs_shape, obs_dtype=self.env.obs_dtype, batch_size=config.batch_size,
+            num_envs=config.num_envs, device=self.device, lr=config.learning_rate, optimizer=config.optimizer,
+            adam_eps=config.adam_eps, loss=config.loss, double_dqn=config.double_dqn,
+            target_update_interval=config.target_update_interval, tau=config.tau,
+            max_grad_norm=config.max_grad_norm or None, prioritized=config.prioritized,
+            cuda_graph={"auto": "auto", "on": True, "off": False}[config.cuda_graph])
+        self.q_network = self.learner.q_network
+        self.buffer = None  # made on the first learn(): acting and evaluating need no replay
+        self._batch = None
+        self._obs = None
+        self.env_steps = 0
+        self.episodes = 0
+        self.wall_time = 0.0
+        self.recent_returns: collections.deque[float] = collections.deque(maxlen=100)
+
+    # ------------------------------------------------------------------ pieces
+    def _make_train_env(self, step: int):
+        c = self.config
+        return make_env(self.env_id, c.num_envs, env_seed(c.seed, step), mode="train", protocol=c.protocol,
+                        backend=c.backend)
+
+    def _make_buffer(self):
+        from fastdqn.replay import PrioritizedReplayBuffer, ReplayBuffer
+
+        c = self.config
+        kwargs = dict(frame_stack=self.env.frame_stack, num_envs=c.num_envs, obs_dtype=self.env.obs_dtype,
+                      action_dtype=np.int64, n_step=c.n_step, gamma=c.gamma,
+                      seed=int(self.np_rng.integers(2**31)))
+        if c.prioritized:
+            return PrioritizedReplayBuffer(c.buffer_size, self.obs_shape, alpha=c.per_alpha, beta=c.per_beta,
+                                           eps=c.per_eps, **kwargs)
+        return ReplayBuffer(c.buffer_size, self.obs_shape, **kwargs)
+
+    def epsilon(self, step: int, total_steps: int) -> float:
+        c = self.config
+        return linear_schedule(c.start_epsilon, c.end_epsilon, c.exploration_fraction * total_steps, step)
+
+    def updates_due(self, step: int) -> int:
+        """Updates that should have run by env step ``step``: one round of gradient_steps
+        per train_frequency steps after learning_starts, whatever num_envs is."""
+        c = self.config
+        if step < max(c.learning_starts, 1):
+            return 0
+        return ((step - c.learning_starts) // c.train_frequency + 1) * c.gradient_steps
+
+    def _store(self, obs, actions, result, cut: bool) -> None:
+        truncated = ~result.terminated if cut else result.truncated
+        valid = result.valid
+        if valid.all():
+            self.buffer.add(obs, actions, result.rewards, result.next_obs, result.terminated, truncated)
+        else:
+            ids = np.flatnonzero(valid)
+            self.buffer.add(obs[ids], actions[ids], result.rewards[ids], result.next_obs[ids],
+                            result.terminated[ids], truncated[ids], env_ids=ids)
+
+    def _train(self, updates: int, beta: float) -> None:
+        buf, learner = self.buffer, self.learner
+        if self.config.prioritized:
+            buf.beta = beta
+        for _ in range(updates):
+            batch = buf.sample(self.config.batch_size, out=self._batch)
+            learner.update(batch)
+            if self.config.prioritized:
+                buf.update_priorities(batch.indices, learner.new_priorities.cpu().numpy())
+
+    # ------------------------------------------------------------------ training
+    def learn(self, total_steps: int | None = None) -> "DQN":
+        """Train until ``total_steps`` environment steps (summed over envs) have been taken
+        in this agent's life; returns self. Schedules (epsilon, PER beta) span total_steps."""
+        c = self.config
+        total = c.total_steps if total_steps is None else total_steps
+        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+            raise ValueError(f"total_steps must be a positive int, got {total!r}")
+        if self.buffer is None:
+            self.buffer = self._make_buffer()
+        if self._batch is None:
+            self._batch = self.buffer.empty_batch(c.batch_size)
+        logger = RunLogger(self.run_dir, self._config_record(total), total_steps=total,
+                           start_step=self.env_steps, wall_time_offset=self.wall_time, resume=self.env_steps > 0,
+                           tensorboard=self.tensorboard, progress=self.progress)
+        try:
+            self._loop(total, logger)
+        finally:
+            self.wall_time = logger.wall_time()
+            logger.close()
+        return self
+
+    def _loop(self, total: int, logger: RunLogger) -> None:
+        c, env, learner = self.config, self.env, self.learner
+        n = c.num_envs
+        obs = env.reset() if self._obs is None else self._obs
+        step = self.env_steps
+        updates_done = learner.num_updates
+        returns_since_log: list[float] = []
+        lengths_since_log: list[float] = []
+        next_log = (step // c.log_interval + 1) * c.log_interval
+        next_eval = (step // c.eval_interval + 1) * c.eval_interval if c.eval_interval and c.eval_episodes \
+            else math.inf
+        next_ckpt = (step // c.checkpoint_interval + 1) * c.checkpoint_interval if c.checkpoint_interval else math.inf
+        exploration_steps = c.exploration_fraction * total
+        while step < total:
+            epsilon = linear_schedule(c.start_epsilon, c.end_epsilon, exploration_steps, step)
+            if step < c.learning_starts:
+                actions = self.np_rng.integers(self.num_actions, size=n)
+            else:
+                actions = learner.act(obs, epsilon).cpu().numpy()
+            result = env.step(actions)
+            step += n
+            cut = step >= next_ckpt or step >= total
+            self._store(obs, actions, result, cut)
+            obs = result.obs
+            if len(result.episode_returns):
+                returns_since_log.extend(result.episode_returns.tolist())
+                lengths_since_log.extend(result.episode_lengths.tolist())
+            due = self.updates_due(step)
+            if due > updates_done:
+                beta = c.per_beta + (1.0 - c.per_beta) * min(1.0, step / total)
+                self._train(due - updates_done, beta)
+                updates_done = due
+            if step >= next_log or cut:  # a checkpoint's step always has its metrics row
+                next_log = (step // c.log_interval + 1) * c.log_interval
+                self._log(logger, step, epsilon, returns_since_log, lengths_since_log)
+                returns_since_log, lengths_since_log = [], []
+            if step >= next_eval:
+                next_eval = (step // c.eval_interval + 1) * c.eval_interval
+                self._evaluate_and_log(logger, step)
+            if cut:
+                next_ckpt = (step // c.checkpoint_interval + 1) * c.checkpoint_interval if c.checkpoint_interval \
+                    else math.inf
+                self.env_steps, self.wall_time = step, logger.wall_time()
+                self.env.close()
+                self.env = env = self._make_train_env(step)
+                obs = env.reset()
+                logger.flush()
+                self.save_checkpoint()
+        self.env_steps, self._obs = step, obs
+        if c.eval_episodes and (not c.eval_interval or step % c.eval_interval):
+            self._evaluate_and_log(logger, step)
+
+    def _log(self, logger, step, epsilon, returns, lengths) -> None:
+        self.episodes += len(returns)
+        self.recent_returns.extend(returns)
+        metrics = self.learner.metrics()
+        logger.log(step, dict(
+            updates=metrics["updates"], episodes=self.episodes,
+            episode_return=float(np.mean(returns)) if returns else math.nan,
+            episode_return_100=float(np.mean(self.recent_returns)) if self.recent_returns else math.nan,
+            episode_length=float(np.mean(lengths)) if lengths else math.nan,
+            loss=metrics["loss"], q_mean=metrics["q_mean"], epsilon=epsilon))
+
+    def _evaluate_and_log(self, logger, step) -> None:
+        c = self.config
+        result = self.evaluate(c.eval_episodes, epsilon=c.eval_epsilon, seed=env_seed(c.seed + 1, step))
+        logger.log_eval(step, result["returns"], result["protocol"])
+
+    def _config_record(self, total_steps: int) -> dict:
+        import fastdqn
+
+        return {"env_id": self.env_id, "run_name": self.run_name, "algorithm": "dqn",
+                "fastdqn_version": fastdqn.__version__, "device": str(self.device),
+                "backend": getattr(self.env, "backend", None), "protocol": self.config.protocol,
+                "learn_total_steps": total_steps, "config": self.config.to_dict()}
+
+    # ------------------------------------------------------------------ acting
+    @torch.no_grad()
+    def predict(self, obs, epsilon: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray | int:
+        """Greedy (or epsilon-greedy) actions for one observation (returns an int) or a batch
+        (returns an int64 array)."""
+        obs = np.asarray(obs)
+        single = obs.shape == self.obs_shape
+        if not single and obs.shape[1:] != self.obs_shape:
+            raise ValueError(f"obs must have shape {self.obs_shape} or (N, *{self.obs_shape}), got {obs.shape}")
+        batch = obs[None] if single else obs
+        q = self.q_network(torch.as_tensor(batch, device=self.device))
+        actions = q.argmax(dim=1).cpu().numpy()
+        if epsilon > 0:
+            rng = rng if rng is not None else np.random.default_rng()
+            explore = rng.random(len(actions)) < epsilon
+            actions = np.where(explore, rng.integers(self.num_actions, size=len(actions)), actions)
+        return int(actions[0]) if single else actions
+
+    def evaluate(self, episodes: int = 10, epsilon: float | None = None, seed: int | None = None,
+                 video: str | os.PathLike | None = None) -> dict:
+        """Run ``episodes`` full evaluation episodes (raw game scores for Atari, under the
+        config's protocol) and return {"env", "episodes", "mean_return", "std_return",
+        "returns", "protocol"}. Each of up to 8 envs plays the same number of episodes, so
+        short episodes are not over-represented."""
+        if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+            raise ValueError(f"episodes must be a positive int, got {episodes!r}")
+        epsilon = self.config.eval_epsilon if epsilon is None else epsilon
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+        if video is not None and Path(video).suffix.lower() != ".gif":
+            raise ValueError(f"video must be a .gif file (written with Pillow), got {video}")
+        seed = self.config.seed + 1 if seed is None else seed
+        returns, protocol = self._play(episodes, epsilon, seed, video)
+        return {"env": self.env_id, "episodes": episodes, "mean_return": float(np.mean(returns)),
+                "std_return": float(np.std(returns)), "returns": returns, "protocol": protocol}
+
+    def _play(self, episodes: int, epsilon: float, seed: int, video) -> tuple[list[float], str]:
+        num_envs = next(k for k in range(min(episodes, 8), 0, -1) if episodes % k == 0)
+        per_env = episodes // num_envs
+        env = make_env(self.env_id, num_envs, seed, mode="eval", protocol=self.config.protocol,
+                       backend=self.config.backend)
+        rng = np.random.default_rng(seed)
+        returns: list[list[float]] = [[] for _ in range(num_envs)]
+        # Evaluation envs play full games with raw rewards, so summing rewards between
+        # episode ends gives each env's own game scores.
+        running = np.zeros(num_envs)
+        frames = [] if video is not None and env.is_image else None
+        try:
+            obs = env.reset()
+            while any(len(r) < per_env for r in returns):
+                if frames is not None and not returns[0]:
+                    frames.append(obs[0, -1])  # env 0's newest frame, until its first game ends
+                result = env.step(self.predict(obs, epsilon, rng))
+                running += np.where(result.valid, result.rewards, 0.0)
+                for i in np.flatnonzero((result.terminated | result.truncated) & result.valid):
+                    if len(returns[i]) < per_env:
+                        returns[i].append(float(running[i]))
+                    running[i] = 0.0
+                obs = result.obs
+            protocol = env.protocol_description
+        finally:
+            env.close()
+        if video is not None:
+            write_gif(video, frames if frames is not None else self._render_episode(epsilon, seed))
+        return [r for env_returns in returns for r in env_returns], protocol
+
+    def _render_episode(self, epsilon: float, seed: int) -> list[np.ndarray]:
+        """Frames of one episode of a vector-observation env, rendered by gymnasium."""
+        import gymnasium as gym
+
+        env = gym.make(self.env_id, render_mode="rgb_array")
+        rng = np.random.default_rng(seed)
+        try:
+            obs, _ = env.reset(seed=seed)
+            frames, done = [env.render()], False
+            while not done:
+                obs, _, terminated, truncated, _ = env.step(self.predict(obs.astype(self.env.obs_dtype), epsilon, rng))
+                frames.append(env.render())
+                done = terminated or truncated
+        finally:
+            env.close()
+        return frames
+
+
+    # ------------------------------------------------------------------ persistence
+    def _state(self, with_rng: bool) -> dict:
+        state = {"env_id": self.env_id, "run_name": self.run_name, "config": self.config.to_dict(),
+                 "learner": self.learner.state_dict(),
+                 "counters": {"env_steps": self.env_steps, "episodes": self.episodes, "wall_time": self.wall_time},
+                 "recent_returns": list(self.recent_returns)}
+        if with_rng:
+            state["rng"] = ckpt.capture_rng(self.np_rng)
+        return state
+
+    def save_checkpoint(self) -> Path:
+        """Write a full checkpoint (with RNG states and the replay buffer) into the run dir."""
+        buffer = self.buffer if self.config.save_buffer else None
+        return ckpt.save_checkpoint(ckpt.checkpoint_dir(self.run_dir), self.env_steps, self._state(True), buffer)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save the agent (config, networks, optimizer, counters; not the replay buffer) to
+        one file that ``DQN.load`` reads."""
+        atomic_write_bytes(path, ckpt.encode_state(self._state(False)))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | None = None, q_network: torch.nn.Module | None = None,
+             load_buffer: bool = True, run_dir: str | os.PathLike | None = None, **kwargs) -> "DQN":
+        """An agent from ``DQN.save``'s file, a checkpoint, or a run directory (its newest
+        checkpoint). A run checkpoint also restores the RNG states and, with load_buffer,
+        the replay buffer, so that ``learn`` continues exactly where the run stopped."""
+        path = ckpt.resolve_checkpoint(path)
+        state = ckpt.load_checkpoint(path)
+        config = DQNConfig.from_dict(state["config"])
+        if device is not None:
+            config.device = device
+            config.validate()
+        if run_dir is None and path.parent.name == "checkpoints":
+            run_dir = path.parent.parent
+        agent = cls(state["env_id"], config, q_network=q_network, run_dir=run_dir, **kwargs)
+        agent.run_name = state["run_name"]
+        agent._restore(state, load_buffer)
+        return agent
+
+    @classmethod
+    def resume(cls, run_dir: str | os.PathLike, **kwargs) -> "DQN":
+        """The agent of a run directory at its newest checkpoint, ready to ``learn`` on."""
+        read_config(run_dir)
+        return cls.load(run_dir, run_dir=run_dir, **kwargs)
+
+    def _restore(self, state: dict, load_buffer: bool) -> None:
+        self.learner.load_state_dict(state["learner"])
+        counters = state["counters"]
+        self.env_steps, self.episodes = int(counters["env_steps"]), int(counters["episodes"])
+        self.wall_time = float(counters["wall_time"])
+        self.recent_returns.extend(state.get("recent_returns", []))
+        if "rng" in state:
+            ckpt.restore_rng(state["rng"], self.np_rng)
+        if self.env_steps > 0:
+            self.env.close()
+            self.env = self._make_train_env(self.env_steps)
+        if load_buffer and state.get("buffer_path"):
+            from fastdqn.replay import PrioritizedReplayBuffer, ReplayBuffer
+
+            loader = PrioritizedReplayBuffer if self.config.prioritized else ReplayBuffer
+            self.buffer = loader.load(state["buffer_path"])
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def write_gif(path: str | os.PathLike, frames: list[np.ndarray], fps: int = 30) -> None:
+    """Write ``frames`` (H, W) grayscale or (H, W, 3) RGB uint8 arrays as an animated GIF."""
+    from PIL import Image
+
+    if Path(path).suffix.lower() != ".gif":
+        raise ValueError(f"video must be a .gif file (written with Pillow), got {path}")
+    images = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
+    data = io.BytesIO()
+    images[0].save(data, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    atomic_write_bytes(path, data.getvalue())

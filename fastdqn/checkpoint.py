@@ -1,0 +1,150 @@
+"""Checkpoints: atomic, code-free, and complete enough that a resumed run continues exactly.
+
+A checkpoint is a pair of files in ``RUN_DIR/checkpoints/``::
+
+    step-000000050000.pt       torch.save of plain data: config, counters, learner state
+                               (online and target networks, optimizer, update counter)
+                               and every RNG state (python, numpy, torch, CUDA)
+    step-000000050000.replay   the replay buffer, written by ``buf.save`` (optional)
+
+The buffer is written first and the .pt last, each through a temporary file that is
+fsynced and renamed, so a .pt on disk always has its complete buffer beside it: a run
+killed at any moment (SIGKILL included) resumes from the newest .pt. Older pairs are
+removed only after the new pair is in place. Loading uses ``torch.load(weights_only=True)``
+and the buffer's own loader, so a checkpoint can never execute code.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastdqn.metrics import _fsync_dir, atomic_write_bytes
+
+FORMAT = "fastdqn-checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^step-(\d+)\.pt$")
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(directory: str | os.PathLike, step: int, state: dict, buffer=None, keep: int = 1) -> Path:
+    """Write ``state`` (plain data and tensors) and ``buffer`` as the checkpoint for ``step``;
+    keep the newest ``keep`` checkpoints. Returns the .pt path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = f"step-{step:012d}"
+    state = dict(state, format=FORMAT, version=VERSION, step=step, buffer_file=None)
+    if buffer is not None:
+        state["buffer_file"] = f"{stem}.replay"
+        _save_buffer_atomically(buffer, directory / state["buffer_file"])
+    data = io.BytesIO()
+    torch.save(state, data)
+    path = directory / f"{stem}.pt"
+    atomic_write_bytes(path, data.getvalue())
+    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+        _remove_pair(old)
+    return path
+
+
+def _save_buffer_atomically(buffer, path: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        staged = tmp / path.name
+        buffer.save(str(staged))
+        with open(staged, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(staged, path)
+        _fsync_dir(path.parent)
+    finally:
+        for leftover in tmp.iterdir():
+            leftover.unlink()
+        tmp.rmdir()
+
+
+def _remove_pair(pt_path: Path) -> None:
+    buffer_path = pt_path.with_suffix(".replay")
+    pt_path.unlink(missing_ok=True)  # the .pt first: a .replay without its .pt is never used
+    buffer_path.unlink(missing_ok=True)
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Checkpoint .pt files in ``directory``, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(checkpoint_dir(run_dir))
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A .pt file as given, or the newest checkpoint of a run directory; ValueError otherwise."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise ValueError(f"{path} holds no checkpoint (expected {checkpoint_dir(path)}/step-*.pt)")
+        return latest
+    raise ValueError(f"{path} is neither a checkpoint file nor a run directory")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """The state saved by ``save_checkpoint`` (or ``DQN.save``), loaded without running code.
+    ``state["buffer_path"]`` is the buffer file's full path, or None."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for non-checkpoint files
+        raise ValueError(f"{path} is not a fastdqn checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a fastdqn checkpoint")
+    if state.get("version") != VERSION:
+        raise ValueError(f"{path} has checkpoint version {state.get('version')}, this fastdqn reads {VERSION}")
+    buffer_file = state.get("buffer_file")
+    state["buffer_path"] = str(path.parent / buffer_file) if buffer_file else None
+    if buffer_file and not os.path.exists(state["buffer_path"]):
+        raise ValueError(f"{path} names replay buffer {buffer_file}, which is missing")
+    return state
+
+
+def encode_state(state: dict) -> bytes:
+    """``state`` serialized as a checkpoint file's bytes (for ``DQN.save``)."""
+    data = io.BytesIO()
+    torch.save(dict(state, format=FORMAT, version=VERSION, buffer_file=None), data)
+    return data.getvalue()
+
+
+def capture_rng(np_rng: np.random.Generator) -> dict:
+    """Every RNG the training loop draws from, as plain data."""
+    rng = {"python": random.getstate(), "numpy": np_rng.bit_generator.state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng: dict, np_rng: np.random.Generator) -> None:
+    random.setstate(_as_tuple(rng["python"]))
+    np_rng.bit_generator.state = rng["numpy"]
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

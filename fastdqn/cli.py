@@ -1,0 +1,218 @@
+"""The ``fastdqn`` command: train, eval, plot, bench.
+
+    fastdqn train [--env ID] [--preset NAME] [--total-steps N] [--num-envs N] [--seed S]
+                  [--device auto|cpu|cuda] [--run-dir DIR] [--set key=value ...] [--resume DIR]
+    fastdqn eval RUN_DIR_OR_CHECKPOINT [--episodes N] [--epsilon E] [--seed S] [--json] [--video FILE]
+    fastdqn plot RUN_DIR [--out FILE]
+    fastdqn bench {buffer,learner,train} [ARGS...]
+
+Bad arguments end with a one-line error and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import textwrap
+
+BENCHMARKS = ("buffer", "learner", "train")
+
+
+class UsageError(Exception):
+    """A problem with the command line, reported in one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def _config_help() -> str:
+    from fastdqn.config import PRESETS, DQNConfig
+
+    lines = ["config fields (set any with --set key=value; defaults are the CartPole preset):"]
+    defaults = DQNConfig().to_dict()
+    for name, doc in DQNConfig.field_docs().items():
+        lines += textwrap.wrap(f"{name} = {defaults[name]!r}: {doc}", width=100, initial_indent="  ",
+                               subsequent_indent="      ")
+    lines.append(f"presets: {', '.join(PRESETS)} (default: cartpole/acrobot for those envs, atari for Atari ids, "
+                 "classic otherwise)")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastdqn", description="Fast deep Q-learning.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,plot,bench}", parser_class=_Parser)
+    sub.required = True
+
+    train = sub.add_parser("train", help="train a DQN agent", epilog=_config_help(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--env", default=None, help="environment id (default CartPole-v1)")
+    train.add_argument("--preset", default=None, help="hyperparameter preset (default: chosen by the env)")
+    train.add_argument("--total-steps", type=_positive_int, default=None, help="environment steps to train for")
+    train.add_argument("--num-envs", type=_positive_int, default=None, help="environments stepped together")
+    train.add_argument("--seed", type=_nonnegative_int, default=None)
+    train.add_argument("--device", default=None, help="auto, cpu or cuda")
+    train.add_argument("--run-dir", default=None, help="run directory (default runs/<run name>)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field (repeatable)")
+    train.add_argument("--resume", default=None, metavar="RUN_DIR",
+                       help="continue this run from its newest checkpoint (only --total-steps and --device "
+                            "may be changed)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard events")
+
+    ev = sub.add_parser("eval", help="evaluate a trained agent")
+    ev.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    ev.add_argument("--episodes", type=_positive_int, default=10)
+    ev.add_argument("--epsilon", type=_probability, default=None, help="exploration rate (default: the config's)")
+    ev.add_argument("--seed", type=_nonnegative_int, default=None)
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    ev.add_argument("--video", default=None, metavar="FILE", help="record the first episode to this mp4/gif")
+
+    plot = sub.add_parser("plot", help="write a learning-curve PNG of a run")
+    plot.add_argument("run_dir", metavar="RUN_DIR")
+    plot.add_argument("--out", default=None, help="PNG path (default RUN_DIR/learning_curve.png)")
+
+    bench = sub.add_parser("bench", help="run a benchmark: " + ", ".join(BENCHMARKS))
+    bench.add_argument("name", metavar="{" + ",".join(BENCHMARKS) + "}")
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _train(args) -> int:
+    from pathlib import Path
+
+    if args.resume is not None:
+        given = [flag for flag, value in (("--env", args.env), ("--preset", args.preset),
+                                          ("--num-envs", args.num_envs), ("--seed", args.seed),
+                                          ("--run-dir", args.run_dir)) if value is not None]
+        if args.overrides:
+            given.append("--set")
+        if given:
+            raise UsageError(f"fastdqn train: --resume continues the run's own config; drop {', '.join(given)}")
+        from fastdqn.agent import DQN
+
+        agent = DQN.resume(args.resume, device=args.device, progress=not args.no_progress,
+                           tensorboard=not args.no_tensorboard)
+        total = args.total_steps or agent.config.total_steps
+        if total <= agent.env_steps:
+            raise UsageError(f"fastdqn train: the run already has {agent.env_steps} steps; "
+                             f"pass --total-steps above that to continue")
+    else:
+        from fastdqn.config import DQNConfig, preset_for_env
+
+        env_id = args.env or "CartPole-v1"
+        config = DQNConfig.preset(args.preset or preset_for_env(env_id))
+        direct = {"total_steps": args.total_steps, "num_envs": args.num_envs, "seed": args.seed,
+                  "device": args.device}
+        config = config.with_overrides(args.overrides + [f"{k}={v}" for k, v in direct.items() if v is not None])
+        if args.run_dir is not None and (Path(args.run_dir) / "config.json").exists():
+            raise UsageError(f"fastdqn train: {args.run_dir} already holds a run; use --resume {args.run_dir} "
+                             "or another --run-dir")
+        from fastdqn.agent import DQN
+
+        agent = DQN(env_id, config, run_dir=args.run_dir, progress=not args.no_progress,
+                    tensorboard=not args.no_tensorboard)
+        total = config.total_steps
+    print(f"run directory: {agent.run_dir}", file=sys.stderr)
+    try:
+        agent.learn(total)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with: fastdqn train --resume {agent.run_dir}", file=sys.stderr)
+        return 130
+    finally:
+        agent.close()
+    from fastdqn.metrics import read_csv
+
+    evals = read_csv(Path(agent.run_dir) / "eval.csv")
+    if evals:
+        last = evals[-1]
+        print(f"final eval: mean return {last['mean_return']:.1f} +- {last['std_return']:.1f} "
+              f"over {int(last['episodes'])} episodes; run directory {agent.run_dir}", file=sys.stderr)
+    return 0
+
+
+def _eval(args) -> int:
+    from fastdqn.agent import DQN
+
+    agent = DQN.load(args.path, device=args.device, load_buffer=False, progress=False, tensorboard=False)
+    try:
+        seed = args.seed if args.seed is not None else agent.config.seed + 1
+        result = agent.evaluate(args.episodes, epsilon=args.epsilon, seed=seed, video=args.video)
+    finally:
+        agent.close()
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['env']}: mean return {result['mean_return']:.2f} +- {result['std_return']:.2f} "
+              f"over {result['episodes']} episodes ({result['protocol']})")
+        if args.video:
+            print(f"video: {args.video}")
+    return 0
+
+
+def _plot(args) -> int:
+    from fastdqn.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def _bench(args) -> int:
+    if args.name not in BENCHMARKS:
+        raise UsageError(f"fastdqn bench: unknown benchmark {args.name!r}; choose from {', '.join(BENCHMARKS)}")
+    module = importlib.import_module(f"fastdqn.bench.{args.name}")
+    return module.main(args.args) or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        handler = {"train": _train, "eval": _eval, "plot": _plot, "bench": _bench}[args.command]
+        return handler(args)
+    except UsageError as e:
+        print(str(e).splitlines()[0], file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"fastdqn {getattr(args, 'command', '')}: error: {message}".replace("  ", " "), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Run directories: config.json, metrics.csv, eval.csv, TensorBoard events, a progress bar.
+
+A run directory is everything a person needs to see what a run did::
+
+    RUN_DIR/config.json     env id, run name, protocol and every DQNConfig field
+    RUN_DIR/metrics.csv     one row per log interval (see METRIC_COLUMNS)
+    RUN_DIR/eval.csv        one row per evaluation (see EVAL_COLUMNS)
+    RUN_DIR/tb/             TensorBoard events with the same scalars
+    RUN_DIR/checkpoints/    see fastdqn.checkpoint
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+METRIC_COLUMNS = ["step", "wall_time", "steps_per_s", "updates", "episodes", "episode_return",
+                  "episode_return_100", "episode_length", "loss", "q_mean", "epsilon"]
+EVAL_COLUMNS = ["step", "wall_time", "episodes", "mean_return", "std_return", "min_return", "max_return",
+                "protocol"]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_config(run_dir: str | os.PathLike) -> dict:
+    """The parsed config.json of a run directory; ValueError if it is not one."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} is not a fastdqn run directory (no config.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, float | str]]:
+    """Rows of a metrics/eval CSV, numbers parsed (empty cells become NaN)."""
+    rows = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            rows.append({k: _number(v) for k, v in row.items()})
+    return rows
+
+
+def _number(text: str):
+    try:
+        return float(text) if text != "" else math.nan
+    except ValueError:
+        return text
+
+
+class RunLogger:
+    """Writes one run's files. Rows past ``resume_step`` (written after the checkpoint a
+    resumed run restarts from) are dropped, so the CSVs read as one uninterrupted run."""
+
+    def __init__(self, run_dir: str | os.PathLike, config_record: dict, *, total_steps: int,
+                 start_step: int = 0, wall_time_offset: float = 0.0, resume: bool = False,
+                 tensorboard: bool = True, progress: bool = True):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.run_dir / "config.json", config_record)
+        self._metrics = self._open_csv("metrics.csv", METRIC_COLUMNS, resume, start_step)
+        self._eval = self._open_csv("eval.csv", EVAL_COLUMNS, resume, start_step)
+        self._wall_offset = wall_time_offset
+        self._t0 = time.perf_counter()
+        self._last_step, self._last_time = start_step, self._t0
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step if resume else None)
+        self._bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", unit_scale=True,
+                             dynamic_ncols=True, desc=config_record.get("env_id", "train"))
+
+    def _open_csv(self, name: str, columns: list[str], resume: bool, start_step: int):
+        path = self.run_dir / name
+        kept = []
+        if resume and path.is_file():
+            with open(path, newline="") as f:
+                kept = [row for row in csv.DictReader(f) if float(row["step"]) <= start_step]
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(kept)
+        atomic_write_bytes(path, text.getvalue().encode())
+        f = open(path, "a", newline="")
+        return f, csv.DictWriter(f, fieldnames=columns)
+
+    def wall_time(self) -> float:
+        """Seconds of training so far, across resumes."""
+        return self._wall_offset + time.perf_counter() - self._t0
+
+    def log(self, step: int, row: dict) -> None:
+        """Append a metrics row; ``steps_per_s`` and ``wall_time`` are filled in here."""
+        now = time.perf_counter()
+        row = dict(row, step=step, wall_time=round(self.wall_time(), 3),
+                   steps_per_s=round((step - self._last_step) / max(now - self._last_time, 1e-9), 1))
+        self._last_step, self._last_time = step, now
+        self._write(self._metrics, row)
+        self._scalars("train", step, row)
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            recent = row.get("episode_return_100", math.nan)
+            self._bar.set_postfix_str(f"{row['steps_per_s']:.0f} steps/s, return {recent:.1f}, "
+                                      f"eps {row.get('epsilon', math.nan):.2f}", refresh=False)
+
+    def log_eval(self, step: int, returns: list[float], protocol: str) -> dict:
+        n = len(returns)
+        mean = sum(returns) / n
+        std = math.sqrt(sum((r - mean) ** 2 for r in returns) / n)
+        row = dict(step=step, wall_time=round(self.wall_time(), 3), episodes=n, mean_return=mean,
+                   std_return=std, min_return=min(returns), max_return=max(returns), protocol=protocol)
+        self._write(self._eval, row)
+        self._scalars("eval", step, {"mean_return": mean, "std_return": std})
+        if self._bar is not None:
+            self._bar.write(f"eval @ {step}: mean return {mean:.1f} +- {std:.1f} over {n} episodes ({protocol})")
+        return row
+
+    def message(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text)
+
+    def _write(self, handle, row: dict) -> None:
+        f, writer = handle
+        writer.writerow({k: _cell(v) for k, v in row.items()})
+        f.flush()
+
+    def _scalars(self, prefix: str, step: int, row: dict) -> None:
+        if self._tb is None:
+            return
+        for key, value in row.items():
+            if key not in ("step", "protocol") and isinstance(value, (int, float)) and math.isfinite(value):
+                self._tb.add_scalar(f"{prefix}/{key}", value, step)
+
+    def flush(self) -> None:
+        """Make everything written so far durable (called before each checkpoint)."""
+        for f, _ in (self._metrics, self._eval):
+            f.flush()
+            os.fsync(f.fileno())
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        self.flush()
+        for f, _ in (self._metrics, self._eval):
+            f.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _cell(value):
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return value

@@ -1,0 +1,213 @@
+"""The synchronous training engine (fastdqn.agent.DQN) and its config."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastdqn.agent import DQN, linear_schedule
+from fastdqn.config import DQNConfig, preset_for_env
+from fastdqn.metrics import read_csv
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*Box (low|high)'s precision lowered.*")
+
+TINY = dict(hidden_sizes=(16,), batch_size=16, buffer_size=2_000, learning_starts=64, log_interval=100,
+            eval_episodes=2, save_buffer=False)
+
+
+def tiny(**overrides) -> DQNConfig:
+    return DQNConfig(**{**TINY, **overrides})
+
+
+def agent(tmp_path, env_id="CartPole-v1", config=None, **kwargs):
+    return DQN(env_id, config if config is not None else tiny(), run_dir=tmp_path / "run", progress=False,
+               tensorboard=False, **kwargs)
+
+
+@pytest.mark.slow
+def test_default_preset_solves_cartpole_within_50k_steps(tmp_path):
+    config = DQNConfig(device="cpu", save_buffer=False)
+    assert config.total_steps <= 50_000
+    dqn = agent(tmp_path, config=config)
+    dqn.learn()
+    assert dqn.env_steps <= 50_000 + config.num_envs
+    result = dqn.evaluate(10, epsilon=0.0, seed=12345)
+    assert len(result["returns"]) == 10
+    assert result["mean_return"] >= 475, result
+
+
+def test_linear_schedule_matches_hand_values():
+    assert linear_schedule(1.0, 0.1, 100, 0) == 1.0
+    assert linear_schedule(1.0, 0.1, 100, 50) == pytest.approx(0.55)
+    assert linear_schedule(1.0, 0.1, 100, 100) == pytest.approx(0.1)
+    assert linear_schedule(1.0, 0.1, 100, 10_000) == pytest.approx(0.1)
+    assert linear_schedule(1.0, 0.1, 0, 0) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("num_envs", [1, 3, 8])
+def test_updates_per_env_step_hold_with_many_envs(tmp_path, num_envs):
+    config = tiny(num_envs=num_envs, train_frequency=4, gradient_steps=1, learning_starts=100, eval_episodes=0)
+    dqn = agent(tmp_path, config=config)
+    dqn.learn(1_000)
+    # Reference: CleanRL's rule applied to every single env step the run took, one by one.
+    expected = sum(config.gradient_steps for s in range(config.learning_starts, dqn.env_steps + 1)
+                   if (s - config.learning_starts) % config.train_frequency == 0)
+    assert dqn.env_steps == math.ceil(1_000 / num_envs) * num_envs
+    assert dqn.learner.num_updates == expected
+    assert abs(dqn.learner.num_updates / (dqn.env_steps - 100) - config.replay_ratio) < 0.01
+
+
+def test_epsilon_follows_schedule_in_metrics(tmp_path):
+    config = tiny(num_envs=2, start_epsilon=1.0, end_epsilon=0.2, exploration_fraction=0.5, eval_episodes=0)
+    dqn = agent(tmp_path, config=config)
+    dqn.learn(1_000)
+    rows = read_csv(tmp_path / "run" / "metrics.csv")
+    assert [r["step"] for r in rows] == [100.0 * k for k in range(1, 11)]
+    for row in rows:
+        # epsilon is logged for the last iteration before the row: step - num_envs.
+        assert row["epsilon"] == pytest.approx(max(1.0 - 0.8 * (row["step"] - 2) / 500, 0.2), abs=1e-5)
+    assert dqn.epsilon(750, 1_000) == pytest.approx(0.2)
+
+
+def test_learning_writes_run_directory(tmp_path):
+    dqn = agent(tmp_path, config=tiny(eval_episodes=3))
+    dqn.learn(500)
+    run = tmp_path / "run"
+    import json
+
+    record = json.loads((run / "config.json").read_text())
+    assert record["env_id"] == "CartPole-v1" and record["config"]["batch_size"] == 16
+    rows = read_csv(run / "metrics.csv")
+    assert rows[-1]["step"] == 500 and rows[-1]["updates"] == dqn.learner.num_updates
+    assert all(np.isfinite(r["loss"]) for r in rows if r["step"] > 64 + 100)
+    evals = read_csv(run / "eval.csv")
+    assert len(evals) == 1 and evals[0]["episodes"] == 3
+    assert (run / "checkpoints").is_dir()
+
+
+def test_prioritized_replay_anneals_beta_to_one(tmp_path):
+    dqn = agent(tmp_path, config=tiny(prioritized=True, per_beta=0.4, num_envs=4, learning_starts=100,
+                                      train_frequency=4, gradient_steps=1, eval_episodes=0))
+    dqn.learn(400)
+    assert dqn.buffer.prioritized
+    # beta = 0.4 + 0.6 * step / total at the last update (step 400 of 400).
+    assert dqn.buffer.beta == pytest.approx(1.0)
+    assert dqn.learner.num_updates > 0
+
+
+def test_options_reach_learner_and_buffer(tmp_path):
+    dqn = agent(tmp_path, config=tiny(double_dqn=True, n_step=3, dueling=True, tau=0.5, loss="mse",
+                                      eval_episodes=0))
+    dqn.learn(200)
+    assert dqn.learner.double_dqn and dqn.learner.tau == 0.5 and dqn.learner.loss == "mse"
+    assert dqn.buffer.n_step == 3
+    assert hasattr(dqn.q_network.head, "advantage")
+
+
+def test_custom_q_network_is_trained(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    before = [p.detach().clone() for p in net.parameters()]
+    dqn = agent(tmp_path, q_network=net, config=tiny(eval_episodes=0))
+    dqn.learn(300)
+    assert dqn.q_network is net
+    assert any(not torch.equal(b, p) for b, p in zip(before, net.parameters()))
+
+
+def test_predict_is_greedy_argmax(tmp_path):
+    dqn = agent(tmp_path)
+    obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    with torch.no_grad():
+        expected = dqn.q_network(torch.as_tensor(obs)).argmax(1).numpy()
+    np.testing.assert_array_equal(dqn.predict(obs), expected)
+    assert dqn.predict(obs[0]) == expected[0] and isinstance(dqn.predict(obs[0]), int)
+    with pytest.raises(ValueError, match="obs must have shape"):
+        dqn.predict(np.zeros((5, 3), np.float32))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    dqn = agent(tmp_path, config=tiny(eval_episodes=0))
+    dqn.learn(300)
+    dqn.save(tmp_path / "agent.pt")
+    loaded = DQN.load(tmp_path / "agent.pt", progress=False, tensorboard=False, run_dir=tmp_path / "other")
+    assert loaded.config == dqn.config and loaded.env_steps == 300
+    for a, b in zip(dqn.q_network.state_dict().values(), loaded.q_network.state_dict().values()):
+        assert torch.equal(a, b)
+    obs = np.random.default_rng(1).normal(size=(16, 4)).astype(np.float32)
+    np.testing.assert_array_equal(dqn.predict(obs), loaded.predict(obs))
+
+
+def test_evaluate_counts_every_env_equally_and_is_seeded(tmp_path):
+    dqn = agent(tmp_path)
+    first = dqn.evaluate(6, epsilon=0.3, seed=7)
+    again = dqn.evaluate(6, epsilon=0.3, seed=7)
+    assert first == again
+    assert first["episodes"] == 6 and len(first["returns"]) == 6
+    assert first["mean_return"] == pytest.approx(np.mean(first["returns"]))
+    assert first["std_return"] == pytest.approx(np.std(first["returns"]))
+    assert all(1 <= r <= 500 and r == int(r) for r in first["returns"])
+
+
+def test_bad_arguments_raise_before_any_work(tmp_path):
+    with pytest.raises(TypeError, match="config must be a DQNConfig"):
+        DQN("CartPole-v1", {"batch_size": 3})
+    with pytest.raises(ValueError, match="unknown env_id"):
+        DQN("CartPoel-v1", tiny(), progress=False)
+    dqn = agent(tmp_path)
+    with pytest.raises(ValueError, match="total_steps"):
+        dqn.learn(0)
+    with pytest.raises(ValueError, match="episodes"):
+        dqn.evaluate(0)
+    with pytest.raises(ValueError, match="epsilon"):
+        dqn.evaluate(1, epsilon=1.5)
+    with pytest.raises(ValueError, match="gif"):
+        dqn.evaluate(1, video=tmp_path / "x.mp4")
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_validation_and_overrides():
+    with pytest.raises(ValueError, match="batch_size"):
+        DQNConfig(batch_size=0)
+    with pytest.raises(ValueError, match="gamma"):
+        DQNConfig(gamma=1.5)
+    with pytest.raises(TypeError, match="learning_rate"):
+        DQNConfig(learning_rate="fast")
+    with pytest.raises(ValueError, match="optimizer"):
+        DQNConfig(optimizer="sgd")
+    config = DQNConfig().with_overrides(["batch_size=32", "double_dqn=true", "hidden_sizes=32,16", "tau=0.5"])
+    assert (config.batch_size, config.double_dqn, config.hidden_sizes, config.tau) == (32, True, (32, 16), 0.5)
+    with pytest.raises(ValueError, match="did you mean batch_size"):
+        DQNConfig().with_overrides(["batchsize=3"])
+    with pytest.raises(ValueError, match="batch_size expects an integer"):
+        DQNConfig().with_overrides(["batch_size=lots"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        DQNConfig.preset("pong")
+    assert DQNConfig.from_dict(config.to_dict()) == config
+    assert set(DQNConfig.field_docs()) == set(config.to_dict())
+
+
+def test_presets_follow_env():
+    assert preset_for_env("CartPole-v1") == "cartpole"
+    assert preset_for_env("Pong-v5") == "atari" and preset_for_env("ALE/Pong-v5") == "atari"
+    assert preset_for_env("LunarLander-v3") == "classic"
+    atari = DQNConfig.preset("atari")
+    # CleanRL dqn_atari: a target copy every 1000 env steps at one update per 4 steps.
+    assert atari.target_update_interval / atari.replay_ratio == 1000
+    assert (atari.batch_size, atari.buffer_size, atari.learning_rate) == (32, 1_000_000, 1e-4)
+
+
+ATARI_TINY = dict(hidden_sizes=(16,), batch_size=8, buffer_size=400, learning_starts=64, train_frequency=4,
+                  gradient_steps=1, log_interval=100, eval_episodes=0, save_buffer=False, num_envs=2)
+
+
+@pytest.mark.parametrize("env_id, backend", [("Breakout-v5", "envpool"), ("ALE/Breakout-v5", "gymnasium")])
+def test_short_atari_run(tmp_path, env_id, backend):
+    dqn = agent(tmp_path, env_id=env_id, config=DQNConfig(**ATARI_TINY, backend=backend))
+    assert dqn.env.backend == backend and dqn.obs_shape == (4, 84, 84)
+    before = [p.detach().clone() for p in dqn.q_network.parameters()]
+    dqn.learn(300)
+    assert dqn.env_steps == 300
+    assert dqn.learner.num_updates == (300 - 64) // 4 + 1
+    assert len(dqn.buffer) > 0 and dqn.buffer.frame_stack == 4
+    assert any(not torch.equal(b, p) for b, p in zip(before, dqn.q_network.parameters()))
+    assert type(dqn.q_network).__name__ == "NatureCNN"
