@@ -7,11 +7,13 @@ on CUDA it is run eagerly for a few warm-up calls, then captured once into a
 ``torch.cuda.CUDAGraph`` and replayed. Both paths execute the same code, so the CPU tests
 exercise the graphed step's arithmetic too.
 
-Graph safety rules kept throughout: no ``.item()`` or other host syncs, no data-dependent
-Python branches (the target update is a lerp whose weight is 0 or tau), gradients are
-preallocated and zeroed in place, inputs are copied into static tensors, and the optimizer
-is capturable. Random numbers for exploration come from torch's default generator for the
-device, which CUDA graphs advance correctly on every replay (seed it with torch.manual_seed).
+Graph safety rules kept throughout: no ``.item()`` or other host syncs in the step, no
+data-dependent Python branches (the target update is a lerp whose weight is 0 or tau),
+gradients are preallocated and zeroed in place, inputs are copied into static tensors, and
+the optimizer is capturable. The only wait is for a batch's own copy out of pinned host
+memory, after the step is queued (see ``Learner._copy_inputs``). Random numbers for
+exploration come from torch's default generator for the device, which CUDA graphs advance
+correctly on every replay (seed it with torch.manual_seed; checkpoint its state with the run).
 """
 
 from __future__ import annotations
