@@ -13,7 +13,9 @@ delivers it) into the learner, so the rate includes the host-to-device copy. On 
 case runs eagerly and as a captured CUDA graph; on CPU eagerly.
 
 The rate is updates over wall time between two device synchronisations, after warm-up
-updates that include the graph capture. Results go to ``--out``/learner-<machine>.json
+updates that include the graph capture. Action selection for 8 and 64 envs (the actor's
+per-step work: observations to the device, forward, epsilon-greedy, actions back) is timed
+the same way. Results go to ``--out``/learner-<machine>.json
 and .md; progress goes to stderr.
 """
 
@@ -44,6 +46,7 @@ CASES = [  # name, obs_shape, obs_dtype, num_actions, batch_size, layout
 ]
 LEARNER_SETTINGS = dict(lr=1e-4, optimizer="adam", loss="huber", double_dqn=False, target_update_interval=1000,
                         tau=1.0, max_grad_norm=10.0)
+ACT_NUM_ENVS = (8, 64)  # action-selection batches for the Nature CNN: envpool async batch sizes
 HOST_BATCHES = 4  # distinct host batches cycled through, so no copy is served from a cache
 
 
@@ -131,6 +134,25 @@ def measure(case, device: torch.device, cuda_graph: bool, iters: int, warmup: in
             "ms_per_update": 1e3 * elapsed / iters, "final_loss": loss}
 
 
+def measure_act(num_envs: int, device: torch.device, cuda_graph: bool, iters: int, warmup: int) -> dict:
+    """Epsilon-greedy action selection for a batch of envs, including the copy of the
+    observations to the device and of the actions back, as an actor does every step."""
+    obs_shape, num_actions = (4, 84, 84), 6
+    torch.manual_seed(0)
+    learner = Learner(build_q_network(obs_shape, num_actions), obs_shape=obs_shape, obs_dtype=np.uint8,
+                      batch_size=32, num_envs=num_envs, device=device, cuda_graph=cuda_graph, **LEARNER_SETTINGS)
+    rng = np.random.default_rng(0)
+    observations = [rng.integers(0, 256, (num_envs, *obs_shape), dtype=np.uint8) for _ in range(HOST_BATCHES)]
+    for i in range(warmup):
+        learner.act(observations[i % HOST_BATCHES], 0.05).cpu()
+    start = time.perf_counter()
+    for i in range(iters):
+        learner.act(observations[i % HOST_BATCHES], 0.05).cpu()
+    elapsed = time.perf_counter() - start
+    return {"network": "nature_cnn", "num_envs": num_envs, "mode": "graph" if cuda_graph else "eager",
+            "iters": iters, "seconds": elapsed, "calls_per_s": iters / elapsed, "ms_per_call": 1e3 * elapsed / iters}
+
+
 def to_markdown(report: dict) -> str:
     m = report["machine"]
     hardware = f"{m['gpu']} (CUDA {m['cuda']})" if m["device"] == "cuda" else f"{m['cpu']}, {m['cores']} cores"
@@ -143,6 +165,11 @@ def to_markdown(report: dict) -> str:
     for r in report["results"]:
         lines.append(f"| {r['network']} | {r['batch_size']} | {r['layout']} | {r['mode']} | "
                      f"{r['updates_per_s']:,.1f} | {r['ms_per_update']:.3f} |")
+    lines += ["", "Acting: epsilon-greedy actions for a batch of envs (observations to the device, actions back).",
+              "", "| network | envs | mode | calls/s | ms/call |", "| --- | ---: | --- | ---: | ---: |"]
+    for r in report["act"]:
+        lines.append(f"| {r['network']} | {r['num_envs']} | {r['mode']} | {r['calls_per_s']:,.1f} "
+                     f"| {r['ms_per_call']:.3f} |")
     if report["graph_speedup"]:
         lines += ["", "CUDA graph speedup over eager PyTorch: "
                   + ", ".join(f"{k} {v:.2f}x" for k, v in report["graph_speedup"].items()) + "."]
@@ -178,7 +205,7 @@ def main(argv=None) -> dict:
     machine = machine_info(device)
     report = {"benchmark": "learner", "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), "machine": machine, "settings": {"iters": iters, "warmup": warmup, **LEARNER_SETTINGS},
-        "results": [], "graph_speedup": {}}
+        "results": [], "act": [], "graph_speedup": {}}
     log(f"{machine['slug']}: {iters} timed updates per case after {warmup} warm-up updates")
     for case in CASES:
         for cuda_graph in ((False, True) if on_cuda else (False,)):
@@ -191,6 +218,15 @@ def main(argv=None) -> dict:
             eager, graph = report["results"][-2:]
             key = f"{case[0]}-b{case[4]}" + ("-frames" if case[5] == "frames" else "")
             report["graph_speedup"][key] = graph["updates_per_s"] / eager["updates_per_s"]
+    for num_envs in ACT_NUM_ENVS:
+        for cuda_graph in ((False, True) if on_cuda else (False,)):
+            label = f"act nature_cnn {num_envs} envs {'graph' if cuda_graph else 'eager'}"
+            result = measure_act(num_envs, device, cuda_graph, iters, warmup)
+            report["act"].append(result)
+            log(f"{label}: {result['calls_per_s']:,.1f} calls/s ({result['ms_per_call']:.3f} ms/call)")
+        if on_cuda:
+            eager, graph = report["act"][-2:]
+            report["graph_speedup"][f"act-{num_envs}envs"] = graph["calls_per_s"] / eager["calls_per_s"]
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
