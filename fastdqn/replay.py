@@ -276,11 +276,14 @@ class ReplayBuffer:
         """The indices of every transition that can be sampled now, sorted (a full scan)."""
         return self._core.valid_indices()
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Writes the whole buffer to ``path`` atomically (see ``fastdqn.replay_file``)."""
+    def save(self, path: str | os.PathLike, compression: str = "none") -> None:
+        """Writes the whole buffer to ``path`` atomically; see ``fastdqn.replay_file`` for the format.
+
+        ``compression="zstd"`` needs the ``zstandard`` package. Do not ``add`` while saving.
+        """
         from fastdqn import replay_file
 
-        replay_file.save(self, path)
+        replay_file.save(self, path, compression)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ReplayBuffer:

@@ -24,8 +24,8 @@ def start_stack(rng, k, frame_shape, dtype, values):
     return frames if k > 1 else frames[0]
 
 
-def play(buf, ref, rng, steps, values=256, p_end=0.1, p_skip=0.0, check_every=None):
-    """Adds `steps` random steps of every env to both buffers; yields after each."""
+def play(buf, ref, rng, steps, values=256, p_end=0.1, p_skip=0.0, mirrors=()):
+    """Adds `steps` random steps of every env to both buffers (and to `mirrors`); yields after each."""
     k, shape, dtype = buf.frame_stack, buf.frame_shape, buf.obs_dtype
     obs = [start_stack(rng, k, shape, dtype, values) for _ in range(buf.num_envs)]
     for _ in range(steps):
@@ -37,8 +37,9 @@ def play(buf, ref, rng, steps, values=256, p_end=0.1, p_skip=0.0, check_every=No
         rewards = rng.normal(size=len(envs)).astype(np.float32)
         terminated = rng.random(len(envs)) < p_end / 2
         truncated = ~terminated & (rng.random(len(envs)) < p_end / 2)
-        buf.add(np.stack([obs[e] for e in envs]) if len(envs) else next_obs, actions, rewards, next_obs, terminated,
-                truncated, env_ids=None if len(envs) == buf.num_envs and p_skip == 0 else envs)
+        for target in [buf, *mirrors]:
+            target.add(np.stack([obs[e] for e in envs]) if len(envs) else next_obs, actions, rewards, next_obs,
+                       terminated, truncated, env_ids=None if len(envs) == buf.num_envs and p_skip == 0 else envs)
         for row, e in enumerate(envs):
             ref.add(e, obs[e], actions[row], rewards[row], next_obs[row], terminated[row], truncated[row])
             ended = terminated[row] or truncated[row]
