@@ -103,6 +103,18 @@ def test_ratios_and_targets_follow_from_the_numbers():
     assert met["load at disk speed (>= 80% of raw read)"] is True
 
 
+def test_frame_bytes_counts_uint8_arrays_in_any_container():
+    torch = pytest.importorskip("torch")
+    frames = np.zeros((2, 4, 84, 84), np.uint8)
+    batch = fastdqn.Batch(obs=frames, actions=np.zeros(2, np.int64), rewards=np.zeros(2, np.float32),
+                          next_obs=frames, terminated=np.zeros(2, np.float32), discounts=np.ones(2, np.float32),
+                          indices=np.arange(2))
+    assert bench.frame_bytes(batch) == 2 * frames.nbytes
+    nested = {"obs": torch.from_numpy(frames), "more": [torch.zeros(3, dtype=torch.uint8), torch.zeros(5)], "x": None}
+    assert bench.frame_bytes(nested) == frames.nbytes + 3
+    assert bench.frame_bytes((torch.zeros(4, dtype=torch.bool), 7)) == 0
+
+
 def test_memory_copy_limit_is_the_faster_of_its_runs():
     def run(contiguous, gather_32, gather_256):
         return {"status": "ok", "contiguous_gbps": contiguous,
@@ -159,9 +171,12 @@ def test_quick_run_of_fastdqn_writes_a_consistent_report(tmp_path, capsys):
     # Frames are stored once: one 7,056-byte frame per transition and a little metadata.
     assert 0.9 * ATARI_FRAME <= uniform["bytes_per_transition"] <= 2 * ATARI_FRAME
     assert set(uniform["sample"]) == set(bench.VARIANT_NAMES)
-    for by_size in uniform["sample"].values():
+    for variant, by_size in uniform["sample"].items():
         for size in ("32", "256"):
             _check_rates(by_size[size], int(size))
+            # obs and next_obs in full (k + k frames), or sharing frames (k + 1) in the shared layout
+            frames = 5 if variant == "frames_out" else 8
+            assert by_size[size]["frame_bytes"] == int(size) * frames * ATARI_FRAME
     for peer in ("sb3", "cpprb", "torchrl"):
         assert report["uniform"][peer] == {"status": "skipped: not selected"}
         assert all(value is None for value in report["ratios"]["uniform"][peer].values())

@@ -472,6 +472,23 @@ def measure(call, settings: Settings, per_call: float = 1.0) -> dict:
             "repeats": settings.repeats, "calls_per_repeat": per_repeat}
 
 
+def frame_bytes(batch) -> int:
+    """Bytes of uint8 arrays (the frames) in a sampled batch, whatever containers it comes in."""
+    if batch is None or isinstance(batch, (str, bytes, int, float)):
+        return 0
+    if str(getattr(batch, "dtype", "")) in ("uint8", "torch.uint8"):
+        return int(batch.nbytes)
+    if type(batch).__module__.startswith("tensordict"):
+        return sum(frame_bytes(leaf) for leaf in batch.values(include_nested=True, leaves_only=True))
+    if isinstance(batch, dict):
+        return sum(frame_bytes(value) for value in batch.values())
+    if dataclasses.is_dataclass(batch):
+        return sum(frame_bytes(getattr(batch, field.name)) for field in dataclasses.fields(batch))
+    if isinstance(batch, (list, tuple)):
+        return sum(frame_bytes(item) for item in batch)
+    return 0
+
+
 def _with_bandwidth(stats: dict, batch_size: int) -> dict:
     return {**stats, "transitions_per_s": stats["median"] * batch_size,
             "gbps": stats["median"] * payload_bytes(batch_size) / 1e9}
@@ -534,7 +551,8 @@ def _bench_uniform(subject: Subject, settings: Settings, log: Log) -> dict:
         result["sample"][variant] = {}
         for batch_size in settings.batch_sizes:
             with sampler(batch_size) as call:
-                stats = _with_bandwidth(measure(call, settings), batch_size)
+                returned = frame_bytes(call())  # what a batch carries: the GB/s below assume obs + next_obs
+                stats = {**_with_bandwidth(measure(call, settings), batch_size), "frame_bytes": returned}
             result["sample"][variant][str(batch_size)] = stats
             log(f"{variant}({batch_size}): {_fmt_rate(stats['median'])} batches/s "
                 f"[{_fmt_rate(stats['min'])}..{_fmt_rate(stats['max'])}], {stats['gbps']:.2f} GB/s")
@@ -760,9 +778,16 @@ def _combine_memcopy(runs: list[dict]) -> dict:
                        for size in done[0]["gather"]}}
 
 
+def _quiet_stdout() -> None:
+    """Sends a worker's stdout (peers log there) to stderr, keeping the parent's stdout for --json."""
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+
 def _in_fresh_process(function, *args):
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context,
+                                                initializer=_quiet_stdout) as pool:
         return pool.submit(function, *args).result()
 
 
@@ -1019,7 +1044,8 @@ NOTES = (
     "observation gathered later on the learner's device), so it copies 5/8 of the bytes its GB/s column counts.",
     "memory-copy limit: single-thread np.take (mode='clip', into preallocated arrays) of the rows a batch needs "
     "(4 consecutive frames for obs and the 4 shifted by one for next_obs, from a frame table the size of the fill), "
-    "measured in its own process before and after the implementations; the faster run counts.",
+    "measured in its own process before and after the implementations; the faster run counts. The JSON records "
+    "the uint8 bytes each implementation's batch actually carried (frame_bytes) next to each rate.",
     "SB3: optimize_memory_usage stores next_obs in the following slot, so an episode's final observation is "
     "overwritten by the next episode's first; without timeout handling a truncation counts as termination. "
     "Its sample copies into new torch tensors (th.tensor), which SB3 users pay too.",
