@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import importlib.util
 import io
 import math
 import os
@@ -295,6 +296,8 @@ class DQN:
             raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
         if video is not None and Path(video).suffix.lower() != ".gif":
             raise ValueError(f"video must be a .gif file (written with Pillow), got {video}")
+        if video is not None and not self.env.is_image and importlib.util.find_spec("pygame") is None:
+            raise ValueError(f"video of {self.env_id} needs gymnasium's renderer: pip install 'gymnasium[classic-control]'")
         seed = self.config.seed + 1 if seed is None else seed
         returns, protocol = self._play(episodes, epsilon, seed, video)
         return {"env": self.env_id, "episodes": episodes, "mean_return": float(np.mean(returns)),

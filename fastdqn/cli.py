@@ -196,7 +196,8 @@ def _bench(args) -> int:
     if args.name not in BENCHMARKS:
         raise UsageError(f"fastdqn bench: unknown benchmark {args.name!r}; choose from {', '.join(BENCHMARKS)}")
     module = importlib.import_module(f"fastdqn.bench.{args.name}")
-    return module.main(args.args) or 0
+    status = module.main(args.args)  # benchmarks return their report; only an int is an exit status
+    return status if isinstance(status, int) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

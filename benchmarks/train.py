@@ -1,0 +1,3 @@
+from fastdqn.bench.train import main
+
+main()

@@ -1,0 +1,259 @@
+"""End-to-end training benchmark: fastdqn's synchronous engine against SB3's DQN.
+
+    fastdqn bench train                                  # CartPole-v1 (preset, 50k steps) and Breakout-v5
+    fastdqn bench train --env CartPole-v1 --steps 20000 --json
+    python benchmarks/train.py --systems fastdqn
+
+Both systems train with the same hyperparameters on the same machine in the same run: the
+environment's fastdqn preset, translated into SB3's arguments (SB3 counts train_freq in
+vector steps and target_update_interval in env steps; fastdqn counts updates). Breakout runs
+CleanRL's dqn_atari settings with a smaller buffer and learning_starts, so that updates
+happen within a short run. Each system is timed from the start of learning to its end
+(environment stepping, acting, replay and updates; no evaluation), then evaluated greedily
+outside the timing. The report (JSON and a markdown table) goes to ``--out``; progress goes
+to stderr; ``--json`` prints the JSON report to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+DEFAULT_ENVS = ("CartPole-v1", "Breakout-v5")
+SYSTEMS = ("fastdqn", "sb3")
+# Short Atari runs need updates inside the window; everything else is CleanRL's dqn_atari.
+ATARI_BENCH_OVERRIDES = dict(buffer_size=100_000, learning_starts=1_000)
+
+
+def log(message: str) -> None:
+    print(f"[bench train {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def bench_config(env_id: str, steps: int | None, seed: int, device: str):
+    """The env's preset for ``steps`` env steps (None: the preset's own total_steps)."""
+    from fastdqn.config import DQNConfig, preset_for_env
+
+    preset = preset_for_env(env_id)
+    config = DQNConfig.preset(preset, seed=seed, device=device, eval_episodes=0, save_buffer=False,
+                              checkpoint_interval=0)
+    if preset == "atari":
+        config = dataclasses.replace(config, **ATARI_BENCH_OVERRIDES)
+    if steps is not None:
+        config = dataclasses.replace(config, total_steps=steps)
+    return preset, dataclasses.replace(config, log_interval=max(config.total_steps // 10, 1))
+
+
+def run_fastdqn(env_id: str, config, eval_episodes: int) -> dict:
+    from fastdqn.agent import DQN
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        agent = DQN(env_id, config, run_dir=run_dir, progress=False, tensorboard=False)
+        start = time.perf_counter()
+        agent.learn(config.total_steps)
+        wall = time.perf_counter() - start
+        result = _figures(agent.env_steps, agent.learner.num_updates, wall)
+        if eval_episodes:
+            evaluation = agent.evaluate(eval_episodes, epsilon=0.0, seed=config.seed + 1)
+            result.update(eval_mean_return=evaluation["mean_return"], eval_std_return=evaluation["std_return"],
+                          eval_protocol=evaluation["protocol"])
+        agent.close()
+    return result
+
+
+def sb3_arguments(config, num_envs: int) -> dict:
+    """fastdqn's config as SB3 DQN arguments (same schedule, same replay ratio)."""
+    if config.train_frequency % num_envs:
+        raise ValueError(f"SB3 steps all {num_envs} envs together: train_frequency {config.train_frequency} "
+                         "must be a multiple of num_envs")
+    return dict(
+        learning_rate=config.learning_rate, buffer_size=config.buffer_size, learning_starts=config.learning_starts,
+        batch_size=config.batch_size, tau=config.tau, gamma=config.gamma,
+        train_freq=config.train_frequency // num_envs, gradient_steps=config.gradient_steps, n_steps=config.n_step,
+        # fastdqn counts target updates in updates, SB3 in env steps.
+        target_update_interval=max(round(config.target_update_interval / config.replay_ratio), 1),
+        exploration_fraction=config.exploration_fraction, exploration_initial_eps=config.start_epsilon,
+        exploration_final_eps=config.end_epsilon, max_grad_norm=config.max_grad_norm or 1e9,
+        seed=config.seed, device=config.device if config.device != "auto" else "auto", verbose=0,
+    )
+
+
+def run_sb3(env_id: str, config, eval_episodes: int) -> dict:
+    import torch
+    from stable_baselines3 import DQN as SB3DQN
+
+    notes = []
+    if config.double_dqn:
+        notes.append("SB3's DQN has no Double DQN; ran without it")
+    if config.dueling:
+        notes.append("SB3's DQN has no dueling head; ran without it")
+    if config.loss != "huber":
+        notes.append("SB3's DQN always uses the Huber loss")
+    if config.prioritized:
+        notes.append("SB3's DQN has no prioritized replay")
+    kwargs = sb3_arguments(config, config.num_envs)
+    env, eval_env, policy, policy_kwargs = _sb3_envs(env_id, config)
+    if config.optimizer == "adam":
+        policy_kwargs["optimizer_kwargs"] = {"eps": config.adam_eps}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = SB3DQN(policy, env, policy_kwargs=policy_kwargs, **kwargs)
+        if config.loss == "mse":
+            notes.append("loss: Huber (SB3's only loss) instead of MSE")
+        start = time.perf_counter()
+        model.learn(config.total_steps)
+        wall = time.perf_counter() - start
+    steps = model.num_timesteps
+    updates = model._n_updates
+    result = _figures(steps, updates, wall)
+    if eval_episodes:
+        from stable_baselines3.common.evaluation import evaluate_policy
+
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            returns, _ = evaluate_policy(model, eval_env, n_eval_episodes=eval_episodes, deterministic=True,
+                                         return_episode_rewards=True)
+        result.update(eval_mean_return=float(sum(returns) / len(returns)))
+    env.close()
+    eval_env.close()
+    if notes:
+        result["notes"] = notes
+    return result
+
+
+def _sb3_envs(env_id: str, config):
+    from fastdqn.config import is_atari_id
+
+    if is_atari_id(env_id):
+        import ale_py
+        import gymnasium as gym
+        from stable_baselines3.common.env_util import make_atari_env
+        from stable_baselines3.common.vec_env import VecFrameStack
+
+        gym.register_envs(ale_py)
+        game = env_id.removeprefix("ALE/").removesuffix("-v5")
+        sb3_id = f"{game}NoFrameskip-v4"  # SB3's AtariWrapper = CleanRL's protocol on the v4 NoFrameskip id
+        env = VecFrameStack(make_atari_env(sb3_id, n_envs=config.num_envs, seed=config.seed), 4)
+        eval_env = VecFrameStack(make_atari_env(sb3_id, n_envs=1, seed=config.seed + 1,
+                                                wrapper_kwargs={"terminal_on_life_loss": False,
+                                                                "clip_reward": False}), 4)
+        return env, eval_env, "CnnPolicy", {}
+    from stable_baselines3.common.env_util import make_vec_env
+
+    env = make_vec_env(env_id, n_envs=config.num_envs, seed=config.seed)
+    eval_env = make_vec_env(env_id, n_envs=1, seed=config.seed + 1)
+    return env, eval_env, "MlpPolicy", {"net_arch": list(config.hidden_sizes)}
+
+
+def _figures(steps: int, updates: int, wall: float) -> dict:
+    return {"env_steps": int(steps), "updates": int(updates), "wall_s": round(wall, 3),
+            "steps_per_s": round(steps / wall, 1), "updates_per_s": round(updates / wall, 1),
+            "replay_ratio": round(updates / steps, 4) if steps else 0.0}
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def to_markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# End-to-end DQN training: fastdqn vs SB3 ({report['date']})", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m.get('gpu', 'no GPU')}, device {report['device']}, "
+             f"torch {m['torch']} ({m['torch_threads']} threads), 1-min load average at start {m['load_avg_1m']}.",
+             "Same hyperparameters for both systems (the env's fastdqn preset); timed from start to end of "
+             "learning, evaluated greedily afterwards.", "",
+             "| env | system | env steps | wall s | env steps/s | updates/s | replay ratio | eval return | speedup |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for env_id, entry in report["envs"].items():
+        base = entry["systems"].get("sb3", {}).get("steps_per_s")
+        for name, r in entry["systems"].items():
+            speed = f"{r['steps_per_s'] / base:.2f}x" if base and name != "sb3" else ""
+            ret = f"{r['eval_mean_return']:.1f}" if "eval_mean_return" in r else ""
+            lines.append(f"| {env_id} | {name} | {r['env_steps']:,} | {r['wall_s']:.1f} | {r['steps_per_s']:,.0f} | "
+                         f"{r['updates_per_s']:,.0f} | {r['replay_ratio']:.3f} | {ret} | {speed} |")
+    lines.append("")
+    for env_id, entry in report["envs"].items():
+        lines.append(f"- {env_id}: preset `{entry['preset']}`, config {json.dumps(entry['config_overrides'])}")
+        for name, r in entry["systems"].items():
+            for note in r.get("notes", []):
+                lines.append(f"  - {name}: {note}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="fastdqn bench train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--env", action="append", default=None, help="env id (repeatable; default CartPole-v1 and "
+                        "Breakout-v5)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="env steps per system (default: the preset's total_steps, 50k for CartPole; "
+                             "for Atari 4k on CPU, 20k on CUDA)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of fastdqn,sb3")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (both systems)")
+    parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--out", default="benchmarks/results", help="directory for train-<device>.json and .md")
+    parser.add_argument("--json", action="store_true", help="print the JSON report to stdout")
+    args = parser.parse_args(argv)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown or not systems:
+        parser.error(f"--systems must name some of {', '.join(SYSTEMS)}, got {args.systems!r}")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be positive, got {args.steps}")
+
+    import torch
+
+    from fastdqn.config import DQNConfig, is_atari_id
+
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+        ("cpu" if args.device == "auto" else args.device)
+    report = {"benchmark": "train", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": device, "machine": machine_info(), "envs": {}}
+    for env_id in args.env or DEFAULT_ENVS:
+        steps = args.steps
+        if steps is None and is_atari_id(env_id):
+            steps = 20_000 if device == "cuda" else 4_000
+        preset, config = bench_config(env_id, steps, args.seed, device)
+        defaults = DQNConfig.preset(preset).to_dict()
+        overrides = {k: v for k, v in config.to_dict().items() if defaults[k] != v}
+        entry = {"preset": preset, "config_overrides": overrides, "config": config.to_dict(), "systems": {}}
+        for system in systems:
+            log(f"{env_id}: {system}, {config.total_steps:,} env steps on {device}")
+            runner = run_fastdqn if system == "fastdqn" else run_sb3
+            entry["systems"][system] = runner(env_id, config, args.eval_episodes)
+            log(f"{env_id}: {system}: {json.dumps(entry['systems'][system])}")
+        report["envs"][env_id] = entry
+
+    from fastdqn.metrics import atomic_write_bytes
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / f"train-{device}"
+    atomic_write_bytes(base.with_suffix(".json"), (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(base.with_suffix(".md"), to_markdown(report).encode())
+    log(f"wrote {base}.json and {base}.md")
+    if args.json:
+        print(json.dumps(report))
+    return report
+

@@ -1,0 +1,129 @@
+"""The fastdqn command line: train, eval --json, plot, bench dispatch, and bad arguments."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastdqn.cli import main
+from fastdqn.metrics import read_csv
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*Box (low|high)'s precision lowered.*")
+
+QUICK = ["--total-steps", "600", "--no-progress", "--no-tensorboard", "--set", "hidden_sizes=16",
+         "--set", "learning_starts=100", "--set", "log_interval=200", "--set", "eval_episodes=2",
+         "--set", "buffer_size=1000", "--set", "save_buffer=false"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "--run-dir", str(path), "--seed", "4", *QUICK]) == 0
+    return path
+
+
+def test_train_writes_a_run_directory(run_dir):
+    record = json.loads((run_dir / "config.json").read_text())
+    assert record["env_id"] == "CartPole-v1" and record["config"]["seed"] == 4
+    assert record["config"]["total_steps"] == 600 and record["config"]["hidden_sizes"] == [16]
+    assert [r["step"] for r in read_csv(run_dir / "metrics.csv")] == [200.0, 400.0, 600.0]
+    assert len(read_csv(run_dir / "eval.csv")) == 1
+    assert (run_dir / "checkpoints" / "step-000000000600.pt").is_file()
+
+
+def test_eval_json_prints_exactly_one_object(run_dir, capsys):
+    assert main(["eval", str(run_dir), "--episodes", "4", "--seed", "11", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == 1
+    result = json.loads(out)
+    assert {"env", "episodes", "mean_return", "std_return", "returns", "protocol"} <= set(result)
+    assert result["env"] == "CartPole-v1" and result["episodes"] == 4 and len(result["returns"]) == 4
+    assert result["mean_return"] == pytest.approx(np.mean(result["returns"]))
+    assert result["std_return"] == pytest.approx(np.std(result["returns"]))
+    assert all(1 <= r <= 500 for r in result["returns"])
+    # The same checkpoint, seed and epsilon play the same games.
+    assert main(["eval", str(run_dir / "checkpoints" / "step-000000000600.pt"), "--episodes", "4", "--seed", "11",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == result
+
+
+def test_eval_records_a_gif_of_an_atari_game(tmp_path, capsys):
+    from fastdqn.agent import DQN
+    from fastdqn.config import DQNConfig
+
+    agent = DQN("Pong-v5", DQNConfig.preset("atari", hidden_sizes=(16,), buffer_size=1_000),
+                run_dir=tmp_path / "run", progress=False, tensorboard=False)
+    agent.save(tmp_path / "pong.pt")
+    video = tmp_path / "episode.gif"
+    # An untrained agent loses Pong 0-21 within a few thousand steps: one short, full game.
+    assert main(["eval", str(tmp_path / "pong.pt"), "--episodes", "1", "--epsilon", "0", "--video", str(video)]) == 0
+    data = video.read_bytes()
+    assert data[:6] in (b"GIF87a", b"GIF89a")
+    from PIL import Image
+
+    with Image.open(video) as gif:
+        assert gif.size == (84, 84) and gif.n_frames > 100
+    assert "mean return" in capsys.readouterr().out
+
+
+def test_plot_writes_a_png(run_dir, tmp_path):
+    out = tmp_path / "curve.png"
+    assert main(["plot", str(run_dir), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_dir_is_not_overwritten(run_dir, capsys):
+    assert main(["train", "--run-dir", str(run_dir), *QUICK]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--env", "CartPoel-v1"], "did you mean 'CartPole-v1'"),
+    (["train", "--preset", "pongg"], "unknown preset"),
+    (["train", "--total-steps", "0"], "positive integer"),
+    (["train", "--num-envs", "many"], "positive integer"),
+    (["train", "--set", "gamma=2"], "gamma must be in [0, 1]"),
+    (["train", "--set", "batch_size=big"], "batch_size expects an integer"),
+    (["train", "--set", "learnig_rate=1"], "did you mean learning_rate"),
+    (["train", "--set", "nokey"], "key=value"),
+    (["train", "--device", "tpu"], "device must be one of"),
+    (["train", "--resume", "/nonexistent/run"], "not a fastdqn run directory"),
+    (["train", "--resume", "/tmp", "--env", "Pong-v5"], "drop --env"),
+    (["eval", "/nonexistent/ckpt.pt"], "neither a checkpoint file nor a run directory"),
+    (["eval", "/tmp", "--epsilon", "3"], "[0, 1]"),
+    (["plot", "/nonexistent/run"], "not a fastdqn run directory"),
+    (["bench", "nosuch"], "unknown benchmark"),
+    (["frobnicate"], "invalid choice"),
+    ([], "required"),
+])
+def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert message in err and "Traceback" not in err
+
+
+def test_console_entry_point_reports_errors_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "fastdqn.cli", "train", "--env", "NoSuchEnv-v0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "unknown env_id" in proc.stderr
+
+
+def test_bench_dispatches_to_the_named_module(monkeypatch):
+    import types
+
+    seen = {}
+    fake = types.ModuleType("fastdqn.bench.train")
+
+    def fake_main(args):
+        seen["args"] = args
+        return 0
+
+    fake.main = fake_main
+    monkeypatch.setitem(sys.modules, "fastdqn.bench.train", fake)
+    assert main(["bench", "train", "--env", "CartPole-v1", "--steps", "10"]) == 0
+    assert seen["args"] == ["--env", "CartPole-v1", "--steps", "10"]
