@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,7 +135,7 @@ def test_older_checkpoints_are_pruned_and_no_temp_files_remain(tmp_path):
         "step-000000000020.pt", "step-000000000020.replay", "step-000000000030.pt", "step-000000000030.replay"]
     state = ckpt.load_checkpoint(tmp_path / "step-000000000030.pt")
     assert torch.equal(state["x"], torch.arange(30)) and state["step"] == 30
-    assert open(state["buffer_path"], "rb").read() == b"replay"
+    assert Path(state["buffer_path"]).read_bytes() == b"replay"
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
