@@ -4,7 +4,7 @@ A file is::
 
     b"FASTDQN\\0" | version (u32) | 0 (u32)       16-byte prefix
     raw arrays, one after the other              frames, actions, rewards, flags[, priorities]
-    header                                       JSON: config, scalar state, each array's place and CRC-32
+    header                                       JSON: config, scalar state, each array's place and CRC-32s
     header offset (u64) | header length (u64) | header CRC-32 (u32) | version (u32) | b"FASTDQN\\0"
 
 All integers are little-endian. The header sits at the end so that arrays can be
@@ -15,7 +15,7 @@ count, offset=...)``, with the dtype, shape and offset that the header gives.
 
 Writes are atomic (a temporary file beside the target, fsync, rename): an interrupted
 save leaves the previous file intact. Loading checks the magic, the version, the
-header's CRC, every field, the memory the buffer would need and every array's CRC, and
+header's CRC, every field, the memory the buffer would need and every chunk's CRC, and
 reads arrays straight into the new buffer, so it needs no second copy in memory.
 """
 
@@ -25,6 +25,7 @@ import json
 import os
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ VERSION = 1
 PREFIX = struct.Struct("<8sII")
 FOOTER = struct.Struct("<QQII8s")
 MAX_HEADER_BYTES = 1 << 20
-CHUNK = 64 << 20
+CHUNK = 16 << 20  # each chunk has its own CRC-32, computed on a second thread while the next is read or written
 COMPRESSIONS = ("none", "zstd")
 
 
@@ -87,22 +88,23 @@ def save(buf: replay.ReplayBuffer, path: str | os.PathLike, compression: str = "
     rows = _filled_rows(buf, state)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as f, ThreadPoolExecutor(1) as checksums:
             f.write(PREFIX.pack(MAGIC, VERSION, 0))
             entries = []
             for name, array in _arrays(buf, rows).items():
-                offset, crc = f.tell(), 0
+                offset, crcs = f.tell(), []
                 data = memoryview(_bytes(np.ascontiguousarray(array)))
                 writer = zstandard.ZstdCompressor(level=1).stream_writer(f, closefd=False) \
                     if compression == "zstd" else f
                 for start in range(0, len(data), CHUNK):
                     chunk = data[start:start + CHUNK]
-                    crc = zlib.crc32(chunk, crc)
+                    crc = checksums.submit(zlib.crc32, chunk)
                     writer.write(chunk)
+                    crcs.append(crc.result())
                 if writer is not f:
                     writer.close()
                 entries.append(dict(name=name, dtype=array.dtype.str, shape=list(array.shape), offset=offset,
-                                    stored_bytes=f.tell() - offset, crc32=crc))
+                                    stored_bytes=f.tell() - offset, crc32=crcs))
             header = json.dumps(dict(format=VERSION, kind=type(buf).__name__, compression=compression,
                                      config=_config(buf), state=state, rows=rows, arrays=entries)).encode()
             header_offset = f.tell()
@@ -230,16 +232,20 @@ def _read_arrays(f, header: dict, targets: dict[str, np.ndarray], size: int) -> 
             if stored != target.nbytes:
                 raise ReplayFileError(f"array {entry['name']!r} has {stored} bytes; expected {target.nbytes}")
             reader, errors = f, ()
-        crc = 0
-        for start in range(0, len(view), CHUNK):
-            chunk = view[start:start + CHUNK]
-            try:
-                got = reader.readinto(chunk)
-            except errors as error:
-                raise ReplayFileError(f"array {entry['name']!r} is corrupt: {error}") from None
-            if got != len(chunk):
-                raise ReplayFileError(f"array {entry['name']!r} is truncated")
-            crc = zlib.crc32(chunk, crc)
-        if crc != entry["crc32"]:
+        crcs, pending = [], None
+        with ThreadPoolExecutor(1) as checksums:
+            for start in range(0, len(view), CHUNK):
+                chunk = view[start:start + CHUNK]
+                try:
+                    got = reader.readinto(chunk)
+                except errors as error:
+                    raise ReplayFileError(f"array {entry['name']!r} is corrupt: {error}") from None
+                if got != len(chunk):
+                    raise ReplayFileError(f"array {entry['name']!r} is truncated")
+                if pending is not None:
+                    crcs.append(pending.result())
+                pending = checksums.submit(zlib.crc32, chunk)
+            if pending is not None:
+                crcs.append(pending.result())
+        if crcs != entry["crc32"]:
             raise ReplayFileError(f"array {entry['name']!r} is corrupt (CRC mismatch)")
-
