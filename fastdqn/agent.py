@@ -110,7 +110,7 @@ class DQN:
             cuda_graph={"auto": "auto", "on": True, "off": False}[config.cuda_graph])
         self.q_network = self.learner.q_network
         self.buffer = None  # made on the first learn(): acting and evaluating need no replay
-        self._batch = None
+        self._batch = self._sample = None
         self._obs = None
         self.env_steps = 0
         self.episodes = 0
@@ -157,12 +157,23 @@ class DQN:
             self.buffer.add(obs[ids], actions[ids], result.rewards[ids], result.next_obs[ids],
                             result.terminated[ids], truncated[ids], env_ids=ids)
 
+    def _sampling(self):
+        """A reusable host batch and the buffer method that fills it. Frame-stacked envs use
+        the shared-frame layout (k + n frames per sample instead of 2k, unpacked by the
+        learner); on CUDA the batch lives in pinned memory, so the copy is asynchronous."""
+        buf, size = self.buffer, self.config.batch_size
+        frames = buf.frame_stack > 1
+        batch = buf.empty_frame_batch(size) if frames else buf.empty_batch(size)
+        if self.device.type == "cuda":
+            batch = type(batch)(**{k: torch.from_numpy(v).pin_memory().numpy() for k, v in batch.arrays().items()})
+        return batch, buf.sample_frames if frames else buf.sample
+
     def _train(self, updates: int, beta: float) -> None:
-        buf, learner = self.buffer, self.learner
+        buf, learner, sample = self.buffer, self.learner, self._sample
         if self.config.prioritized:
             buf.beta = beta
         for _ in range(updates):
-            batch = buf.sample(self.config.batch_size, out=self._batch)
+            batch = sample(self.config.batch_size, out=self._batch)
             learner.update(batch)
             if self.config.prioritized:
                 buf.update_priorities(batch.indices, learner.new_priorities.cpu().numpy())
@@ -178,7 +189,7 @@ class DQN:
         if self.buffer is None:
             self.buffer = self._make_buffer()
         if self._batch is None:
-            self._batch = self.buffer.empty_batch(c.batch_size)
+            self._batch, self._sample = self._sampling()
         logger = RunLogger(self.run_dir, self._config_record(total), total_steps=total,
                            start_step=self.env_steps, wall_time_offset=self.wall_time, resume=self.env_steps > 0,
                            tensorboard=self.tensorboard, progress=self.progress)

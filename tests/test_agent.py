@@ -13,7 +13,7 @@ from fastdqn.metrics import read_csv
 pytestmark = pytest.mark.filterwarnings("ignore:.*Box (low|high)'s precision lowered.*")
 
 TINY = dict(hidden_sizes=(16,), batch_size=16, buffer_size=2_000, learning_starts=64, log_interval=100,
-            eval_episodes=2, save_buffer=False)
+            eval_episodes=2, save_buffer=False, num_envs=2, n_step=1, train_frequency=4, gradient_steps=1)
 
 
 def tiny(**overrides) -> DQNConfig:
@@ -97,11 +97,11 @@ def test_prioritized_replay_anneals_beta_to_one(tmp_path):
 
 
 def test_options_reach_learner_and_buffer(tmp_path):
-    dqn = agent(tmp_path, config=tiny(double_dqn=True, n_step=3, dueling=True, tau=0.5, loss="mse",
+    dqn = agent(tmp_path, config=tiny(double_dqn=True, n_step=2, dueling=True, tau=0.5, loss="mse",
                                       eval_episodes=0))
     dqn.learn(200)
     assert dqn.learner.double_dqn and dqn.learner.tau == 0.5 and dqn.learner.loss == "mse"
-    assert dqn.buffer.n_step == 3
+    assert dqn.buffer.n_step == 2
     assert hasattr(dqn.q_network.head, "advantage")
 
 
