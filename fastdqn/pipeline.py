@@ -1,0 +1,520 @@
+"""The overlapped actor/learner pipeline (``pipeline="async"``).
+
+The synchronous engine steps the envs, then learns, then steps again, so each side waits
+for the other. Here they run at once, in two threads that share the lock-free replay buffer::
+
+    actor (the calling thread)                    learner (a second thread)
+    recv a batch of envs (envpool async mode)     next prefetched batch (C++ sampler thread)
+    store its transitions, limiter.inserted()     copy it to the device (its own CUDA stream)
+    take the newest published actor weights       update (the CUDA graph), limiter.updated()
+    act with the actor's copy of the network      every K updates: publish the weights
+    send the actions (the other envs step)        prioritized replay: new priorities
+
+- envpool's async mode steps ``num_envs`` environments and hands back ``num_envs // 2``
+  at a time, so the envs of one half step while the actor acts on the other.
+- A ``RateLimiter`` holds updates per env step at the synchronous engine's schedule
+  (``DQN.updates_due``): the learner never runs ahead of it and the actor never more than
+  ``max_lag`` updates ahead of the learner. Before each checkpoint, evaluation and at the
+  end the learner catches up, so a run does exactly the synchronous run's updates.
+- The actor acts with a copy of the online network (``Learner(actor_copy=True)``) that
+  ``ActorWeights`` refreshes: the learner publishes into a back buffer (on CUDA on a side
+  stream, ordered by events, so neither thread waits on the host), the actor copies it in
+  between two action selections, so it never sees half-written weights.
+- Errors: the first exception in either thread stops both (the limiter wakes every wait)
+  and is re-raised in the calling thread with its original traceback; Ctrl-C likewise.
+  Checkpoints are written only while the learner is paused and caught up.
+
+On CPU the same code runs with the two threads sharing the cores (torch releases the GIL
+inside its kernels); CUDA streams and events are simply absent there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from fastdqn.agent import env_seed, linear_schedule
+from fastdqn.envs import make_env
+from fastdqn.rate_limiter import RateLimiter
+
+__all__ = ["ActorWeights", "AsyncPipeline", "Stopwatch", "env_batch_size"]
+
+ACTOR_SYNC_INTERVAL = 4
+"""Updates between two publications of the online weights to the actor."""
+PREFETCH_DEPTH = 3
+"""Batches the C++ sampler thread keeps ready ahead of the learner."""
+JOIN_TIMEOUT_S = 60.0
+"""How long stopping waits for the learner thread to finish its current update."""
+
+
+def env_batch_size(num_envs: int, is_image: bool) -> int:
+    """Envs handed back per ``recv``. Image (Atari) envs: half of them when that divides evenly,
+    so one half steps while the actor acts on the other. Vector envs step in microseconds:
+    splitting them would only double the actor's per-call cost, so they come back all at once."""
+    return num_envs // 2 if is_image and num_envs % 2 == 0 else num_envs
+
+
+class Stopwatch:
+    """Wall time per named activity, added up: ``t = watch.lap("env", t)``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def lap(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[name] += now - since
+        return now
+
+
+class ActorWeights:
+    """Hands the learner's online weights to the actor's copy without tearing or stalls.
+
+    ``publish`` (learner thread, between updates) copies the online weights into a back
+    buffer; ``refresh`` (actor thread, between action selections) copies the newest
+    published weights into the actor's network. A lock makes each copy whole on CPU. On
+    CUDA both only queue work: the publish copy runs on a side stream after the update
+    that produced the weights and before the next one; the actor's stream waits for the
+    publish event before reading the back buffer, and the next publish waits for the
+    actor's read to finish. Neither host thread ever waits for the device.
+    """
+
+    def __init__(self, learner) -> None:
+        if learner.actor_network is learner.q_network:
+            raise ValueError("the async pipeline acts with a copy of the online network: "
+                             "build the Learner with actor_copy=True")
+        self._source = _tensors(learner.q_network)
+        self._actor = _tensors(learner.actor_network)
+        self._back = [t.detach().clone() for t in self._source]
+        self._cuda = learner.device.type == "cuda"
+        self._lock = threading.Lock()
+        self.published = 0
+        self.taken = 0
+        if self._cuda:
+            self._stream = torch.cuda.Stream(learner.device)
+            self._published_event = torch.cuda.Event()
+            self._taken_event = torch.cuda.Event()
+
+    @torch.no_grad()
+    def publish(self) -> None:
+        with self._lock:
+            if self._cuda:
+                learner_stream = torch.cuda.current_stream()
+                self._stream.wait_stream(learner_stream)  # after the update that produced them
+                self._stream.wait_event(self._taken_event)  # and after the actor's last read
+                with torch.cuda.stream(self._stream):
+                    torch._foreach_copy_(self._back, self._source)
+                    self._published_event.record()
+                learner_stream.wait_event(self._published_event)  # the next update waits for the copy
+            else:
+                torch._foreach_copy_(self._back, self._source)
+            self.published += 1
+
+    @torch.no_grad()
+    def refresh(self) -> bool:
+        """Take the newest published weights, if any are new; True if it did."""
+        if self.taken == self.published:  # a stale read only delays the refresh to the next call
+            return False
+        with self._lock:
+            if self._cuda:
+                actor_stream = torch.cuda.current_stream()
+                actor_stream.wait_event(self._published_event)
+                torch._foreach_copy_(self._actor, self._back)
+                self._taken_event.record(actor_stream)
+            else:
+                torch._foreach_copy_(self._actor, self._back)
+            self.taken = self.published
+        return True
+
+
+def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [t.detach() for t in module.parameters()] + [t.detach() for t in module.buffers()]
+
+
+class _DeviceBatches:
+    """Prefetched host batches, moved to the device for the learner.
+
+    The C++ prefetcher samples into ``PREFETCH_DEPTH`` host batches (pinned memory on
+    CUDA). On CUDA each batch is copied on its own stream into one of two device staging
+    batches, so the copy of batch i+1 overlaps update i; the learner's stream waits for
+    the copy's event, the next copy into a staging batch waits until the update that read
+    it is done, and a host slot goes back to the sampler only once its copy has landed. On
+    CPU the host batch goes to the learner as it is.
+    """
+
+    def __init__(self, buffer, batch_size: int, device: torch.device, fields: tuple[str, ...]) -> None:
+        self._cuda = device.type == "cuda"
+        self._fields = fields
+        template = buffer.empty_batch(batch_size)
+        self._host: list[dict[str, torch.Tensor]] = []
+        batches = []
+        for _ in range(PREFETCH_DEPTH):
+            tensors = {name: torch.empty(array.shape, dtype=torch.from_numpy(array).dtype, pin_memory=self._cuda)
+                       for name, array in template.arrays().items()}
+            self._host.append(tensors)
+            batches.append(type(template)(**{name: t.numpy() for name, t in tensors.items()}))
+        self._prefetcher = buffer.prefetch(batch_size, out=batches)
+        self._batches = batches
+        self._landed: torch.cuda.Event | None = None
+        if self._cuda:
+            self._stream = torch.cuda.Stream(device)
+            self._staging = [{name: torch.empty_like(self._host[0][name], device=device) for name in fields}
+                             for _ in range(2)]
+            self._copied = [torch.cuda.Event(), torch.cuda.Event()]
+            self._consumed = [torch.cuda.Event(), torch.cuda.Event()]
+            self._turn = 0
+
+    def next(self, watch: Stopwatch, t: float):
+        """The next batch as the learner takes it, its host indices, and the time now."""
+        if self._landed is not None:
+            self._landed.synchronize()  # the previous host slot is about to be refilled
+        host = self._prefetcher.next()
+        t = watch.lap("sample", t)
+        tensors = self._host[self._slot(host)]
+        if not self._cuda:
+            return {name: tensors[name] for name in self._fields}, host.indices, t
+        turn, self._turn = self._turn, self._turn ^ 1
+        staging = self._staging[turn]
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(self._consumed[turn])
+            for name in self._fields:
+                staging[name].copy_(tensors[name], non_blocking=True)
+            self._copied[turn].record()
+        torch.cuda.current_stream().wait_event(self._copied[turn])
+        self._landed = self._copied[turn]
+        self._last_turn = turn
+        return staging, host.indices, watch.lap("copy", t)
+
+    def consumed(self) -> None:
+        """The update that reads the last batch is queued: its staging batch is free after it."""
+        if self._cuda:
+            self._consumed[self._last_turn].record()
+
+    def _slot(self, host) -> int:
+        return next(i for i, batch in enumerate(self._batches) if batch is host)
+
+    def close(self) -> None:
+        self._prefetcher.close()
+
+
+class _PendingPriorities:
+    """New priorities go to the buffer one update late, so reading them never stalls the device.
+
+    ``push`` queues a copy of the update's priorities into host memory (pinned and
+    asynchronous on CUDA) and applies the previous update's, whose copy has long landed.
+    ``flush`` applies the last one (call it with the device idle, e.g. before a checkpoint).
+    """
+
+    def __init__(self, buffer, batch_size: int, device: torch.device) -> None:
+        self._buffer = buffer
+        self._cuda = device.type == "cuda"
+        self._priorities = [torch.empty(batch_size, pin_memory=self._cuda) for _ in range(2)]
+        self._indices = [np.empty(batch_size, np.int64) for _ in range(2)]
+        self._events = [torch.cuda.Event() for _ in range(2)] if self._cuda else None
+        self._turn = 0
+        self._pending: int | None = None
+
+    def push(self, indices: np.ndarray, priorities: torch.Tensor) -> None:
+        turn, self._turn = self._turn, self._turn ^ 1
+        self._indices[turn][:] = indices
+        self._priorities[turn].copy_(priorities, non_blocking=True)
+        if self._events is not None:
+            self._events[turn].record()
+        previous, self._pending = self._pending, turn
+        if previous is not None:
+            self._apply(previous)
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            self._apply(self._pending)
+            self._pending = None
+
+    def _apply(self, turn: int) -> None:
+        if self._events is not None:
+            self._events[turn].synchronize()
+        self._buffer.update_priorities(self._indices[turn], self._priorities[turn].numpy())
+
+
+class _Stop(Exception):
+    """The limiter was closed under the actor: the learner thread failed."""
+
+
+class AsyncPipeline:
+    """Trains a ``DQN`` agent with the actor and the learner in two threads.
+
+    ``run(total, logger)`` stands in for the synchronous loop: it writes the same metrics,
+    evaluations and checkpoints. After it, ``report()`` gives the throughput, the replay
+    ratio held and where each thread's time went.
+
+    Args:
+        agent: the ``DQN`` whose learner (built with ``actor_copy=True``), buffer, config
+            and run bookkeeping it drives.
+        actor_sync_interval: updates between publications of the weights to the actor.
+        max_lag: due updates the learner may owe before the actor waits; None picks one
+            round of updates plus two env batches' worth.
+    """
+
+    def __init__(self, agent, actor_sync_interval: int = ACTOR_SYNC_INTERVAL, max_lag: int | None = None) -> None:
+        c = agent.config
+        if isinstance(actor_sync_interval, bool) or not isinstance(actor_sync_interval, int) or actor_sync_interval < 1:
+            raise ValueError(f"actor_sync_interval must be a positive int, got {actor_sync_interval!r}")
+        self.num_envs = c.num_envs
+        self.env_batch = env_batch_size(c.num_envs, agent.env.is_image)
+        if max_lag is None:
+            max_lag = c.gradient_steps + 2 * math.ceil(c.replay_ratio * self.env_batch)
+        if isinstance(max_lag, bool) or not isinstance(max_lag, int) or max_lag < 0:
+            raise ValueError(f"max_lag must be a non-negative int, got {max_lag!r}")
+        self.agent = agent
+        self.actor_sync_interval = actor_sync_interval
+        self.max_lag = max_lag
+        self.weights = ActorWeights(agent.learner)
+        self.actor_watch, self.learner_watch = Stopwatch(), Stopwatch()
+        self._lock = threading.Lock()  # held by the learner around each update; taken to pause it
+        self._learner_error: BaseException | None = None
+        self._cuda = agent.learner.device.type == "cuda"
+        self._learner_stream = torch.cuda.Stream(agent.learner.device) if self._cuda else None
+        self._actor_stream = torch.cuda.Stream(agent.learner.device) if self._cuda else None
+        self._limiter: RateLimiter | None = None
+        self._wall = 0.0
+        self._start_steps = self._start_updates = 0
+
+    # ------------------------------------------------------------------ the actor (calling thread)
+    def run(self, total: int, logger) -> None:
+        agent, c = self.agent, self.agent.config
+        learner = agent.learner
+        self._start_steps, self._start_updates = agent.env_steps, learner.num_updates
+        self._limiter = limiter = RateLimiter(agent.updates_due, self.max_lag, steps=agent.env_steps,
+                                              updates=learner.num_updates)
+        self._priorities = _PendingPriorities(agent.buffer, c.batch_size, learner.device) if c.prioritized else None
+        self._total = total
+        # OpenMP's thread count is per thread: the learner thread takes the caller's setting.
+        self._torch_threads = torch.get_num_threads()
+        thread = threading.Thread(target=self._learner_thread, name="fastdqn-learner", daemon=True)
+        start = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            with self._on(self._actor_stream):
+                self.weights.publish()  # the actor starts from the current online weights
+                self.weights.refresh()
+                self._capture_action_graph()
+                thread.start()
+                self._act(total, logger)
+        except _Stop:
+            pass  # the learner's error is raised below
+        except BaseException as e:  # noqa: BLE001 - Ctrl-C too: stop the learner, then re-raise
+            error = e
+        finally:
+            limiter.close()
+            if thread.is_alive():
+                thread.join(JOIN_TIMEOUT_S)
+            self._wall = time.perf_counter() - start
+        if thread.is_alive():
+            raise RuntimeError(f"the learner thread did not stop within {JOIN_TIMEOUT_S:.0f} s") from error
+        if self._learner_error is not None:
+            if error is not None and not isinstance(error, _Stop):
+                self._learner_error.add_note(f"the actor stopped with {type(error).__name__}: {error}")
+            raise self._learner_error
+        if error is not None:
+            raise error
+
+    def _act(self, total: int, logger) -> None:
+        agent, c, learner, limiter = self.agent, self.agent.config, self.agent.learner, self._limiter
+        watch = self.actor_watch
+        n, batch = self.num_envs, self.env_batch
+        step = agent.env_steps
+        returns: list[float] = []
+        lengths: list[float] = []
+        next_log = (step // c.log_interval + 1) * c.log_interval
+        next_eval = (step // c.eval_interval + 1) * c.eval_interval if c.eval_interval and c.eval_episodes \
+            else math.inf
+        next_ckpt = (step // c.checkpoint_interval + 1) * c.checkpoint_interval if c.checkpoint_interval else math.inf
+        exploration_steps = c.exploration_fraction * total
+        epsilon = c.start_epsilon
+        while step < total:
+            env = make_env(agent.env_id, n, env_seed(c.seed, step), mode="train", protocol=c.protocol,
+                           backend=c.backend, batch_size=batch if _is_envpool(agent) else None)
+            try:
+                last_obs = np.zeros((n, *agent.obs_shape), agent.env.obs_dtype)
+                last_actions = np.zeros(n, np.int64)
+                started = np.zeros(n, bool)  # rows before an env's first action are its initial reset
+                env.async_reset()
+                in_flight = n
+                cut = False
+                while in_flight:
+                    t = time.perf_counter()
+                    result = env.recv()
+                    in_flight -= len(result.env_ids)
+                    t = watch.lap("env", t)
+                    ids = result.env_ids
+                    counted = int(started[ids].sum())
+                    step += counted
+                    cut = cut or step >= next_ckpt or step >= total
+                    stored = np.flatnonzero(result.valid)
+                    if stored.size:
+                        if not limiter.await_insert(counted):
+                            raise _Stop
+                        t = watch.lap("wait", t)
+                        rows = ids[stored]
+                        truncated = ~result.terminated if cut else result.truncated
+                        agent.buffer.add(last_obs[rows], last_actions[rows], result.rewards[stored],
+                                         result.next_obs[stored], result.terminated[stored], truncated[stored],
+                                         env_ids=rows)
+                        t = watch.lap("store", t)
+                    limiter.inserted(counted)
+                    last_obs[ids] = result.obs
+                    started[ids] = True
+                    if len(result.episode_returns):
+                        returns.extend(result.episode_returns.tolist())
+                        lengths.extend(result.episode_lengths.tolist())
+                    if cut:
+                        continue  # collect the envs still stepping; their episodes end here too
+                    epsilon = linear_schedule(c.start_epsilon, c.end_epsilon, exploration_steps, step)
+                    if step < c.learning_starts:
+                        actions = agent.np_rng.integers(agent.num_actions, size=len(ids))
+                    else:
+                        self.weights.refresh()
+                        actions = learner.act(result.obs, epsilon).cpu().numpy()
+                    t = watch.lap("act", t)
+                    last_actions[ids] = actions
+                    env.send(actions, ids)
+                    in_flight += len(ids)
+                    watch.lap("env", t)
+                    if step >= next_log:
+                        next_log = (step // c.log_interval + 1) * c.log_interval
+                        with self._paused(catch_up=False):
+                            agent._log(logger, step, epsilon, returns, lengths)
+                        returns, lengths = [], []
+                    if step >= next_eval:
+                        next_eval = (step // c.eval_interval + 1) * c.eval_interval
+                        with self._paused(catch_up=True):
+                            agent._evaluate_and_log(logger, step)
+            finally:
+                env.close()
+            # A cut: a checkpoint or the end. Every env's episode was stored as truncated.
+            t = time.perf_counter()
+            with self._paused(catch_up=True):
+                next_log = (step // c.log_interval + 1) * c.log_interval
+                agent._log(logger, step, epsilon, returns, lengths)
+                returns, lengths = [], []
+                if step >= next_eval:
+                    next_eval = (step // c.eval_interval + 1) * c.eval_interval
+                    agent._evaluate_and_log(logger, step)
+                if step >= next_ckpt or step >= total:
+                    next_ckpt = (step // c.checkpoint_interval + 1) * c.checkpoint_interval \
+                        if c.checkpoint_interval else math.inf
+                    agent.env_steps, agent.wall_time = step, logger.wall_time()
+                    logger.flush()
+                    agent.save_checkpoint()
+            watch.lap("checkpoint", t)
+        agent.env_steps = step
+        if c.eval_episodes and (not c.eval_interval or step % c.eval_interval):
+            with self._paused(catch_up=True):
+                agent._evaluate_and_log(logger, step)
+
+    def _capture_action_graph(self) -> None:
+        """On CUDA, capture the action graph before the learner thread starts: one capture at a time."""
+        learner = self.agent.learner
+        if learner.cuda_graph and learner.num_envs == self.env_batch:
+            obs = np.zeros((self.env_batch, *self.agent.obs_shape), self.agent.env.obs_dtype)
+            while learner._act_step.graph is None:
+                learner.act(obs, 1.0)
+
+    @contextlib.contextmanager
+    def _paused(self, catch_up: bool):
+        """The learner between updates (after every due update with ``catch_up``), the device idle,
+        its priorities in the buffer: the actor may read or save the learner's state."""
+        t = time.perf_counter()
+        if catch_up and not self._limiter.await_caught_up():
+            raise _Stop
+        with self._lock:
+            if self._cuda:
+                torch.cuda.synchronize(self.agent.learner.device)
+            if self._priorities is not None:
+                self._priorities.flush()
+            self.actor_watch.lap("wait", t)
+            yield
+            if self._cuda:
+                torch.cuda.synchronize(self.agent.learner.device)
+
+    # ------------------------------------------------------------------ the learner thread
+    def _learner_thread(self) -> None:
+        limiter = self._limiter
+        batches = None
+        try:
+            torch.set_num_threads(self._torch_threads)
+            with self._on(self._learner_stream):
+                while True:
+                    due = limiter.acquire()
+                    if not due:
+                        return
+                    if batches is None:  # the buffer holds transitions once an update is due
+                        batches = _DeviceBatches(self.agent.buffer, self.agent.config.batch_size,
+                                                 self.agent.learner.device, self._update_fields())
+                    for _ in range(due):
+                        if limiter.closed:
+                            return
+                        self._update(batches)
+                        limiter.updated()
+        except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+            self._learner_error = e
+            limiter.close()
+        finally:
+            if batches is not None:
+                batches.close()
+
+    def _update_fields(self) -> tuple[str, ...]:
+        fields = ("obs", "actions", "rewards", "next_obs", "discounts")
+        return fields + ("weights",) if self.agent.config.prioritized else fields
+
+    def _update(self, batches: _DeviceBatches) -> None:
+        agent, learner, watch = self.agent, self.agent.learner, self.learner_watch
+        c = agent.config
+        if c.prioritized:  # annealed as the synchronous engine does; the sampler reads it
+            agent.buffer.beta = c.per_beta + (1.0 - c.per_beta) * min(1.0, self._limiter.steps / self._total)
+        t = time.perf_counter()
+        batch, indices, t = batches.next(watch, t)
+        with self._lock:
+            learner.update(batch)
+            batches.consumed()
+            if self._priorities is not None:
+                self._priorities.push(indices, learner.new_priorities)
+            if learner.num_updates % self.actor_sync_interval == 0:
+                self.weights.publish()
+        watch.lap("update", t)
+
+    # ------------------------------------------------------------------ report
+    def report(self) -> dict:
+        """Throughput, the replay ratio held and where each thread's time went (seconds)."""
+        limiter = self._limiter
+        steps = limiter.steps - self._start_steps
+        updates = limiter.updates - self._start_updates
+        wall = max(self._wall, 1e-9)
+        learning_steps = max(limiter.steps - max(self.agent.config.learning_starts, self._start_steps), 0)
+        return {
+            "env_steps": steps, "updates": updates, "wall_s": round(wall, 3),
+            "steps_per_s": round(steps / wall, 1), "updates_per_s": round(updates / wall, 1),
+            "replay_ratio": round(updates / steps, 4) if steps else 0.0,
+            "replay_ratio_after_learning_starts": round(updates / learning_steps, 4) if learning_steps else 0.0,
+            "replay_ratio_target": self.agent.config.replay_ratio,
+            "max_lag_updates": self.max_lag, "max_owed_updates": limiter.max_owed,
+            "num_envs": self.num_envs, "env_batch": self.env_batch,
+            "actor_syncs": self.weights.taken,
+            "time_s": {"actor": _rounded(self.actor_watch.seconds), "learner": _rounded(self.learner_watch.seconds)},
+        }
+
+    @staticmethod
+    def _on(stream):
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def _rounded(seconds: dict[str, float]) -> dict[str, float]:
+    return {name: round(value, 3) for name, value in sorted(seconds.items())}
+
+
+def _is_envpool(agent) -> bool:
+    return agent.env.backend == "envpool"
