@@ -308,7 +308,8 @@ class DQN:
         if video is not None and Path(video).suffix.lower() != ".gif":
             raise ValueError(f"video must be a .gif file (written with Pillow), got {video}")
         if video is not None and not self.env.is_image and importlib.util.find_spec("pygame") is None:
-            raise ValueError(f"video of {self.env_id} needs gymnasium's renderer: pip install 'gymnasium[classic-control]'")
+            raise ValueError(f"video of {self.env_id} needs gymnasium's renderer: "
+                             "pip install 'gymnasium[classic-control]'")
         seed = self.config.seed + 1 if seed is None else seed
         returns, protocol = self._play(episodes, epsilon, seed, video)
         return {"env": self.env_id, "episodes": episodes, "mean_return": float(np.mean(returns)),
@@ -360,7 +361,6 @@ class DQN:
         finally:
             env.close()
         return frames
-
 
     # ------------------------------------------------------------------ persistence
     def _state(self, with_rng: bool) -> dict:
