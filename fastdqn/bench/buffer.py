@@ -705,6 +705,45 @@ def _bench_save_load(stream: AtariStream, settings: Settings, log: Log) -> dict:
             "disk_write_gbps": disk["write_gbps"], "disk_read_gbps": disk["read_gbps"]}
 
 
+def _bench_compression(settings: Settings, log: Log) -> dict:
+    """Uncompressed against zstd files of a buffer of real Breakout frames (synthetic noise does not compress)."""
+    try:
+        import zstandard  # noqa: F401
+        from fastdqn.envs import make_env
+    except ImportError as error:
+        return {"status": f"skipped: {error}"}
+    import fastdqn
+
+    transitions = max(NUM_ENVS * 64, settings.save_capacity // 10)
+    buf = fastdqn.ReplayBuffer(transitions, (FRAME_STACK, FRAME_SIDE, FRAME_SIDE), frame_stack=FRAME_STACK,
+                               num_envs=NUM_ENVS, seed=settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    with make_env("Breakout-v5", NUM_ENVS, seed=settings.seed) as env:
+        obs = env.reset()
+        while len(buf) < transitions - NUM_ENVS * 4:
+            actions = rng.integers(0, env.num_actions, NUM_ENVS)
+            step = env.step(actions)
+            ids = np.flatnonzero(step.valid)
+            buf.add(obs[ids], actions[ids], step.rewards[ids], step.next_obs[ids], step.terminated[ids],
+                    step.truncated[ids], env_ids=ids)
+            obs = step.obs
+    log(f"compression: {len(buf):,} transitions of random-policy Breakout")
+    result = {"status": "ok", "transitions": len(buf)}
+    with tempfile.TemporaryDirectory(prefix="fastdqn-bench-", dir=settings.tmpdir) as tmp:
+        for compression in ("none", "zstd"):
+            path = os.path.join(tmp, compression)
+            start = perf_counter()
+            buf.save(path, compression=compression)
+            saved = perf_counter() - start
+            _evict_from_page_cache(tmp)
+            start = perf_counter()
+            fastdqn.ReplayBuffer.load(path)
+            result[compression] = {"file_bytes": os.path.getsize(path), "save_seconds": saved,
+                                   "load_seconds": perf_counter() - start}
+            log(f"compression={compression}: {result[compression]}")
+    return result
+
+
 def _run_section(log: Log, run):
     try:
         return run()
@@ -728,6 +767,7 @@ def _run_implementation(name: str, settings: Settings) -> dict:
         if section == "save":
             if name == "fastdqn":
                 results["save"] = _run_section(log, lambda: _bench_save_load(stream, settings, log))
+                results["save"]["compression"] = _run_section(log, lambda: _bench_compression(settings, log))
             continue
         if section == "prioritized" and not subject_class.prioritized_config:
             results[section] = {"status": f"skipped: {subject_class.label} has no prioritized replay buffer"}
@@ -1033,6 +1073,14 @@ def render_markdown(report: dict) -> str:
                   f"{_fmt_ratio(ratios['load_vs_disk'])} |"]
     else:
         lines.append(save["status"])
+    compression = save.get("compression", {"status": "not run"})
+    if compression.get("status") == "ok":
+        none, zstd = compression["none"], compression["zstd"]
+        lines += ["", f"Compression, on {compression['transitions']:,} transitions of real (random-policy) Breakout "
+                  "frames; the synthetic frames above are noise and do not compress:", "",
+                  "| compression | file MB | save s | load s |", "|---|---:|---:|---:|"]
+        lines += [f"| {name} | {c['file_bytes'] / 1e6:.1f} | {c['save_seconds']:.2f} | {c['load_seconds']:.2f} |"
+                  for name, c in (("none", none), ("zstd (level 1)", zstd))]
 
     lines += ["", "## Targets (issues 2 and 3)", "", "| target | measured | met |", "|---|---:|:---:|"]
     for t in report["targets"]:
