@@ -53,11 +53,16 @@ JOIN_TIMEOUT_S = 60.0
 """How long stopping waits for the learner thread to finish its current update."""
 
 
-def env_batch_size(num_envs: int, is_image: bool) -> int:
-    """Envs handed back per ``recv``. Image (Atari) envs: half of them when that divides evenly,
-    so one half steps while the actor acts on the other. Vector envs step in microseconds:
-    splitting them would only double the actor's per-call cost, so they come back all at once."""
-    return num_envs // 2 if is_image and num_envs % 2 == 0 else num_envs
+def env_batch_size(num_envs: int, env) -> int:
+    """Envs handed back per ``recv`` by the async pipeline's envs (so also its action batch).
+
+    envpool image (Atari) envs: half of them when that divides evenly, so one half steps
+    while the actor acts on the other. Vector envs step in microseconds: splitting them would
+    only double the actor's per-call cost. gymnasium's vector env steps all envs together.
+    """
+    if env.backend == "envpool" and env.is_image and num_envs % 2 == 0:
+        return num_envs // 2
+    return num_envs
 
 
 class Stopwatch:
@@ -264,7 +269,7 @@ class AsyncPipeline:
         if isinstance(actor_sync_interval, bool) or not isinstance(actor_sync_interval, int) or actor_sync_interval < 1:
             raise ValueError(f"actor_sync_interval must be a positive int, got {actor_sync_interval!r}")
         self.num_envs = c.num_envs
-        self.env_batch = env_batch_size(c.num_envs, agent.env.is_image)
+        self.env_batch = env_batch_size(c.num_envs, agent.env)
         if max_lag is None:
             max_lag = c.gradient_steps + 2 * math.ceil(c.replay_ratio * self.env_batch)
         if isinstance(max_lag, bool) or not isinstance(max_lag, int) or max_lag < 0:
@@ -337,7 +342,7 @@ class AsyncPipeline:
         epsilon = c.start_epsilon
         while step < total:
             env = make_env(agent.env_id, n, env_seed(c.seed, step), mode="train", protocol=c.protocol,
-                           backend=c.backend, batch_size=batch if _is_envpool(agent) else None)
+                           backend=c.backend, batch_size=batch)
             try:
                 last_obs = np.zeros((n, *agent.obs_shape), agent.env.obs_dtype)
                 last_actions = np.zeros(n, np.int64)
@@ -514,7 +519,3 @@ class AsyncPipeline:
 
 def _rounded(seconds: dict[str, float]) -> dict[str, float]:
     return {name: round(value, 3) for name, value in sorted(seconds.items())}
-
-
-def _is_envpool(agent) -> bool:
-    return agent.env.backend == "envpool"
