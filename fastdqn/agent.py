@@ -86,6 +86,9 @@ class DQN:
         self.env_id = env_id
         self.config = config
         self.device = resolve_device(config.device)
+        self.pipeline = config.pipeline if config.pipeline != "auto" else \
+            ("async" if self.device.type == "cuda" else "sync")
+        self.pipeline_report: dict | None = None  # throughput and replay ratio of the last async learn()
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
         self.run_name = f"{env_id.replace('/', '-')}__dqn__seed{config.seed}__{stamp}"
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / self.run_name
@@ -107,7 +110,8 @@ class DQN:
             adam_eps=config.adam_eps, loss=config.loss, double_dqn=config.double_dqn,
             target_update_interval=config.target_update_interval, tau=config.tau,
             max_grad_norm=config.max_grad_norm or None, prioritized=config.prioritized,
-            cuda_graph={"auto": "auto", "on": True, "off": False}[config.cuda_graph])
+            cuda_graph={"auto": "auto", "on": True, "off": False}[config.cuda_graph],
+            actor_copy=self.pipeline == "async")
         self.q_network = self.learner.q_network
         self.buffer = None  # made on the first learn(): acting and evaluating need no replay
         self._batch = self._sample = None
@@ -194,7 +198,17 @@ class DQN:
                            start_step=self.env_steps, wall_time_offset=self.wall_time, resume=self.env_steps > 0,
                            tensorboard=self.tensorboard, progress=self.progress)
         try:
-            self._loop(total, logger)
+            if self.pipeline == "async":
+                from fastdqn.pipeline import AsyncPipeline
+
+                pipeline = AsyncPipeline(self)
+                try:
+                    pipeline.run(total, logger)
+                finally:
+                    self.pipeline_report = pipeline.report()
+                    self._obs = None  # the pipeline stepped its own envs
+            else:
+                self._loop(total, logger)
         finally:
             self.wall_time = logger.wall_time()
             logger.close()

@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-envs", type=_positive_int, default=None, help="environments stepped together")
     train.add_argument("--seed", type=_nonnegative_int, default=None)
     train.add_argument("--device", default=None, help="auto, cpu or cuda")
+    train.add_argument("--pipeline", default=None, help="sync, async or auto (async on CUDA)")
     train.add_argument("--run-dir", default=None, help="run directory (default runs/<run name>)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field (repeatable)")
@@ -119,7 +120,8 @@ def _train(args) -> int:
     if args.resume is not None:
         given = [flag for flag, value in (("--env", args.env), ("--preset", args.preset),
                                           ("--num-envs", args.num_envs), ("--seed", args.seed),
-                                          ("--run-dir", args.run_dir)) if value is not None]
+                                          ("--run-dir", args.run_dir), ("--pipeline", args.pipeline))
+                 if value is not None]
         if args.overrides:
             given.append("--set")
         if given:
@@ -138,7 +140,7 @@ def _train(args) -> int:
         env_id = args.env or "CartPole-v1"
         config = DQNConfig.preset(args.preset or preset_for_env(env_id))
         direct = {"total_steps": args.total_steps, "num_envs": args.num_envs, "seed": args.seed,
-                  "device": args.device}
+                  "device": args.device, "pipeline": args.pipeline}
         config = config.with_overrides(args.overrides + [f"{k}={v}" for k, v in direct.items() if v is not None])
         if args.run_dir is not None and (Path(args.run_dir) / "config.json").exists():
             raise UsageError(f"fastdqn train: {args.run_dir} already holds a run; use --resume {args.run_dir} "

@@ -28,6 +28,9 @@ class DQNConfig:
     """Where the networks live: "auto" (cuda if available), "cpu" or "cuda"."""
     cuda_graph: str = "auto"
     """Capture the update and action selection as CUDA graphs: "auto" (on CUDA), "on" or "off"."""
+    pipeline: str = "sync"
+    """"sync": act, step the envs and learn in turn (exactly reproducible); "async": an actor and
+    a learner thread overlap at the same replay ratio (fastdqn.pipeline); "auto": async on CUDA."""
     torch_threads: int = 1
     """CPU threads torch may use (0 leaves torch's default). One is fastest for small MLPs."""
 
@@ -152,7 +155,8 @@ class DQNConfig:
             raise ValueError(f"hidden_sizes must be one or more positive widths, got {self.hidden_sizes}")
         choices = {"device": ("auto", "cpu", "cuda"), "cuda_graph": ("auto", "on", "off"),
                    "protocol": ("cleanrl", "machado"), "backend": ("auto", "envpool", "gymnasium"),
-                   "optimizer": ("adam", "rmsprop"), "loss": ("huber", "mse")}
+                   "optimizer": ("adam", "rmsprop"), "loss": ("huber", "mse"),
+                   "pipeline": ("sync", "async", "auto")}
         for name, allowed in choices.items():
             value = getattr(self, name)
             if value not in allowed and not (name == "device" and value.startswith("cuda:")):

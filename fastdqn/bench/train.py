@@ -99,6 +99,7 @@ def run_sb3(env_id: str, config, eval_episodes: int) -> dict:
         notes.append("SB3's DQN always uses the Huber loss")
     if config.prioritized:
         notes.append("SB3's DQN has no prioritized replay")
+    torch.set_num_threads(config.torch_threads or torch.get_num_threads())  # as fastdqn runs
     kwargs = sb3_arguments(config, config.num_envs)
     env, eval_env, policy, policy_kwargs = _sb3_envs(env_id, config)
     if config.optimizer == "adam":
@@ -106,8 +107,6 @@ def run_sb3(env_id: str, config, eval_episodes: int) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = SB3DQN(policy, env, policy_kwargs=policy_kwargs, **kwargs)
-        if config.loss == "mse":
-            notes.append("loss: Huber (SB3's only loss) instead of MSE")
         start = time.perf_counter()
         model.learn(config.total_steps)
         wall = time.perf_counter() - start
@@ -169,8 +168,7 @@ def machine_info() -> dict:
     except (OSError, StopIteration):
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version()}
+            "torch": torch.__version__, "python": platform.python_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -180,7 +178,7 @@ def to_markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# End-to-end DQN training: fastdqn vs SB3 ({report['date']})", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m.get('gpu', 'no GPU')}, device {report['device']}, "
-             f"torch {m['torch']} ({m['torch_threads']} threads), 1-min load average at start {m['load_avg_1m']}.",
+             f"torch {m['torch']}, 1-min load average at start {m['load_avg_1m']}.",
              "Same hyperparameters for both systems (the env's fastdqn preset); timed from start to end of "
              "learning, evaluated greedily afterwards.", "",
              "| env | system | env steps | wall s | env steps/s | updates/s | replay ratio | eval return | speedup |",
@@ -194,7 +192,8 @@ def to_markdown(report: dict) -> str:
                          f"{r['updates_per_s']:,.0f} | {r['replay_ratio']:.3f} | {ret} | {speed} |")
     lines.append("")
     for env_id, entry in report["envs"].items():
-        lines.append(f"- {env_id}: preset `{entry['preset']}`, config {json.dumps(entry['config_overrides'])}")
+        lines.append(f"- {env_id}: preset `{entry['preset']}`, config {json.dumps(entry['config_overrides'])}; "
+                     f"both systems with {entry['config']['torch_threads'] or 'default'} torch thread(s)")
         for name, r in entry["systems"].items():
             for note in r.get("notes", []):
                 lines.append(f"  - {name}: {note}")
@@ -211,7 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of fastdqn,sb3")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (both systems)")
-    parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--eval-episodes", type=int, default=None,
+                        help="greedy evaluation episodes after training (default 10; 0 for Atari, whose short "
+                             "runs learn nothing and whose untrained agents can stall a game until its time limit)")
     parser.add_argument("--out", default="benchmarks/results", help="directory for train-<device>.json and .md")
     parser.add_argument("--json", action="store_true", help="print the JSON report to stdout")
     args = parser.parse_args(argv)
@@ -241,7 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
         for system in systems:
             log(f"{env_id}: {system}, {config.total_steps:,} env steps on {device}")
             runner = run_fastdqn if system == "fastdqn" else run_sb3
-            entry["systems"][system] = runner(env_id, config, args.eval_episodes)
+            eval_episodes = args.eval_episodes if args.eval_episodes is not None else (0 if preset == "atari" else 10)
+            entry["systems"][system] = runner(env_id, config, eval_episodes)
             log(f"{env_id}: {system}: {json.dumps(entry['systems'][system])}")
         report["envs"][env_id] = entry
 
