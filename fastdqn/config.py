@@ -102,7 +102,7 @@ class DQNConfig:
     # --- logging, evaluation, checkpoints ----------------------------------------
     log_interval: int = 1_000
     """Environment steps between metric rows (the only point where the loop reads device values)."""
-    eval_interval: int = 0
+    eval_interval: int = 10_000
     """Environment steps between evaluations written to eval.csv; 0 evaluates only at the end."""
     eval_episodes: int = 10
     """Episodes per evaluation; 0 turns evaluation off."""
