@@ -27,6 +27,7 @@ import io
 import math
 import os
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -145,9 +146,10 @@ class DQN:
 
     def updates_due(self, step: int) -> int:
         """Updates that should have run by env step ``step``: one round of gradient_steps
-        per train_frequency steps after learning_starts, whatever num_envs is."""
+        per train_frequency steps after learning_starts, whatever num_envs is. None before
+        every env has taken n_step steps, when the buffer may hold no complete n-step window."""
         c = self.config
-        if step < max(c.learning_starts, 1):
+        if step < max(c.learning_starts, c.n_step * c.num_envs, 1):
             return 0
         return ((step - c.learning_starts) // c.train_frequency + 1) * c.gradient_steps
 
@@ -432,6 +434,9 @@ class DQN:
         if self.env_steps > 0:
             self.env.close()
             self.env = self._make_train_env(self.env_steps)
+        if load_buffer and "rng" in state and not state.get("buffer_path"):
+            warnings.warn("this checkpoint holds no replay buffer (save_buffer=False): learning continues from an "
+                          "empty buffer, not exactly as the run would have", stacklevel=3)
         if load_buffer and state.get("buffer_path"):
             from fastdqn.replay import PrioritizedReplayBuffer, ReplayBuffer
 

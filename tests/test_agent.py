@@ -58,6 +58,15 @@ def test_updates_per_env_step_hold_with_many_envs(tmp_path, num_envs):
     assert abs(dqn.learner.num_updates / (dqn.env_steps - 100) - config.replay_ratio) < 0.01
 
 
+def test_updates_wait_for_complete_n_step_windows(tmp_path):
+    config = tiny(num_envs=8, n_step=3, learning_starts=0, train_frequency=8, gradient_steps=1, eval_episodes=0)
+    dqn = agent(tmp_path, config=config)
+    dqn.learn(400)  # updates from the first step would find no complete 3-step transition
+    # The first updates wait until every env has taken n_step steps, then catch up.
+    assert dqn.updates_due(16) == 0 and dqn.updates_due(24) == 4
+    assert dqn.learner.num_updates == 400 // 8 + 1
+
+
 def test_epsilon_follows_schedule_in_metrics(tmp_path):
     config = tiny(num_envs=2, start_epsilon=1.0, end_epsilon=0.2, exploration_fraction=0.5, eval_episodes=0)
     dqn = agent(tmp_path, config=config)
