@@ -260,8 +260,11 @@ class AsyncPipeline:
         agent: the ``DQN`` whose learner (built with ``actor_copy=True``), buffer, config
             and run bookkeeping it drives.
         actor_sync_interval: updates between publications of the weights to the actor.
-        max_lag: due updates the learner may owe before the actor waits; None picks one
-            round of updates plus two env batches' worth.
+        max_lag: due updates the learner may owe before the actor waits. None allows two
+            env batches' worth, so the actor's policy trails the learner by a few updates
+            at most; but a schedule of rounds (gradient_steps above that) is followed as the
+            synchronous engine follows it (max_lag 0): the actor goes on into the next round
+            only once the learner has finished the last, so it acts and learns as sync does.
     """
 
     def __init__(self, agent, actor_sync_interval: int = ACTOR_SYNC_INTERVAL, max_lag: int | None = None) -> None:
@@ -271,7 +274,9 @@ class AsyncPipeline:
         self.num_envs = c.num_envs
         self.env_batch = env_batch_size(c.num_envs, agent.env)
         if max_lag is None:
-            max_lag = c.gradient_steps + 2 * math.ceil(c.replay_ratio * self.env_batch)
+            max_lag = 2 * math.ceil(c.replay_ratio * self.env_batch)
+            if c.gradient_steps > max_lag:
+                max_lag = 0
         if isinstance(max_lag, bool) or not isinstance(max_lag, int) or max_lag < 0:
             raise ValueError(f"max_lag must be a non-negative int, got {max_lag!r}")
         self.agent = agent

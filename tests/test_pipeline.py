@@ -147,12 +147,22 @@ def test_rate_limiter_rejects_bad_arguments(kwargs, error):
 
 
 # ---------------------------------------------------------------------------- weight hand-over, priorities
-def small_learner(hidden=32, **kwargs):
+def small_learner(hidden=32, device="cpu", **kwargs):
     from fastdqn.learner import Learner
     from fastdqn.networks import build_q_network
 
     return Learner(build_q_network((4,), 2, hidden_sizes=(hidden, hidden)), obs_shape=(4,), obs_dtype=np.float32,
-                   batch_size=8, num_envs=2, device="cpu", **kwargs)
+                   batch_size=8, num_envs=2, device=device, **kwargs)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def on_stream(device: str):
+    """The thread's own CUDA stream, as in the pipeline; nothing on CPU."""
+    import contextlib
+
+    return torch.cuda.stream(torch.cuda.Stream()) if device == "cuda" else contextlib.nullcontext()
 
 
 def test_actor_weights_need_an_actor_copy():
@@ -162,19 +172,21 @@ def test_actor_weights_need_an_actor_copy():
         ActorWeights(small_learner())
 
 
-def test_actor_takes_published_weights_whole_while_the_learner_writes():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.cuda])])
+def test_actor_takes_published_weights_whole_while_the_learner_writes(device):
     """The learner sets every weight to k and publishes, k = 1, 2, ...; each refresh the
-    actor sees must hold a single k (no mix of two publications), never going back."""
+    actor sees must hold a single k (no mix of two publications), never going back. On
+    CUDA each thread works on its own stream, as in the pipeline."""
     from fastdqn.pipeline import ActorWeights
 
-    learner = small_learner(hidden=512, actor_copy=True)  # copies long enough to overlap
+    learner = small_learner(hidden=512, device=device, actor_copy=True)  # copies long enough to overlap
     weights = ActorWeights(learner)
     assert not weights.refresh()  # nothing published yet
     params = list(learner.q_network.parameters())
     rounds = 400
 
     def learner_side():
-        with torch.no_grad():
+        with on_stream(device), torch.no_grad():
             for k in range(1, rounds + 1):
                 for p in params:
                     p.fill_(k)
@@ -183,13 +195,16 @@ def test_actor_takes_published_weights_whole_while_the_learner_writes():
     writer = threading.Thread(target=learner_side)
     writer.start()
     seen = [0.0]
-    while writer.is_alive() or weights.taken < weights.published:
-        if weights.refresh():
-            values = torch.cat([p.flatten() for p in learner.actor_network.parameters()]).unique()
-            assert len(values) == 1, f"torn weights: {values.tolist()[:5]}"
-            assert values.item() >= seen[-1]
-            seen.append(values.item())
+    with on_stream(device):
+        while writer.is_alive() or weights.taken < weights.published:
+            if weights.refresh():
+                values = torch.cat([p.flatten() for p in learner.actor_network.parameters()]).unique()
+                assert len(values) == 1, f"torn weights: {values.tolist()[:5]}"
+                assert values.item() >= seen[-1]
+                seen.append(values.item())
     writer.join()
+    if device == "cuda":
+        torch.cuda.synchronize()
     assert seen[-1] == rounds and len(seen) > 2
     assert all(torch.equal(a, b) for a, b in zip(learner.actor_network.parameters(), params))
 
@@ -213,3 +228,189 @@ def test_priorities_reach_the_buffer_one_update_late_and_on_flush():
     np.testing.assert_allclose(buf.sampling_mass(second), [5.0, 6.0, 7.0, 8.0], rtol=1e-5)
     pending.flush()  # nothing left: no change
     np.testing.assert_allclose(buf.sampling_mass(second), [5.0, 6.0, 7.0, 8.0], rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- the pipeline in DQN.learn
+def async_config(**overrides):
+    from fastdqn.config import DQNConfig
+
+    settings = dict(device="cpu", pipeline="async", hidden_sizes=(16,), batch_size=16, buffer_size=4_000,
+                    learning_starts=64, num_envs=4, train_frequency=4, gradient_steps=1, n_step=1,
+                    log_interval=200, eval_episodes=0, save_buffer=False)
+    return DQNConfig(**{**settings, **overrides})
+
+
+def make_agent(tmp_path, config, env_id="CartPole-v1"):
+    from fastdqn.agent import DQN
+
+    return DQN(env_id, config, run_dir=tmp_path / "run", progress=False, tensorboard=False)
+
+
+def finish_within(seconds: float, fn):
+    """Run fn in a thread; fail (instead of hanging the suite) if it does not return in time.
+    Returns the exception fn raised, or None."""
+    outcome: dict[str, BaseException | None] = {"error": None}
+
+    def target():
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"did not finish within {seconds} s"
+    return outcome["error"]
+
+
+def learner_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "fastdqn-learner" and t.is_alive()]
+
+
+def test_async_run_does_the_sync_schedules_updates_and_holds_the_ratio(tmp_path):
+    from fastdqn.metrics import read_csv
+
+    config = async_config()
+    agent = make_agent(tmp_path, config)
+    assert finish_within(120, lambda: agent.learn(3_000)) is None
+    report = agent.pipeline_report
+    assert agent.env_steps >= 3_000
+    # Exactly the updates the synchronous engine does for these steps.
+    assert agent.learner.num_updates == agent.updates_due(agent.env_steps) == report["updates"]
+    assert report["replay_ratio"] == pytest.approx(agent.learner.num_updates / agent.env_steps, abs=1e-4)
+    assert report["max_owed_updates"] <= report["max_lag_updates"]
+    # Held during the run too: at every metrics row the learner owed at most max_lag updates.
+    rows = read_csv(tmp_path / "run" / "metrics.csv")
+    assert len(rows) >= 10
+    for row in rows:
+        due = agent.updates_due(int(row["step"]))
+        assert due - report["max_lag_updates"] <= row["updates"] <= due, row
+    assert not learner_threads()
+
+
+def test_async_stores_exactly_what_sync_stores(tmp_path):
+    """Before learning starts both take the same random actions on the same seeded envs; with
+    all envs in one async batch (vector envs) the buffers must match, row for row, including
+    the episodes cut at the end."""
+    buffers = {}
+    for pipeline in ("sync", "async"):
+        config = async_config(pipeline=pipeline, learning_starts=2_000, n_step=3)
+        agent = make_agent(tmp_path / pipeline, config)
+        assert finish_within(60, lambda: agent.learn(2_000)) is None
+        indices = agent.buffer.valid_indices()
+        buffers[pipeline] = indices, agent.buffer.get(indices)
+    (sync_indices, sync_rows), (async_indices, async_rows) = buffers["sync"], buffers["async"]
+    np.testing.assert_array_equal(sync_indices, async_indices)
+    assert len(sync_indices) > 1_500
+    for name, column in sync_rows.arrays().items():
+        np.testing.assert_array_equal(column, async_rows.arrays()[name], err_msg=name)
+
+
+def test_learner_error_reaches_the_caller_and_stops_both_threads(tmp_path):
+    agent = make_agent(tmp_path, async_config())
+    update, calls = agent.learner.update, [0]
+
+    def failing_update(batch):
+        calls[0] += 1
+        if calls[0] == 20:
+            raise RuntimeError("boom in the learner")
+        update(batch)
+
+    agent.learner.update = failing_update
+    error = finish_within(60, lambda: agent.learn(5_000))
+    assert isinstance(error, RuntimeError) and "boom in the learner" in str(error)
+    assert any(frame.name == "failing_update" for frame in __import__("traceback").extract_tb(error.__traceback__))
+    assert agent.env_steps < 5_000 and not learner_threads()
+
+
+def test_actor_error_reaches_the_caller_and_stops_the_learner(tmp_path):
+    agent = make_agent(tmp_path, async_config())
+    agent.buffer = agent._make_buffer()
+    add, calls = agent.buffer.add, [0]
+
+    def failing_add(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 200:  # well after learning starts: the learner thread is busy
+            raise ValueError("boom in the actor")
+        add(*args, **kwargs)
+
+    agent.buffer.add = failing_add
+    error = finish_within(60, lambda: agent.learn(5_000))
+    assert isinstance(error, ValueError) and "boom in the actor" in str(error)
+    assert agent.learner.num_updates > 0 and not learner_threads()
+
+
+def test_ctrl_c_stops_cleanly_keeps_the_checkpoint_and_the_run_resumes(tmp_path):
+    from fastdqn.agent import DQN
+    from fastdqn.checkpoint import list_checkpoints
+
+    config = async_config(checkpoint_interval=1_000, save_buffer=True)
+    agent = make_agent(tmp_path, config)
+    agent.buffer = agent._make_buffer()
+    add = agent.buffer.add
+
+    def interrupting_add(*args, **kwargs):
+        if agent.buffer._core.size() >= 1_500:  # past the first checkpoint
+            raise KeyboardInterrupt
+        add(*args, **kwargs)
+
+    agent.buffer.add = interrupting_add
+    error = finish_within(60, lambda: agent.learn(3_000))
+    assert isinstance(error, KeyboardInterrupt) and not learner_threads()
+    checkpoints = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [int(p.stem.split("-")[1]) // 1_000 for p in checkpoints] == [1]
+    resumed = DQN.resume(tmp_path / "run", progress=False, tensorboard=False)
+    assert 1_000 <= resumed.env_steps < 1_000 + config.num_envs
+    # Checkpoints are written with the learner caught up: the sync schedule's count exactly.
+    assert resumed.learner.num_updates == resumed.updates_due(resumed.env_steps)
+    assert finish_within(120, lambda: resumed.learn(3_000)) is None
+    assert resumed.env_steps >= 3_000 and resumed.learner.num_updates == resumed.updates_due(resumed.env_steps)
+
+
+def test_prioritized_replay_in_the_pipeline_anneals_beta_and_updates_priorities(tmp_path):
+    agent = make_agent(tmp_path, async_config(prioritized=True, per_beta=0.4))
+    assert finish_within(120, lambda: agent.learn(1_500)) is None
+    assert agent.buffer.beta == pytest.approx(1.0)
+    assert agent.learner.num_updates == agent.updates_due(agent.env_steps)
+    # New transitions get the largest priority so far; after training they differ.
+    mass = agent.buffer.sampling_mass(agent.buffer.valid_indices())
+    assert mass.min() < mass.max()
+
+
+def test_atari_frame_stacks_in_async_batches_with_a_checkpoint_mid_run(tmp_path):
+    config = async_config(batch_size=8, buffer_size=2_000, learning_starts=100, num_envs=4,
+                          checkpoint_interval=200, log_interval=100)
+    agent = make_agent(tmp_path, config, env_id="Breakout-v5")
+    assert finish_within(180, lambda: agent.learn(400)) is None
+    report = agent.pipeline_report
+    assert report["env_batch"] == 2  # half the envs step while the actor acts on the other half
+    assert agent.learner.num_updates == agent.updates_due(agent.env_steps) > 0
+    assert (tmp_path / "run" / "checkpoints").is_dir()
+
+
+@pytest.mark.slow
+def test_async_pipeline_solves_cartpole_like_sync(tmp_path):
+    """The sync engine's bar (test_agent), with the same default preset, on the async pipeline."""
+    from fastdqn.config import DQNConfig
+
+    config = DQNConfig(device="cpu", save_buffer=False, pipeline="async", eval_episodes=0)
+    agent = make_agent(tmp_path, config)
+    assert finish_within(600, agent.learn) is None
+    assert agent.env_steps <= config.total_steps + config.num_envs
+    result = agent.evaluate(10, epsilon=0.0, seed=12345)
+    assert result["mean_return"] >= 475, result
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("prioritized", [False, True])
+def test_async_pipeline_on_cuda_keeps_the_schedule(tmp_path, prioritized):
+    config = async_config(device="cuda", batch_size=32, buffer_size=5_000, learning_starts=200, num_envs=8,
+                          prioritized=prioritized, log_interval=500)
+    agent = make_agent(tmp_path, config, env_id="Breakout-v5")
+    assert finish_within(300, lambda: agent.learn(3_000)) is None
+    assert agent.learner.cuda_graph and agent.learner.num_updates == agent.updates_due(agent.env_steps)
+    assert agent.pipeline_report["env_batch"] == 4
+    assert agent.pipeline_report["actor_syncs"] > 0
+    assert all(torch.isfinite(p).all() for p in agent.q_network.parameters())
