@@ -37,9 +37,10 @@ config = DQNConfig(
     optimizer="adam",
     learning_rate=1e-3,
     # keras-rl's DQNAgent defaults: batch_size=32, gamma=.99, train_interval=1, delta_clip=inf (plain
-    # squared error), no gradient clipping, no double DQN, no dueling.
+    # squared error), one-step targets, no gradient clipping, no double DQN, no dueling.
     batch_size=32,
     gamma=0.99,
+    n_step=1,
     train_frequency=1,
     gradient_steps=1,
     loss="mse",
