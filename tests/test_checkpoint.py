@@ -85,7 +85,8 @@ def test_sigkilled_cli_run_resumes_to_the_same_parameters(tmp_path):
     killed = tmp_path / "killed"
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.Popen([sys.executable, "-m", "fastdqn.cli", "train", "--run-dir", str(killed), *common],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=tmp_path)  # outside the checkout: import the installed package, extension included
     first = killed / "checkpoints" / "step-000000000400.pt"
     deadline = time.monotonic() + 120
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -106,9 +106,10 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
-def test_console_entry_point_reports_errors_without_traceback():
+def test_console_entry_point_reports_errors_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fastdqn.cli", "train", "--env", "NoSuchEnv-v0"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)  # outside the checkout: import the installed package, extension included
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "unknown env_id" in proc.stderr
 
