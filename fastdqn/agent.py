@@ -102,12 +102,17 @@ class DQN:
         self.np_rng = np.random.default_rng(config.seed)
         self.env = self._make_train_env(step=0)
         self.obs_shape, self.num_actions = tuple(self.env.obs_shape), self.env.num_actions
+        acting_batch = config.num_envs
+        if self.pipeline == "async":  # it acts on envpool's async batches: the action graph's static batch
+            from fastdqn.pipeline import env_batch_size
+
+            acting_batch = env_batch_size(config.num_envs, self.env)
         if q_network is None:
             q_network = build_q_network(self.obs_shape, self.num_actions, hidden_sizes=config.hidden_sizes,
                                         dueling=config.dueling)
         self.learner = Learner(
             q_network, obs_shape=self.obs_shape, obs_dtype=self.env.obs_dtype, batch_size=config.batch_size,
-            num_envs=config.num_envs, device=self.device, lr=config.learning_rate, optimizer=config.optimizer,
+            num_envs=acting_batch, device=self.device, lr=config.learning_rate, optimizer=config.optimizer,
             adam_eps=config.adam_eps, loss=config.loss, double_dqn=config.double_dqn,
             target_update_interval=config.target_update_interval, tau=config.tau,
             max_grad_norm=config.max_grad_norm or None, prioritized=config.prioritized,
