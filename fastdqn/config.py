@@ -28,9 +28,10 @@ class DQNConfig:
     """Where the networks live: "auto" (cuda if available), "cpu" or "cuda"."""
     cuda_graph: str = "auto"
     """Capture the update and action selection as CUDA graphs: "auto" (on CUDA), "on" or "off"."""
-    pipeline: str = "sync"
+    pipeline: str = "auto"
     """"sync": act, step the envs and learn in turn (exactly reproducible); "async": an actor and
-    a learner thread overlap at the same replay ratio (fastdqn.pipeline); "auto": async on CUDA."""
+    a learner thread overlap at the same replay ratio (fastdqn.pipeline); "auto": async on CUDA,
+    sync on CPU (where the two threads would share a few cores)."""
     torch_threads: int = 1
     """CPU threads torch may use (0 leaves torch's default). One is fastest for small MLPs."""
 
