@@ -1,17 +1,24 @@
-"""End-to-end training benchmark: fastdqn's synchronous engine against SB3's DQN.
+"""End-to-end training benchmark: raw envpool, fastdqn's sync and async pipelines, SB3's DQN.
 
     fastdqn bench train                                  # CartPole-v1 (preset, 50k steps) and Breakout-v5
-    fastdqn bench train --env CartPole-v1 --steps 20000 --json
-    python benchmarks/train.py --systems fastdqn
+    fastdqn bench train --env Breakout-v5 --steps 20000 --json
+    python benchmarks/train.py --systems sync,async
 
-Both systems train with the same hyperparameters on the same machine in the same run: the
+Systems: ``envpool_raw`` (the same envs stepped with random actions: the env-side limit),
+``sync`` and ``async`` (fastdqn's two pipelines) and ``sb3``; each reports env steps/s,
+updates/s, the replay ratio held, where the time went (``time_s``: env, act, sample, copy,
+update, waits; see fastdqn.bench.pipelines) and, on CUDA, the GPU's busy fraction. ``--json``
+prints one object mapping each system to its figures (with several envs, each env to such
+an object).
+
+The learning systems train with the same hyperparameters on the same machine in the same run: the
 environment's fastdqn preset, translated into SB3's arguments (SB3 counts train_freq in
 vector steps and target_update_interval in env steps; fastdqn counts updates). Breakout runs
 CleanRL's dqn_atari settings with a smaller buffer and learning_starts, so that updates
 happen within a short run. Each system is timed from the start of learning to its end
 (environment stepping, acting, replay and updates; no evaluation), then evaluated greedily
 outside the timing. The report (JSON and a markdown table) goes to ``--out``; progress goes
-to stderr; ``--json`` prints the JSON report to stdout.
+to stderr.
 """
 
 from __future__ import annotations
@@ -23,13 +30,14 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
+from fastdqn.bench.pipelines import figures, run_async, run_envpool_raw, run_sync
+
 DEFAULT_ENVS = ("CartPole-v1", "Breakout-v5")
-SYSTEMS = ("fastdqn", "sb3")
+SYSTEMS = ("envpool_raw", "sync", "async", "sb3")
 # Short Atari runs need updates inside the window; everything else is CleanRL's dqn_atari.
 ATARI_BENCH_OVERRIDES = dict(buffer_size=100_000, learning_starts=1_000)
 
@@ -38,8 +46,9 @@ def log(message: str) -> None:
     print(f"[bench train {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def bench_config(env_id: str, steps: int | None, seed: int, device: str):
-    """The env's preset for ``steps`` env steps (None: the preset's own total_steps)."""
+def bench_config(env_id: str, steps: int | None, seed: int, device: str, num_envs: int | None = None):
+    """The env's preset for ``steps`` env steps (None: the preset's own total_steps) and
+    ``num_envs`` envs (None: the preset's)."""
     from fastdqn.config import DQNConfig, preset_for_env
 
     preset = preset_for_env(env_id)
@@ -49,24 +58,9 @@ def bench_config(env_id: str, steps: int | None, seed: int, device: str):
         config = dataclasses.replace(config, **ATARI_BENCH_OVERRIDES)
     if steps is not None:
         config = dataclasses.replace(config, total_steps=steps)
+    if num_envs is not None:
+        config = dataclasses.replace(config, num_envs=num_envs)
     return preset, dataclasses.replace(config, log_interval=max(config.total_steps // 10, 1))
-
-
-def run_fastdqn(env_id: str, config, eval_episodes: int) -> dict:
-    from fastdqn.agent import DQN
-
-    with tempfile.TemporaryDirectory() as run_dir:
-        agent = DQN(env_id, config, run_dir=run_dir, progress=False, tensorboard=False)
-        start = time.perf_counter()
-        agent.learn(config.total_steps)
-        wall = time.perf_counter() - start
-        result = _figures(agent.env_steps, agent.learner.num_updates, wall)
-        if eval_episodes:
-            evaluation = agent.evaluate(eval_episodes, epsilon=0.0, seed=config.seed + 1)
-            result.update(eval_mean_return=evaluation["mean_return"], eval_std_return=evaluation["std_return"],
-                          eval_protocol=evaluation["protocol"])
-        agent.close()
-    return result
 
 
 def sb3_arguments(config, num_envs: int) -> dict:
@@ -112,7 +106,7 @@ def run_sb3(env_id: str, config, eval_episodes: int) -> dict:
         wall = time.perf_counter() - start
     steps = model.num_timesteps
     updates = model._n_updates
-    result = _figures(steps, updates, wall)
+    result = figures(steps, updates, wall)
     if eval_episodes:
         from stable_baselines3.common.evaluation import evaluate_policy
 
@@ -152,12 +146,6 @@ def _sb3_envs(env_id: str, config):
     return env, eval_env, "MlpPolicy", {"net_arch": list(config.hidden_sizes)}
 
 
-def _figures(steps: int, updates: int, wall: float) -> dict:
-    return {"env_steps": int(steps), "updates": int(updates), "wall_s": round(wall, 3),
-            "steps_per_s": round(steps / wall, 1), "updates_per_s": round(updates / wall, 1),
-            "replay_ratio": round(updates / steps, 4) if steps else 0.0}
-
-
 def machine_info() -> dict:
     import torch
 
@@ -181,15 +169,20 @@ def to_markdown(report: dict) -> str:
              f"torch {m['torch']}, 1-min load average at start {m['load_avg_1m']}.",
              "Same hyperparameters for both systems (the env's fastdqn preset); timed from start to end of "
              "learning, evaluated greedily afterwards.", "",
-             "| env | system | env steps | wall s | env steps/s | updates/s | replay ratio | eval return | speedup |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| env | system | env steps | wall s | env steps/s | updates/s | replay ratio | GPU busy | "
+             "where the time went (s) | eval return | vs sync | vs SB3 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for env_id, entry in report["envs"].items():
-        base = entry["systems"].get("sb3", {}).get("steps_per_s")
+        sync = entry["systems"].get("sync", {}).get("steps_per_s")
+        sb3 = entry["systems"].get("sb3", {}).get("steps_per_s")
         for name, r in entry["systems"].items():
-            speed = f"{r['steps_per_s'] / base:.2f}x" if base and name != "sb3" else ""
+            vs_sync = f"{r['steps_per_s'] / sync:.2f}x" if sync and name == "async" else ""
+            vs_sb3 = f"{r['steps_per_s'] / sb3:.2f}x" if sb3 and name in ("sync", "async") else ""
             ret = f"{r['eval_mean_return']:.1f}" if "eval_mean_return" in r else ""
+            busy = f"{r['gpu_busy']:.0%}" if r.get("gpu_busy") is not None else ""
             lines.append(f"| {env_id} | {name} | {r['env_steps']:,} | {r['wall_s']:.1f} | {r['steps_per_s']:,.0f} | "
-                         f"{r['updates_per_s']:,.0f} | {r['replay_ratio']:.3f} | {ret} | {speed} |")
+                         f"{r['updates_per_s']:,.0f} | {r['replay_ratio']:.3f} | {busy} | {_time_split(r)} | {ret} | "
+                         f"{vs_sync} | {vs_sb3} |")
     lines.append("")
     for env_id, entry in report["envs"].items():
         lines.append(f"- {env_id}: preset `{entry['preset']}`, config {json.dumps(entry['config_overrides'])}; "
@@ -200,6 +193,15 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _time_split(result: dict) -> str:
+    """``time_s`` in one cell: "env 1.2, act 0.3" or, per thread, "actor: ...; learner: ..."."""
+    times = result.get("time_s", {})
+    if times and all(isinstance(v, dict) for v in times.values()):
+        return "; ".join(f"{thread}: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
+                         for thread, parts in times.items())
+    return ", ".join(f"{k} {v:.1f}" for k, v in times.items())
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="fastdqn bench train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", action="append", default=None, help="env id (repeatable; default CartPole-v1 and "
@@ -207,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=None,
                         help="env steps per system (default: the preset's total_steps, 50k for CartPole; "
                              "for Atari 4k on CPU, 20k on CUDA)")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of fastdqn,sb3")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    parser.add_argument("--num-envs", type=int, default=None, help="envs per system (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (both systems)")
     parser.add_argument("--eval-episodes", type=int, default=None,
@@ -222,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--systems must name some of {', '.join(SYSTEMS)}, got {args.systems!r}")
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be positive, got {args.steps}")
+    if args.num_envs is not None and args.num_envs < 1:
+        parser.error(f"--num-envs must be positive, got {args.num_envs}")
 
     import torch
 
@@ -235,13 +240,13 @@ def main(argv: list[str] | None = None) -> dict:
         steps = args.steps
         if steps is None and is_atari_id(env_id):
             steps = 20_000 if device == "cuda" else 4_000
-        preset, config = bench_config(env_id, steps, args.seed, device)
+        preset, config = bench_config(env_id, steps, args.seed, device, args.num_envs)
         defaults = DQNConfig.preset(preset).to_dict()
         overrides = {k: v for k, v in config.to_dict().items() if defaults[k] != v}
         entry = {"preset": preset, "config_overrides": overrides, "config": config.to_dict(), "systems": {}}
         for system in systems:
             log(f"{env_id}: {system}, {config.total_steps:,} env steps on {device}")
-            runner = run_fastdqn if system == "fastdqn" else run_sb3
+            runner = {"envpool_raw": run_envpool_raw, "sync": run_sync, "async": run_async, "sb3": run_sb3}[system]
             eval_episodes = args.eval_episodes if args.eval_episodes is not None else (0 if preset == "atari" else 10)
             entry["systems"][system] = runner(env_id, config, eval_episodes)
             log(f"{env_id}: {system}: {json.dumps(entry['systems'][system])}")
@@ -256,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write_bytes(base.with_suffix(".md"), to_markdown(report).encode())
     log(f"wrote {base}.json and {base}.md")
     if args.json:
-        print(json.dumps(report))
+        by_env = {env_id: entry["systems"] for env_id, entry in report["envs"].items()}
+        print(json.dumps(next(iter(by_env.values())) if len(by_env) == 1 else by_env))
     return report
 
