@@ -15,7 +15,7 @@
 # benchmarks/results), named after the GPU: learner-*.json/.md, train-cuda.json/.md,
 # gpu-<gpu>.json (every step's status and time, the Pong scores) and gpu-<gpu>.log.
 #
-# Knobs: OUT_DIR, BREAKOUT_STEPS (default 100000; all three with 16 envs), PONG_STEPS (default 2000000, cut short by
+# Knobs: OUT_DIR, SITE (default .whl/site), BREAKOUT_STEPS (default 100000; all three with 16 envs), PONG_STEPS (default 2000000, cut short by
 # the time left: the run is stopped with Ctrl-C, as a user would, and its last checkpoint
 # is evaluated), BUDGET_S (default 520 s for the whole suite).
 set -uo pipefail
@@ -29,8 +29,9 @@ PY=${PY:-python3}
 START=$(date +%s)
 mkdir -p "$OUT_DIR"
 
-if [ -d .whl/site ]; then
-  export PYTHONPATH="$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}"
+SITE=${SITE:-$PWD/.whl/site}
+if [ -d "$SITE" ]; then
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 elif compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -69,14 +70,15 @@ step breakout_bench 200 $PY -m fastdqn.cli bench train --env Breakout-v5 --steps
   --systems envpool_raw,sync,async --eval-episodes 0 --out "$OUT_DIR" --json
 
 # Pong: CleanRL's dqn_atari settings, 16 envs (async batches of 8), exploration over 10% of
-# PONG_STEPS, checkpoints every 250k steps; whatever time is left, less 60 s for evaluation.
+# PONG_STEPS, checkpoints every 250k steps; whatever time is left, less 90 s for evaluation.
+# Stopped at its time limit, it exits 130 (Ctrl-C) and its last checkpoint is evaluated.
 PONG_DIR=$(mktemp -d)/pong
-left=$(( BUDGET_S - $(elapsed) - 60 ))
+left=$(( BUDGET_S - $(elapsed) - 90 ))
 if [ "$left" -gt 60 ]; then
   step pong_train "$left" $PY -m fastdqn.cli train --env Pong-v5 --total-steps "$PONG_STEPS" --num-envs 16 \
-    --run-dir "$PONG_DIR" --no-progress --no-tensorboard --set pipeline=async --set checkpoint_interval=250000 \
+    --pipeline async --run-dir "$PONG_DIR" --no-progress --no-tensorboard --set checkpoint_interval=250000 \
     --set eval_episodes=0 --set log_interval=50000 --set save_buffer=false
-  step pong_eval 60 $PY -m fastdqn.cli eval "$PONG_DIR" --episodes 10 --json
+  step pong_eval 90 $PY -m fastdqn.cli eval "$PONG_DIR" --episodes 10 --json
   cp "$PONG_DIR/metrics.csv" "$OUT_DIR/pong-metrics-$SLUG.csv" 2>/dev/null
 else
   echo "=== no time left for the Pong run" | tee -a "$LOG"
@@ -87,6 +89,7 @@ PONG_REACHED=$(tail -n 1 "$PONG_DIR/metrics.csv" 2>/dev/null | cut -d, -f1)
 cat > "$SUMMARY" <<EOF
 {"suite": "gpu", "gpu": "$GPU", "date": "$(date -u +%FT%TZ)", "total_s": $(elapsed),
  "steps": {$STEPS_JSON},
- "pong_steps_requested": $PONG_STEPS, "pong_steps_reached": ${PONG_REACHED:-null}, "pong_eval": ${PONG_EVAL:-null}}
+ "pong_steps_requested": $PONG_STEPS, "pong_steps_reached": ${PONG_REACHED:-null}, "pong_eval": ${PONG_EVAL:-null},
+ "notes": "exit 130 for pong_train: stopped by Ctrl-C at its time limit; pong_eval scores its last checkpoint"}
 EOF
 echo "=== suite done in $(elapsed) s; results in $OUT_DIR" | tee -a "$LOG"
