@@ -34,17 +34,13 @@ import contextlib
 import dataclasses
 import datetime
 import gc
-import importlib.metadata
 import importlib.util
 import itertools
 import json
 import multiprocessing
 import os
-import platform
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +49,8 @@ from dataclasses import dataclass
 from time import perf_counter
 
 import numpy as np
+
+from fastdqn.bench.report import machine_info, slug, write_report
 
 SCHEMA = 1
 FRAME_STACK = 4
@@ -849,50 +847,6 @@ def _in_fresh_process(function, *args):
 # --- the report ---------------------------------------------------------------------------
 
 
-def _version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
-
-
-def _git_describe() -> str | None:
-    try:
-        done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                              timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None
-
-
-def machine_info() -> dict:
-    cpu, cores = _cpu_model(), os.cpu_count()
-    slug = re.sub(r"[^a-z0-9]+", "-", re.sub(r"\(r\)|\(tm\)|cpu|processor|@.*", "", cpu.lower())).strip("-")
-    memory = _meminfo("MemTotal")
-    return {
-        "slug": f"{slug or 'unknown'}-{cores}c",
-        "cpu": cpu,
-        "cores": cores,
-        "memory_gb": None if memory is None else round(memory / 1e9, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "git": _git_describe(),
-        "versions": {name: _version(name) for name in
-                     ("fastdqn", "numpy", "torch", "stable-baselines3", "cpprb", "torchrl", "tensordict")},
-    }
-
-
 def _median(section: dict | None, *keys) -> float | None:
     node = section
     for key in keys:
@@ -1137,7 +1091,7 @@ def run(settings: Settings) -> dict:
     log = Log("bench")
     started = time.time()
     report = {"schema": SCHEMA, "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine_info(), "settings": dataclasses.asdict(settings), "uniform": {},
+              "machine": machine_info(("stable-baselines3", "cpprb", "torchrl", "tensordict")), "settings": dataclasses.asdict(settings), "uniform": {},
               "prioritized": {}, "save": {"status": "skipped: not selected"}}
     log(f"{report['machine']['slug']}: capacity {settings.capacity:,}, fill {settings.fill:,}, "
         f"batches {list(settings.batch_sizes)}, impls {list(settings.impls)}")
@@ -1166,15 +1120,6 @@ def run(settings: Settings) -> dict:
     report["ratios"] = compute_ratios(report)
     report["targets"] = check_targets(report)
     return report
-
-
-def _write_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1224,11 +1169,8 @@ def main(argv: list[str] | None = None) -> int:
     report = run(settings)
     log = Log("bench")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", args.machine or report["machine"]["slug"])
-        base = os.path.join(args.out, f"buffer-{slug}")
-        _write_atomic(base + ".json", json.dumps(report, indent=2) + "\n")
-        _write_atomic(base + ".md", render_markdown(report))
+        name = slug(args.machine) if args.machine else report["machine"]["slug"]
+        base = write_report(args.out, f"buffer-{name}", report, render_markdown(report))
         log(f"wrote {base}.json and {base}.md ({report['seconds']:.0f} s)")
     if args.json:
         print(json.dumps(report, indent=2))

@@ -24,18 +24,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
-import re
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from fastdqn.bench import report as report_io
 from fastdqn.learner import Learner
-from fastdqn.metrics import atomic_write_bytes
 from fastdqn.networks import build_q_network
 
 CASES = [  # name, obs_shape, obs_dtype, num_actions, batch_size, layout
@@ -54,33 +50,8 @@ def log(message: str) -> None:
     print(f"[bench learner {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _slug(text: str) -> str:
-    text = re.sub(r"\(r\)|\(tm\)|\bcpu\b|processor|@.*", "", text.lower())
-    return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "unknown"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown-cpu"
-
-
 def machine_info(device: torch.device) -> dict:
-    cpu = _cpu_model()
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "device": device.type}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-        info["slug"] = _slug(info["gpu"])
-    else:
-        info["slug"] = f"{_slug(cpu)}-{info['cores']}c"
-    return info
+    return {**report_io.machine_info(), "device": device.type, "torch_threads": torch.get_num_threads()}
 
 
 def host_batches(obs_shape, obs_dtype, num_actions, batch_size, layout: str, pin: bool, seed: int = 0) -> list[dict]:
@@ -157,7 +128,7 @@ def to_markdown(report: dict) -> str:
     m = report["machine"]
     hardware = f"{m['gpu']} (CUDA {m['cuda']})" if m["device"] == "cuda" else f"{m['cpu']}, {m['cores']} cores"
     lines = [f"# Learner update benchmark: {m['slug']}", "",
-             f"{report['started']}; {hardware}; torch {m['torch']} ({m['torch_threads']} CPU threads).",
+             f"{report['started']}; {hardware}; torch {m['versions']['torch']} ({m['torch_threads']} CPU threads).",
              "Updates/s of one DQN update (host batch copy, forward, loss, backward, clip, Adam, target "
              "update), Nature CNN on 4x84x84 uint8 frames, MLP 4-120-84-2.", "",
              "| network | batch | batch layout | mode | updates/s | ms/update |",
@@ -228,11 +199,8 @@ def main(argv=None) -> dict:
             eager, graph = report["act"][-2:]
             report["graph_speedup"][f"act-{num_envs}envs"] = graph["calls_per_s"] / eager["calls_per_s"]
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base = out / f"learner-{_slug(args.machine) if args.machine else machine['slug']}"
-    atomic_write_bytes(base.with_suffix(".json"), (json.dumps(report, indent=2) + "\n").encode())
-    atomic_write_bytes(base.with_suffix(".md"), to_markdown(report).encode())
+    name = report_io.slug(args.machine) if args.machine else machine["slug"]
+    base = report_io.write_report(args.out, f"learner-{name}", report, to_markdown(report))
     log(f"wrote {base}.json and {base}.md")
     if args.json:
         print(json.dumps(report, indent=2))

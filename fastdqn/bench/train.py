@@ -27,13 +27,11 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
-import platform
 import sys
 import time
 import warnings
-from pathlib import Path
 
+from fastdqn.bench.report import machine_info, write_report
 from fastdqn.bench.pipelines import figures, run_async, run_envpool_raw, run_sync
 
 DEFAULT_ENVS = ("CartPole-v1", "Breakout-v5")
@@ -146,27 +144,11 @@ def _sb3_envs(env_id: str, config):
     return env, eval_env, "MlpPolicy", {"net_arch": list(config.hidden_sizes)}
 
 
-def machine_info() -> dict:
-    import torch
-
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-            "torch": torch.__version__, "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def to_markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# End-to-end DQN training: fastdqn vs SB3 ({report['date']})", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m.get('gpu', 'no GPU')}, device {report['device']}, "
-             f"torch {m['torch']}, 1-min load average at start {m['load_avg_1m']}.",
+             f"torch {m['versions']['torch']}, 1-min load average at start {m['load_avg_1m']}.",
              "Same hyperparameters for both systems (the env's fastdqn preset); timed from start to end of "
              "learning, evaluated greedily afterwards.", "",
              "| env | system | env steps | wall s | env steps/s | updates/s | replay ratio | GPU busy | "
@@ -252,13 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
             log(f"{env_id}: {system}: {json.dumps(entry['systems'][system])}")
         report["envs"][env_id] = entry
 
-    from fastdqn.metrics import atomic_write_bytes
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base = out / f"train-{device}"
-    atomic_write_bytes(base.with_suffix(".json"), (json.dumps(report, indent=2) + "\n").encode())
-    atomic_write_bytes(base.with_suffix(".md"), to_markdown(report).encode())
+    base = write_report(args.out, f"train-{device}", report, to_markdown(report))
     log(f"wrote {base}.json and {base}.md")
     if args.json:
         by_env = {env_id: entry["systems"] for env_id, entry in report["envs"].items()}
