@@ -44,7 +44,7 @@ class Batch:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The fields that hold arrays, by name (no copies)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+        return {name: value for name, value in vars(self).items() if value is not None}
 
 
 @dataclasses.dataclass
@@ -161,6 +161,7 @@ class ReplayBuffer:
         self.seed = _int("seed", seed, 0)
         if self.seed >= 2**64:
             raise ValueError(f"seed must be < 2**64, got {seed}")
+        self._templates = {}  # one-row batches of each kind, to check caller-provided arrays against
         frame_bytes = int(np.prod(self.frame_shape)) * self.obs_dtype.itemsize
         self._core = _core.ReplayBuffer(self.capacity, self.num_envs, self.frame_stack, frame_bytes,
                                         self.action_dtype.itemsize, self.n_step, self.gamma, self.seed,
@@ -232,27 +233,30 @@ class ReplayBuffer:
         With ``out``, fills those arrays in place (e.g. pinned torch tensors seen as numpy)
         and returns it.
         """
-        return self._sample(batch_size, out, self.empty_batch, Batch, beta=0.0)
+        return self._sample(batch_size, out, Batch, beta=0.0)
 
     def sample_frames(self, batch_size: int, out: FrameBatch | None = None) -> FrameBatch:
         """Like ``sample``, in the shared-frame layout (see ``FrameBatch``)."""
-        return self._sample(batch_size, out, self.empty_frame_batch, FrameBatch, beta=0.0)
+        return self._sample(batch_size, out, FrameBatch, beta=0.0)
 
-    def _sample(self, batch_size, out, allocate, kind, beta):
+    def _sample(self, batch_size, out, kind, beta):
         batch_size = _int("batch_size", batch_size, 1)
         if len(self) == 0:
             raise ValueError("cannot sample from an empty buffer")
         if out is None:
-            out = allocate(batch_size)
-        elif not isinstance(out, kind):
-            raise TypeError(f"out must be a {kind.__name__}, got {type(out).__name__}")
+            out = self.empty_batch(batch_size) if kind is Batch else self.empty_frame_batch(batch_size)
         else:
-            self._check_out(out, allocate(1))
+            self._check_out(out, kind)
         self._core.sample(batch_size, out.arrays(), beta)
         return out
 
-    def _check_out(self, out, like) -> None:
-        for name, template in like.arrays().items():
+    def _check_out(self, out, kind) -> None:
+        """Dtypes and trailing shapes of caller-provided arrays (the core checks their sizes)."""
+        if not isinstance(out, kind):
+            raise TypeError(f"out must be a {kind.__name__}, got {type(out).__name__}")
+        if kind not in self._templates:
+            self._templates[kind] = self.empty_batch(1) if kind is Batch else self.empty_frame_batch(1)
+        for name, template in self._templates[kind].arrays().items():
             array = getattr(out, name)
             if not isinstance(array, np.ndarray) or array.dtype != template.dtype:
                 got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
@@ -327,11 +331,11 @@ class PrioritizedReplayBuffer(ReplayBuffer):
 
     def sample(self, batch_size: int, beta: float | None = None, out: Batch | None = None) -> Batch:
         beta = self.beta if beta is None else _real("beta", beta, 0.0, float("inf"))
-        return self._sample(batch_size, out, self.empty_batch, Batch, beta)
+        return self._sample(batch_size, out, Batch, beta)
 
     def sample_frames(self, batch_size: int, beta: float | None = None, out: FrameBatch | None = None) -> FrameBatch:
         beta = self.beta if beta is None else _real("beta", beta, 0.0, float("inf"))
-        return self._sample(batch_size, out, self.empty_frame_batch, FrameBatch, beta)
+        return self._sample(batch_size, out, FrameBatch, beta)
 
     def update_priorities(self, indices, priorities) -> None:
         """Sets the priorities (e.g. |TD error|) of sampled transitions.
@@ -374,9 +378,7 @@ class Prefetcher:
         if not out:
             raise ValueError("out must hold at least one batch")
         for batch in out:
-            if not isinstance(batch, Batch):
-                raise TypeError(f"out must hold Batch objects, got {type(batch).__name__}")
-            buffer._check_out(batch, buffer.empty_batch(1))
+            buffer._check_out(batch, Batch)
         if len(buffer) == 0:
             raise ValueError("cannot prefetch from an empty buffer")
         self._batches = list(out)

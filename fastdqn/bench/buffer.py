@@ -718,7 +718,7 @@ def _bench_compression(settings: Settings, log: Log) -> dict:
     rng = np.random.default_rng(settings.seed)
     with make_env("Breakout-v5", NUM_ENVS, seed=settings.seed) as env:
         obs = env.reset()
-        while len(buf) < transitions - NUM_ENVS * 4:
+        for _ in range(transitions // NUM_ENVS):  # fills the ring (each episode's first frame takes a slot too)
             actions = rng.integers(0, env.num_actions, NUM_ENVS)
             step = env.step(actions)
             ids = np.flatnonzero(step.valid)
