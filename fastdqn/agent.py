@@ -56,6 +56,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def next_boundary(step: int, interval: int) -> float:
+    """The first multiple of ``interval`` after ``step``; never (inf) for interval 0."""
+    return (step // interval + 1) * interval if interval else math.inf
+
+
 def env_seed(seed: int, step: int) -> int:
     """Seed of the environments (re)started at ``step``; distinct for every (seed, step)."""
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0] >> 1)
@@ -229,10 +234,9 @@ class DQN:
         updates_done = learner.num_updates
         returns_since_log: list[float] = []
         lengths_since_log: list[float] = []
-        next_log = (step // c.log_interval + 1) * c.log_interval
-        next_eval = (step // c.eval_interval + 1) * c.eval_interval if c.eval_interval and c.eval_episodes \
-            else math.inf
-        next_ckpt = (step // c.checkpoint_interval + 1) * c.checkpoint_interval if c.checkpoint_interval else math.inf
+        next_log = next_boundary(step, c.log_interval)
+        next_eval = next_boundary(step, c.eval_interval if c.eval_episodes else 0)
+        next_ckpt = next_boundary(step, c.checkpoint_interval)
         exploration_steps = c.exploration_fraction * total
         while step < total:
             epsilon = linear_schedule(c.start_epsilon, c.end_epsilon, exploration_steps, step)
@@ -254,15 +258,14 @@ class DQN:
                 self._train(due - updates_done, beta)
                 updates_done = due
             if step >= next_log or cut:  # a checkpoint's step always has its metrics row
-                next_log = (step // c.log_interval + 1) * c.log_interval
+                next_log = next_boundary(step, c.log_interval)
                 self._log(logger, step, epsilon, returns_since_log, lengths_since_log)
                 returns_since_log, lengths_since_log = [], []
             if step >= next_eval:
-                next_eval = (step // c.eval_interval + 1) * c.eval_interval
+                next_eval = next_boundary(step, c.eval_interval)
                 self._evaluate_and_log(logger, step)
             if cut:
-                next_ckpt = (step // c.checkpoint_interval + 1) * c.checkpoint_interval if c.checkpoint_interval \
-                    else math.inf
+                next_ckpt = next_boundary(step, c.checkpoint_interval)
                 self.env_steps, self.wall_time = step, logger.wall_time()
                 self.env.close()
                 self.env = env = self._make_train_env(step)

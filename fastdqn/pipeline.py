@@ -39,7 +39,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from fastdqn.agent import env_seed, linear_schedule
+from fastdqn.agent import env_seed, linear_schedule, next_boundary
 from fastdqn.envs import make_env
 from fastdqn.rate_limiter import RateLimiter
 
@@ -339,10 +339,9 @@ class AsyncPipeline:
         step = agent.env_steps
         returns: list[float] = []
         lengths: list[float] = []
-        next_log = (step // c.log_interval + 1) * c.log_interval
-        next_eval = (step // c.eval_interval + 1) * c.eval_interval if c.eval_interval and c.eval_episodes \
-            else math.inf
-        next_ckpt = (step // c.checkpoint_interval + 1) * c.checkpoint_interval if c.checkpoint_interval else math.inf
+        next_log = next_boundary(step, c.log_interval)
+        next_eval = next_boundary(step, c.eval_interval if c.eval_episodes else 0)
+        next_ckpt = next_boundary(step, c.checkpoint_interval)
         exploration_steps = c.exploration_fraction * total
         epsilon = c.start_epsilon
         while step < total:
@@ -395,12 +394,12 @@ class AsyncPipeline:
                     in_flight += len(ids)
                     watch.lap("env", t)
                     if step >= next_log:
-                        next_log = (step // c.log_interval + 1) * c.log_interval
+                        next_log = next_boundary(step, c.log_interval)
                         with self._paused(catch_up=False):
                             agent._log(logger, step, epsilon, returns, lengths)
                         returns, lengths = [], []
                     if step >= next_eval:
-                        next_eval = (step // c.eval_interval + 1) * c.eval_interval
+                        next_eval = next_boundary(step, c.eval_interval)
                         with self._paused(catch_up=True):
                             agent._evaluate_and_log(logger, step)
             finally:
@@ -408,15 +407,14 @@ class AsyncPipeline:
             # A cut: a checkpoint or the end. Every env's episode was stored as truncated.
             t = time.perf_counter()
             with self._paused(catch_up=True):
-                next_log = (step // c.log_interval + 1) * c.log_interval
+                next_log = next_boundary(step, c.log_interval)
                 agent._log(logger, step, epsilon, returns, lengths)
                 returns, lengths = [], []
                 if step >= next_eval:
-                    next_eval = (step // c.eval_interval + 1) * c.eval_interval
+                    next_eval = next_boundary(step, c.eval_interval)
                     agent._evaluate_and_log(logger, step)
                 if step >= next_ckpt or step >= total:
-                    next_ckpt = (step // c.checkpoint_interval + 1) * c.checkpoint_interval \
-                        if c.checkpoint_interval else math.inf
+                    next_ckpt = next_boundary(step, c.checkpoint_interval)
                     agent.env_steps, agent.wall_time = step, logger.wall_time()
                     logger.flush()
                     agent.save_checkpoint()
