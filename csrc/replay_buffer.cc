@@ -464,10 +464,12 @@ void ReplayBuffer::SamplingMass(const int64_t* indices, int64_t count, double* o
   if (!tree_) throw std::invalid_argument("sampling mass needs a prioritized buffer");
   std::lock_guard<std::mutex> tree_lock(tree_mutex_);
   for (int64_t i = 0; i < count; ++i) {
+    if (indices[i] < 0) throw std::invalid_argument("indices[" + Str(i) + "] is negative");
+  }
+  for (int64_t i = 0; i < count; ++i) {
     const int64_t e = indices[i] % config_.num_envs, seq = indices[i] / config_.num_envs;
     const int64_t end = streams_[e].end.load(std::memory_order_acquire);
-    const bool resident = indices[i] >= 0 && seq < end && seq >= end - slots_per_env_;
-    out[i] = resident ? tree_->Get(Row(e, seq)) : 0.0;
+    out[i] = seq < end && seq >= end - slots_per_env_ ? tree_->Get(Row(e, seq)) : 0.0;
   }
 }
 

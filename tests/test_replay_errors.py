@@ -144,3 +144,6 @@ def test_prioritized_errors_change_nothing():
             PrioritizedReplayBuffer(64, (K, *FRAME), frame_stack=K, **kwargs)
     with pytest.raises(ValueError, match="beta"):
         buf.sample(4, beta=-1)
+    with pytest.raises(ValueError, match="negative"):
+        buf.sampling_mass([-1])
+    assert buf.sampling_mass([10**9]).tolist() == [0.0]  # never added: no mass
