@@ -9,8 +9,9 @@ exercise the graphed step's arithmetic too.
 
 Graph safety rules kept throughout: no ``.item()`` or other host syncs in the step, no
 data-dependent Python branches (the target update is a lerp whose weight is 0 or tau),
-gradients are preallocated and zeroed in place, inputs are copied into static tensors, and
-the optimizer is capturable. The only wait is for a batch's own copy out of pinned host
+gradients are preallocated and written in place, inputs are copied into static tensors (on
+CPU, where nothing is captured, the step reads the caller's batch directly), and the
+optimizer is capturable. The only wait is for a batch's own copy out of pinned host
 memory, after the step is queued (see ``Learner._copy_inputs``). Random numbers for
 exploration come from torch's default generator for the device, which CUDA graphs advance
 correctly on every replay (seed it with torch.manual_seed; checkpoint its state with the run).
@@ -26,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from fastdqn import manual_mlp
 
 __all__ = ["Learner"]
 
@@ -172,10 +175,17 @@ class Learner:
         self._params = [p for p in self.q_network.parameters() if p.requires_grad]
         if not self._params:
             raise ValueError("q_network has no trainable parameters")
-        # Gradients live outside any graph's memory pool and are zeroed in place each step,
+        # Gradients live outside any graph's memory pool and are written in place each step,
         # so the graphed and the eager step do exactly the same thing.
         for p in self._params:
             p.grad = torch.zeros_like(p)
+        self._grads = [p.grad for p in self._params]
+        # fastdqn's own MLP skips autograd and module calls (see fastdqn.manual_mlp).
+        manual = manual_mlp.supports(self.q_network)
+        self._td_gradient = (manual_mlp.MLPTDGradient(self.q_network, self.target_network, batch_size, loss=loss,
+                                                      double_dqn=self.double_dqn)
+                             if manual else self._autograd_td_gradient)
+        self._act_q_values = manual_mlp.MLPForward(self.actor_network, num_envs) if manual else self.actor_network
         # The capturable optimizers keep their step count on the device; plain eager CUDA keeps
         # the faster default path, which is what "eager PyTorch" means in the benchmarks. On CPU
         # the fused Adam kernel saves most of the optimizer's per-tensor overhead.
@@ -189,6 +199,9 @@ class Learner:
                                                  foreach=device.type == "cpu" or None)
         # Warm-up steps run outside capture by design; silence torch's once-only advice about it.
         self.optimizer._warned_capturable_if_run_uncaptured = True
+        self._optimizer_step = self._fused_adam_step if optimizer == "adam" and device.type == "cpu" \
+            else self.optimizer.step
+        self._adam_tensors: list[list[torch.Tensor]] | None = None
 
         def zeros(*shape, dtype=torch.float32):
             return torch.zeros(shape, dtype=dtype, device=device)
@@ -219,9 +232,15 @@ class Learner:
         self._frames: torch.Tensor | None = None
         self._next_offset = zeros(batch_size, dtype=torch.int64)
 
-        self._update_step = self._graphed(self._train_step)
-        self._frame_update_step = self._graphed(self._train_step_on_frames)
-        self._act_step = self._graphed(self._act_static)
+        self._static_batch = {"obs": self._obs, "actions": self._actions, "rewards": self._rewards,
+                              "next_obs": self._next_obs, "discounts": self._discounts, "weights": self._weights}
+        self._graph_steps()
+        self._act_step = self._graphed(lambda: self._act_on(self._act_obs))
+
+    def _graph_steps(self) -> None:
+        """The update steps over the static batch tensors (graphed on CUDA)."""
+        self._update_step = self._graphed(lambda: self._train_step(self._static_batch))
+        self._frame_update_step = self._graphed(lambda: self._train_step_on_frames(self._static_batch))
 
     def _graphed(self, step):
         return _GraphedStep(step) if self.cuda_graph else step
@@ -255,8 +274,12 @@ class Learner:
             if value.shape != expected:
                 raise ValueError(f"batch.{name} must have shape {tuple(expected)}, got {tuple(value.shape)}")
             sources[name] = value
-        self._copy_inputs([(getattr(self, "_" + name), value) for name, value in sources.items()],
-                          then=self._frame_update_step if frame_layout else self._update_step)
+        if self.device.type == "cpu":  # nothing to stage: the step reads the batch where it is
+            step = self._train_step_on_frames if frame_layout else self._train_step
+            step({name: value.to(getattr(self, "_" + name).dtype) for name, value in sources.items()})
+        else:
+            self._copy_inputs([(getattr(self, "_" + name), value) for name, value in sources.items()],
+                              then=self._frame_update_step if frame_layout else self._update_step)
         self.num_updates += 1
         self._metric_updates += 1
 
@@ -268,18 +291,17 @@ class Learner:
             raise ValueError(f"batch.frames must have shape ({self.batch_size}, {k} + n_step, "
                              f"*{self.obs_shape[1:]}) for frame-stacked observations {self.obs_shape}, got {shape}")
         self._frames = torch.zeros(shape, dtype=self.obs_dtype, device=self.device)
+        self._static_batch.update(frames=self._frames, next_offset=self._next_offset)
 
-    def _unpack_frames(self) -> None:
-        """obs = frames[:, :k], next_obs = frames[:, next_offset : next_offset + k], on the device."""
-        k = self.obs_shape[0]
-        self._obs.copy_(self._frames[:, :k])
-        columns = self._next_offset[:, None] + torch.arange(k, device=self.device)
+    def _train_step_on_frames(self, batch: dict) -> None:
+        """obs = frames[:, :k], next_obs = frames[:, next_offset : next_offset + k], unpacked
+        on the device into the static obs tensors, then the update."""
+        frames, k = batch["frames"], self.obs_shape[0]
+        self._obs.copy_(frames[:, :k])
+        columns = batch["next_offset"][:, None] + torch.arange(k, device=self.device)
         index = columns.view(self.batch_size, k, *(1,) * (len(self.obs_shape) - 1)).expand_as(self._next_obs)
-        torch.gather(self._frames, 1, index, out=self._next_obs)
-
-    def _train_step_on_frames(self) -> None:
-        self._unpack_frames()
-        self._train_step()
+        torch.gather(frames, 1, index, out=self._next_obs)
+        self._train_step({**batch, "obs": self._obs, "next_obs": self._next_obs})
 
     def _copy_inputs(self, pairs, then) -> None:
         """Copy host or device tensors into static device tensors, then call ``then()``.
@@ -299,29 +321,15 @@ class Learner:
         if copied is not None:
             copied.synchronize()
 
-    def _train_step(self) -> None:
-        with torch.enable_grad():
-            q_values = self.q_network(self._obs)
-            q_taken = q_values.gather(1, self._actions.unsqueeze(1)).squeeze(1)
-            with torch.no_grad():
-                next_target_q = self.target_network(self._next_obs)
-                chooser = self.q_network(self._next_obs) if self.double_dqn else next_target_q
-                next_actions = chooser.argmax(dim=1, keepdim=True)
-                next_q = next_target_q.gather(1, next_actions).squeeze(1)
-                td_target = self._rewards + self._discounts * next_q
-            if self.loss == "huber":
-                losses = F.smooth_l1_loss(q_taken, td_target, reduction="none", beta=1.0)
-            else:
-                losses = F.mse_loss(q_taken, td_target, reduction="none")
-            loss = (losses * self._weights).mean() if self.prioritized else losses.mean()
-            self.optimizer.zero_grad(set_to_none=False)
-            loss.backward()
-        grads = [p.grad for p in self._params]
-        if self.max_grad_norm is None:
-            grad_norm = torch.nn.utils.get_total_norm(grads)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.max_grad_norm)
-        self.optimizer.step()
+    def _train_step(self, batch: dict) -> None:
+        q_taken, td_error, loss = self._td_gradient(
+            batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"], batch["discounts"],
+            batch["weights"] if self.prioritized else None)
+        with torch.no_grad():
+            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self._grads)))
+            if self.max_grad_norm is not None:  # as torch.nn.utils.clip_grad_norm_, without its overhead
+                torch._foreach_mul_(self._grads, (self.max_grad_norm / (grad_norm + 1e-6)).clamp_(max=1.0))
+        self._optimizer_step()
         with torch.no_grad():
             self._update_count.add_(1)
             if self.cuda_graph:  # branch-free inside the graph: a lerp of weight tau when due, else 0
@@ -329,10 +337,52 @@ class Learner:
                 self._lerp_target([weight] * len(self._target_params))
             elif (self.num_updates + 1) % self.target_update_interval == 0:  # eager: the host knows the count
                 self._lerp_target(self.tau)
-            self.new_priorities.copy_((q_taken - td_target).abs())
+            torch.abs(td_error, out=self.new_priorities)
             self._loss_sum.add_(loss)
             self._q_sum.add_(q_taken.mean())
             self._grad_norm_sum.add_(grad_norm)
+
+    @torch.no_grad()
+    def _fused_adam_step(self) -> None:
+        """``Adam(fused=True).step()`` on CPU without its per-call Python overhead, which for
+        a small MLP costs several times the kernel itself: the same two calls torch's step
+        makes, on the optimizer's own state, so its state_dict (and checkpoints) are the same."""
+        if self._adam_tensors is None:
+            if not self.optimizer.state:  # the first step creates the state
+                self.optimizer.step()
+                return
+            states = [self.optimizer.state[p] for p in self._params]
+            self._adam_tensors = [self._params, self._grads, *([s[key] for s in states]
+                                                               for key in ("exp_avg", "exp_avg_sq", "step"))]
+        params, grads, exp_avgs, exp_avg_sqs, steps = self._adam_tensors
+        group = self.optimizer.param_groups[0]
+        beta1, beta2 = group["betas"]
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"],
+                           beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                           maximize=False)
+
+    def _autograd_td_gradient(self, obs, actions, rewards, next_obs, discounts, weights):
+        """Fills the online network's gradients with the TD loss's; returns (Q(s, a) of the
+        batch actions, TD error, loss). Works for any network (manual_mlp has the MLP's)."""
+        torch._foreach_zero_(self._grads)
+        with torch.enable_grad():
+            q_values = self.q_network(obs)
+            q_taken = q_values.gather(1, actions.unsqueeze(1)).squeeze(1)
+            with torch.no_grad():
+                next_target_q = self.target_network(next_obs)
+                chooser = self.q_network(next_obs) if self.double_dqn else next_target_q
+                next_actions = chooser.argmax(dim=1, keepdim=True)
+                next_q = next_target_q.gather(1, next_actions).squeeze(1)
+                td_target = rewards + discounts * next_q
+            if self.loss == "huber":
+                losses = F.smooth_l1_loss(q_taken, td_target, reduction="none", beta=1.0)
+            else:
+                losses = F.mse_loss(q_taken, td_target, reduction="none")
+            loss = (losses * weights).mean() if weights is not None else losses.mean()
+            loss.backward()
+        q_taken = q_taken.detach()
+        return q_taken, q_taken - td_target, loss.detach()
 
     def _lerp_target(self, weight) -> None:
         torch._foreach_lerp_(self._target_params, self._online_params, weight)
@@ -364,16 +414,20 @@ class Learner:
         else:
             self._epsilon.fill_(float(epsilon))
         if obs.shape[0] != self.num_envs:
-            return self._epsilon_greedy(obs.to(self.device, self.obs_dtype, non_blocking=True))
+            with torch.no_grad():
+                q_values = self.actor_network(obs.to(self.device, self.obs_dtype, non_blocking=True))
+            return self._epsilon_greedy(q_values)
+        if self.device.type == "cpu":  # nothing to stage
+            return self._act_on(obs.to(self.device, self.obs_dtype))
         self._copy_inputs([(self._act_obs, obs)], then=self._act_step)
         return self._act_out
 
-    def _act_static(self) -> None:
-        self._act_out.copy_(self._epsilon_greedy(self._act_obs))
+    def _act_on(self, obs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self._act_out.copy_(self._epsilon_greedy(self._act_q_values(obs)))
 
-    @torch.no_grad()
-    def _epsilon_greedy(self, obs: torch.Tensor) -> torch.Tensor:
-        greedy = self.actor_network(obs).argmax(dim=1)
+    def _epsilon_greedy(self, q_values: torch.Tensor) -> torch.Tensor:
+        greedy = q_values.argmax(dim=1)
         random_actions = torch.randint(0, self.num_actions, greedy.shape, device=greedy.device)
         explore = torch.rand(greedy.shape, device=greedy.device) < self._epsilon
         return torch.where(explore, random_actions, greedy)
@@ -415,9 +469,9 @@ class Learner:
             if "step" in param_state:
                 step_device = self.device if self._capturable else "cpu"
                 param_state["step"] = param_state["step"].to(step_device, torch.float32)
+        self._adam_tensors = None  # the optimizer's state tensors were replaced
         self.num_updates = int(state["num_updates"])
         self._update_count.fill_(self.num_updates)
         self.sync_actor()
         # The optimizer's state tensors were replaced: capture the update step again.
-        self._update_step = self._graphed(self._train_step)
-        self._frame_update_step = self._graphed(self._train_step_on_frames)
+        self._graph_steps()

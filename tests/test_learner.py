@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastdqn import manual_mlp
 from fastdqn.learner import Learner
 from fastdqn.networks import MLP, build_q_network
 
@@ -101,9 +102,12 @@ def make_batch(rng, batch_size=BATCH, obs_dim=OBS_DIM, num_actions=NUM_ACTIONS):
     }
 
 
-def make_net(seed=0, dueling=False):
+def make_net(seed=0, dueling=False, hidden_sizes=(16,), wrapped=False):
+    """fastdqn's MLP (trained through manual_mlp unless dueling), or, wrapped, the same MLP
+    inside a user's module (trained through autograd)."""
     torch.manual_seed(seed)
-    return MLP(OBS_DIM, NUM_ACTIONS, hidden_sizes=(16,), dueling=dueling)
+    net = MLP(OBS_DIM, NUM_ACTIONS, hidden_sizes=hidden_sizes, dueling=dueling)
+    return torch.nn.Sequential(net) if wrapped else net
 
 
 def make_learner(net, **kwargs):
@@ -132,13 +136,16 @@ CONFIGS = {
     "rmsprop-double-per-mse": dict(optimizer="rmsprop", loss="mse", double_dqn=True, prioritized=True,
                                    max_grad_norm=0.05, lr=1e-3),
     "dueling": dict(dueling=True, double_dqn=True),
+    "two-hidden-layers": dict(hidden_sizes=(16, 8), double_dqn=True, prioritized=True, max_grad_norm=0.05),
+    "user-module": dict(wrapped=True, hidden_sizes=(16, 8), prioritized=True),
 }
+NET_OPTIONS = ("dueling", "hidden_sizes", "wrapped")
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_update_matches_textbook_reference(name):
     config = dict(CONFIGS[name])
-    net = make_net(seed=1, dueling=config.pop("dueling", False))
+    net = make_net(seed=1, **{key: config.pop(key) for key in NET_OPTIONS if key in config})
     config.setdefault("target_update_interval", 2)
     learner = make_learner(net, **config)
     reference = ReferenceDQN(net, **{"lr": 1e-2, **config})
@@ -157,6 +164,48 @@ def test_update_matches_textbook_reference(name):
     metrics = learner.metrics()
     assert metrics["updates"] == 5
     assert metrics["loss"] == pytest.approx(np.mean(ref_losses), rel=1e-4)
+
+
+def frozen_first_layer():
+    net = make_net()
+    net.body[0].requires_grad_(False)
+    return net
+
+
+@pytest.mark.parametrize("make, manual", [
+    (make_net, True), (lambda: make_net(hidden_sizes=()), True), (lambda: make_net(dueling=True), False),
+    (lambda: make_net(wrapped=True), False), (frozen_first_layer, False),
+])
+def test_only_fastdqns_plain_mlp_skips_autograd(make, manual):
+    learner = make_learner(make())
+    assert isinstance(learner._td_gradient, manual_mlp.MLPTDGradient) == manual
+    assert isinstance(learner._act_q_values, manual_mlp.MLPForward) == manual
+
+
+@pytest.mark.parametrize("loss", ["huber", "mse"])
+def test_manual_mlp_step_matches_autograd_over_many_updates(loss):
+    # uint8 frames flattened by the MLP, two hidden layers, every option that changes the gradient.
+    obs_shape, batch_size = (2, 3, 3), 32
+    torch.manual_seed(5)
+    net = MLP(18, 4, hidden_sizes=(32, 16))
+    options = dict(obs_shape=obs_shape, obs_dtype=np.uint8, batch_size=batch_size, num_envs=8, device="cpu",
+                   lr=3e-3, loss=loss, double_dqn=True, prioritized=True, max_grad_norm=1.0, target_update_interval=3)
+    manual = Learner(copy.deepcopy(net), **options)
+    autograd = Learner(torch.nn.Sequential(copy.deepcopy(net)), **options)
+    assert isinstance(manual._td_gradient, manual_mlp.MLPTDGradient)
+    rng = np.random.default_rng(6)
+    for _ in range(20):
+        batch = dict(make_batch(rng, batch_size, num_actions=4),
+                     obs=rng.integers(0, 256, (batch_size, *obs_shape), dtype=np.uint8),
+                     next_obs=rng.integers(0, 256, (batch_size, *obs_shape), dtype=np.uint8))
+        for learner in (manual, autograd):
+            learner.update(batch)
+        torch.testing.assert_close(manual.new_priorities, autograd.new_priorities, atol=1e-4, rtol=1e-5)
+    for module in ("q_network", "target_network"):
+        assert_close(params(getattr(manual, module)), params(getattr(autograd, module)), atol=1e-5)
+    assert manual.metrics() == pytest.approx(autograd.metrics(), rel=1e-5)
+    obs = rng.integers(0, 256, (8, *obs_shape), dtype=np.uint8)
+    assert torch.equal(manual.act(obs, 0.0), autograd.act(obs, 0.0))
 
 
 def test_reference_comparison_can_tell_double_dqn_apart():
