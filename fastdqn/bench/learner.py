@@ -4,7 +4,8 @@
     python benchmarks/learner.py --device cpu --iters 5
 
 Cases: the Nature CNN (4x84x84 uint8 frames, 6 actions) at batch 32 and 256, and the MLP
-(CartPole-sized: 4 inputs, 120-84 hidden, 2 actions) at batch 128. At batch 32 the CNN also
+(CartPole-sized: 4 inputs, 120-84 hidden, 2 actions) at batch 128, through fastdqn's
+hand-written MLP step and, wrapped in a user's module, through autograd. At batch 32 the CNN also
 takes the replay buffer's shared-frame layout (5 frames per sample instead of 8, the next
 observation gathered on the device). All use CleanRL's dqn_atari
 update (Adam 1e-4, one target network; here Huber loss and gradient clipping at 10, as in
@@ -30,16 +31,20 @@ import time
 import numpy as np
 import torch
 
+from fastdqn import manual_mlp
 from fastdqn.bench import report as report_io
 from fastdqn.learner import Learner
 from fastdqn.networks import build_q_network
 
-CASES = [  # name, obs_shape, obs_dtype, num_actions, batch_size, layout
-    ("nature_cnn", (4, 84, 84), np.uint8, 6, 32, "obs"),
-    ("nature_cnn", (4, 84, 84), np.uint8, 6, 32, "frames"),
-    ("nature_cnn", (4, 84, 84), np.uint8, 6, 256, "obs"),
-    ("mlp", (4,), np.float32, 2, 128, "obs"),
+CASES = [  # name, obs_shape, obs_dtype, num_actions, batch_size, layout, gradient
+    ("nature_cnn", (4, 84, 84), np.uint8, 6, 32, "obs", "autograd"),
+    ("nature_cnn", (4, 84, 84), np.uint8, 6, 32, "frames", "autograd"),
+    ("nature_cnn", (4, 84, 84), np.uint8, 6, 256, "obs", "autograd"),
+    ("mlp", (4,), np.float32, 2, 128, "obs", "manual"),
+    ("mlp", (4,), np.float32, 2, 128, "obs", "autograd"),
 ]
+MLP_ITERS_FACTOR = 10
+"""An MLP update is ~100x cheaper than a CNN update: it runs this many times the --iters."""
 LEARNER_SETTINGS = dict(lr=1e-4, optimizer="adam", loss="huber", double_dqn=False, target_update_interval=1000,
                         tau=1.0, max_grad_norm=10.0)
 ACT_NUM_ENVS = (8, 64)  # action-selection batches for the Nature CNN: envpool async batch sizes
@@ -83,10 +88,19 @@ def synchronize(device: torch.device) -> None:
 
 
 def measure(case, device: torch.device, cuda_graph: bool, iters: int, warmup: int) -> dict:
-    name, obs_shape, obs_dtype, num_actions, batch_size, layout = case
+    """``gradient`` "manual" is fastdqn's MLP path (fastdqn.manual_mlp); "autograd" wraps the
+    same MLP in a user's module, which the learner trains through autograd."""
+    name, obs_shape, obs_dtype, num_actions, batch_size, layout, gradient = case
+    if name == "mlp":
+        iters, warmup = iters * MLP_ITERS_FACTOR, warmup * MLP_ITERS_FACTOR
     torch.manual_seed(0)
-    learner = Learner(build_q_network(obs_shape, num_actions), obs_shape=obs_shape, obs_dtype=obs_dtype,
-                      batch_size=batch_size, num_envs=1, device=device, cuda_graph=cuda_graph, **LEARNER_SETTINGS)
+    network = build_q_network(obs_shape, num_actions)
+    if gradient == "autograd" and manual_mlp.supports(network):
+        network = torch.nn.Sequential(network)
+    learner = Learner(network, obs_shape=obs_shape, obs_dtype=obs_dtype, batch_size=batch_size, num_envs=1,
+                      device=device, cuda_graph=cuda_graph, **LEARNER_SETTINGS)
+    if isinstance(learner._td_gradient, manual_mlp.MLPTDGradient) != (gradient == "manual"):
+        raise RuntimeError(f"{name}: the learner did not take the {gradient} gradient path")
     batches = host_batches(obs_shape, obs_dtype, num_actions, batch_size, layout, pin=device.type == "cuda")
     for i in range(warmup):  # includes the graph's warm-up calls and its capture
         learner.update(batches[i % len(batches)])
@@ -100,7 +114,8 @@ def measure(case, device: torch.device, cuda_graph: bool, iters: int, warmup: in
     synchronize(device)
     elapsed = time.perf_counter() - start
     loss = learner.metrics()["loss"]
-    return {"network": name, "batch_size": batch_size, "layout": layout, "mode": "graph" if cuda_graph else "eager",
+    return {"network": name, "batch_size": batch_size, "layout": layout, "gradient": gradient,
+            "mode": "graph" if cuda_graph else "eager",
             "iters": iters, "seconds": elapsed, "updates_per_s": iters / elapsed,
             "ms_per_update": 1e3 * elapsed / iters, "final_loss": loss}
 
@@ -131,10 +146,12 @@ def to_markdown(report: dict) -> str:
              f"{report['started']}; {hardware}; torch {m['versions']['torch']} ({m['torch_threads']} CPU threads).",
              "Updates/s of one DQN update (host batch copy, forward, loss, backward, clip, Adam, target "
              "update), Nature CNN on 4x84x84 uint8 frames, MLP 4-120-84-2.", "",
-             "| network | batch | batch layout | mode | updates/s | ms/update |",
-             "| --- | ---: | --- | --- | ---: | ---: |"]
+             "Gradient: autograd, or fastdqn's hand-written MLP step (fastdqn.manual_mlp).", "",
+             "| network | batch | batch layout | gradient | mode | updates/s | ms/update |",
+             "| --- | ---: | --- | --- | --- | ---: | ---: |"]
     for r in report["results"]:
-        lines.append(f"| {r['network']} | {r['batch_size']} | {r['layout']} | {r['mode']} | "
+        lines.append(f"| {r['network']} | {r['batch_size']} | {r['layout']} | {r.get('gradient', 'autograd')} | "
+                     f"{r['mode']} | "
                      f"{r['updates_per_s']:,.1f} | {r['ms_per_update']:.3f} |")
     lines += ["", "Acting: epsilon-greedy actions for a batch of envs (observations to the device, actions back).",
               "", "| network | envs | mode | calls/s | ms/call |", "| --- | ---: | --- | ---: | ---: |"]
@@ -180,14 +197,15 @@ def main(argv=None) -> dict:
     log(f"{machine['slug']}: {iters} timed updates per case after {warmup} warm-up updates")
     for case in CASES:
         for cuda_graph in ((False, True) if on_cuda else (False,)):
-            label = f"{case[0]} batch {case[4]} {case[5]} {'graph' if cuda_graph else 'eager'}"
+            label = f"{case[0]} batch {case[4]} {case[5]} {case[6]} {'graph' if cuda_graph else 'eager'}"
             log(f"{label}: running")
             result = measure(case, device, cuda_graph, iters, warmup)
             report["results"].append(result)
             log(f"{label}: {result['updates_per_s']:,.1f} updates/s ({result['ms_per_update']:.3f} ms/update)")
         if on_cuda:
             eager, graph = report["results"][-2:]
-            key = f"{case[0]}-b{case[4]}" + ("-frames" if case[5] == "frames" else "")
+            key = f"{case[0]}-b{case[4]}" + ("-frames" if case[5] == "frames" else "") \
+                + ("-autograd" if case[0] == "mlp" and case[6] == "autograd" else "")
             report["graph_speedup"][key] = graph["updates_per_s"] / eager["updates_per_s"]
     for num_envs in ACT_NUM_ENVS:
         for cuda_graph in ((False, True) if on_cuda else (False,)):
