@@ -206,6 +206,8 @@ class DQN:
             self.buffer = self._make_buffer()
         if self._batch is None:
             self._batch, self._sample = self._sampling()
+        if c.torch_threads:  # OpenMP's thread count is per thread: set it in whichever thread learns
+            torch.set_num_threads(c.torch_threads)
         logger = RunLogger(self.run_dir, self._config_record(total), total_steps=total,
                            start_step=self.env_steps, wall_time_offset=self.wall_time, resume=self.env_steps > 0,
                            tensorboard=self.tensorboard, progress=self.progress)

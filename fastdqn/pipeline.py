@@ -31,6 +31,7 @@ inside its kernels); CUDA streams and events are simply absent there.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 import time
@@ -145,25 +146,27 @@ class _DeviceBatches:
     """Prefetched host batches, moved to the device for the learner.
 
     The C++ prefetcher samples into ``PREFETCH_DEPTH`` host batches (pinned memory on
-    CUDA). On CUDA each batch is copied on its own stream into one of two device staging
+    CUDA); with ``prefetch=False`` the learner samples each batch itself when it needs it. On CUDA each batch is copied on its own stream into one of two device staging
     batches, so the copy of batch i+1 overlaps update i; the learner's stream waits for
     the copy's event, the next copy into a staging batch waits until the update that read
     it is done, and a host slot goes back to the sampler only once its copy has landed. On
     CPU the host batch goes to the learner as it is.
     """
 
-    def __init__(self, buffer, batch_size: int, device: torch.device, fields: tuple[str, ...]) -> None:
+    def __init__(self, buffer, batch_size: int, device: torch.device, fields: tuple[str, ...],
+                 prefetch: bool = True) -> None:
         self._cuda = device.type == "cuda"
         self._fields = fields
         template = buffer.empty_batch(batch_size)
         self._host: list[dict[str, torch.Tensor]] = []
         batches = []
-        for _ in range(PREFETCH_DEPTH):
+        for _ in range(PREFETCH_DEPTH if prefetch else 1):
             tensors = {name: torch.empty(array.shape, dtype=torch.from_numpy(array).dtype, pin_memory=self._cuda)
                        for name, array in template.arrays().items()}
             self._host.append(tensors)
             batches.append(type(template)(**{name: t.numpy() for name, t in tensors.items()}))
-        self._prefetcher = buffer.prefetch(batch_size, out=batches)
+        self._prefetcher = buffer.prefetch(batch_size, out=batches) if prefetch else None
+        self._sample_now = functools.partial(buffer.sample, batch_size, out=batches[0])
         self._batches = batches
         self._landed: torch.cuda.Event | None = None
         if self._cuda:
@@ -178,7 +181,7 @@ class _DeviceBatches:
         """The next batch as the learner takes it, its host indices, and the time now."""
         if self._landed is not None:
             self._landed.synchronize()  # the previous host slot is about to be refilled
-        host = self._prefetcher.next()
+        host = self._prefetcher.next() if self._prefetcher is not None else self._sample_now()
         t = watch.lap("sample", t)
         tensors = self._host[self._slot(host)]
         if not self._cuda:
@@ -204,7 +207,8 @@ class _DeviceBatches:
         return next(i for i, batch in enumerate(self._batches) if batch is host)
 
     def close(self) -> None:
-        self._prefetcher.close()
+        if self._prefetcher is not None:
+            self._prefetcher.close()
 
 
 class _PendingPriorities:
@@ -264,7 +268,9 @@ class AsyncPipeline:
             env batches' worth, so the actor's policy trails the learner by a few updates
             at most; but a schedule of rounds (gradient_steps above that) is followed as the
             synchronous engine follows it (max_lag 0): the actor goes on into the next round
-            only once the learner has finished the last, so it acts and learns as sync does.
+            only once the learner has finished the last and acts with the weights it ended
+            with, and the learner samples each batch when it needs it, so the run stores the
+            same transitions and makes the same updates as sync, bit for bit.
     """
 
     def __init__(self, agent, actor_sync_interval: int = ACTOR_SYNC_INTERVAL, max_lag: int | None = None) -> None:
@@ -303,7 +309,7 @@ class AsyncPipeline:
         self._priorities = _PendingPriorities(agent.buffer, c.batch_size, learner.device) if c.prioritized else None
         self._total = total
         # OpenMP's thread count is per thread: the learner thread takes the caller's setting.
-        self._torch_threads = torch.get_num_threads()
+        self._torch_threads = c.torch_threads or torch.get_num_threads()
         thread = threading.Thread(target=self._learner_thread, name="fastdqn-learner", daemon=True)
         start = time.perf_counter()
         error: BaseException | None = None
@@ -383,6 +389,10 @@ class AsyncPipeline:
                     if cut:
                         continue  # collect the envs still stepping; their episodes end here too
                     epsilon = linear_schedule(c.start_epsilon, c.end_epsilon, exploration_steps, step)
+                    if self.max_lag == 0:  # rounds of updates: act after the round, with its weights, as sync does
+                        if not limiter.await_caught_up():
+                            raise _Stop
+                        t = watch.lap("wait", t)
                     if step < c.learning_starts:
                         actions = agent.np_rng.integers(agent.num_actions, size=len(ids))
                     else:
@@ -461,12 +471,17 @@ class AsyncPipeline:
                     if not due:
                         return
                     if batches is None:  # the buffer holds transitions once an update is due
+                        # With max_lag 0 the learner only runs while the actor waits: a sampler
+                        # thread would have nothing to overlap, and batches sampled ahead of a
+                        # round would miss the steps stored just before it.
                         batches = _DeviceBatches(self.agent.buffer, self.agent.config.batch_size,
-                                                 self.agent.learner.device, self._update_fields())
-                    for _ in range(due):
+                                                 self.agent.learner.device, self._update_fields(),
+                                                 prefetch=self.max_lag > 0)
+                    for i in range(due):
                         if limiter.closed:
                             return
-                        self._update(batches)
+                        # With max_lag 0 the actor waits for the round to end; it acts with its last weights.
+                        self._update(batches, publish=self.max_lag == 0 and i == due - 1)
                         limiter.updated()
         except BaseException as e:  # noqa: BLE001 - handed to the calling thread
             self._learner_error = e
@@ -479,7 +494,7 @@ class AsyncPipeline:
         fields = ("obs", "actions", "rewards", "next_obs", "discounts")
         return fields + ("weights",) if self.agent.config.prioritized else fields
 
-    def _update(self, batches: _DeviceBatches) -> None:
+    def _update(self, batches: _DeviceBatches, publish: bool = False) -> None:
         agent, learner, watch = self.agent, self.agent.learner, self.learner_watch
         c = agent.config
         if c.prioritized:  # annealed as the synchronous engine does; the sampler reads it
@@ -491,7 +506,7 @@ class AsyncPipeline:
             batches.consumed()
             if self._priorities is not None:
                 self._priorities.push(indices, learner.new_priorities)
-            if learner.num_updates % self.actor_sync_interval == 0:
+            if publish or learner.num_updates % self.actor_sync_interval == 0:
                 self.weights.publish()
         watch.lap("update", t)
 

@@ -422,6 +422,26 @@ def test_atari_frame_stacks_in_async_batches_with_a_checkpoint_mid_run(tmp_path)
     assert (tmp_path / "run" / "checkpoints").is_dir()
 
 
+def test_async_pipeline_with_rounds_learns_exactly_what_sync_learns(tmp_path):
+    """CartPole's preset updates in rounds (max_lag 0): the actor waits out each round and acts
+    with the weights it ends with, the learner samples when it updates, so the async run
+    stores the same transitions and makes the same updates as sync, bit for bit."""
+    from fastdqn.config import DQNConfig
+
+    networks = {}
+    for pipeline in ("sync", "async"):
+        config = DQNConfig(device="cpu", save_buffer=False, eval_episodes=0, pipeline=pipeline, total_steps=3_000)
+        agent = make_agent(tmp_path / pipeline, config)
+        assert finish_within(120, agent.learn) is None
+        networks[pipeline] = agent.learner
+    assert agent.pipeline_report["max_lag_updates"] == 0
+    sync, run = networks["sync"], networks["async"]
+    assert run.num_updates == sync.num_updates > 0
+    for module in ("q_network", "target_network"):
+        for a, b in zip(getattr(run, module).parameters(), getattr(sync, module).parameters(), strict=True):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.slow
 def test_async_pipeline_solves_cartpole_like_sync(tmp_path):
     """The sync engine's bar (test_agent), with the same default preset, on the async pipeline."""
