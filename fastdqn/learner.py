@@ -422,6 +422,12 @@ class Learner:
         self._copy_inputs([(self._act_obs, obs)], then=self._act_step)
         return self._act_out
 
+    @property
+    def act_graph_captured(self) -> bool:
+        """Whether ``act`` for num_envs observations replays a captured CUDA graph yet (it
+        runs eagerly for a few warm-up calls first). Always False without CUDA graphs."""
+        return isinstance(self._act_step, _GraphedStep) and self._act_step.graph is not None
+
     def _act_on(self, obs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self._act_out.copy_(self._epsilon_greedy(self._act_q_values(obs)))

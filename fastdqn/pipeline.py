@@ -439,7 +439,7 @@ class AsyncPipeline:
         learner = self.agent.learner
         if learner.cuda_graph and learner.num_envs == self.env_batch:
             obs = np.zeros((self.env_batch, *self.agent.obs_shape), self.agent.env.obs_dtype)
-            while learner._act_step.graph is None:
+            while not learner.act_graph_captured:
                 learner.act(obs, 1.0)
 
     @contextlib.contextmanager

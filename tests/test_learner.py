@@ -361,6 +361,7 @@ def test_act_with_zero_epsilon_is_greedy_for_any_batch_size():
         with torch.no_grad():
             q = learner.q_network(torch.from_numpy(obs)).tolist()
         assert actions.tolist() == [max(range(NUM_ACTIONS), key=lambda a: row[a]) for row in q]
+    assert not learner.act_graph_captured  # nothing is captured on CPU
 
 
 def biased_net(preferred_action):
@@ -549,7 +550,7 @@ def test_graphed_act_matches_eager_on_cuda():
         with torch.no_grad():
             expected = net(torch.from_numpy(obs).cuda()).argmax(dim=1).cpu()
         assert torch.equal(actions, expected)
-    assert graphed._act_step.graph is not None
+    assert graphed.act_graph_captured
     counts = torch.zeros(6, dtype=torch.int64)
     for _ in range(200):
         counts += torch.bincount(graphed.act(obs, 1.0).cpu(), minlength=6)
