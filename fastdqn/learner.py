@@ -276,7 +276,7 @@ class Learner:
             sources[name] = value
         if self.device.type == "cpu":  # nothing to stage: the step reads the batch where it is
             step = self._train_step_on_frames if frame_layout else self._train_step
-            step({name: value.to(getattr(self, "_" + name).dtype) for name, value in sources.items()})
+            step({name: value.to(self.device, getattr(self, "_" + name).dtype) for name, value in sources.items()})
         else:
             self._copy_inputs([(getattr(self, "_" + name), value) for name, value in sources.items()],
                               then=self._frame_update_step if frame_layout else self._update_step)

@@ -146,11 +146,12 @@ class _DeviceBatches:
     """Prefetched host batches, moved to the device for the learner.
 
     The C++ prefetcher samples into ``PREFETCH_DEPTH`` host batches (pinned memory on
-    CUDA); with ``prefetch=False`` the learner samples each batch itself when it needs it. On CUDA each batch is copied on its own stream into one of two device staging
-    batches, so the copy of batch i+1 overlaps update i; the learner's stream waits for
-    the copy's event, the next copy into a staging batch waits until the update that read
-    it is done, and a host slot goes back to the sampler only once its copy has landed. On
-    CPU the host batch goes to the learner as it is.
+    CUDA); with ``prefetch=False`` the learner samples each batch itself when it needs it.
+    On CUDA each batch is copied on its own stream into one of two device staging batches,
+    so the copy of batch i+1 overlaps update i; the learner's stream waits for the copy's
+    event, the next copy into a staging batch waits until the update that read it is done,
+    and a host slot goes back to the sampler only once its copy has landed. On CPU the host
+    batch goes to the learner as it is.
     """
 
     def __init__(self, buffer, batch_size: int, device: torch.device, fields: tuple[str, ...],
@@ -269,8 +270,9 @@ class AsyncPipeline:
             at most; but a schedule of rounds (gradient_steps above that) is followed as the
             synchronous engine follows it (max_lag 0): the actor goes on into the next round
             only once the learner has finished the last and acts with the weights it ended
-            with, and the learner samples each batch when it needs it, so the run stores the
-            same transitions and makes the same updates as sync, bit for bit.
+            with, and the learner samples each batch when it needs it, so with uniform replay
+            the run stores the same transitions and makes the same updates as sync, bit for
+            bit (prioritized replay's new priorities reach the buffer one update later).
     """
 
     def __init__(self, agent, actor_sync_interval: int = ACTOR_SYNC_INTERVAL, max_lag: int | None = None) -> None:
