@@ -2,6 +2,7 @@
 
     fastdqn bench train                                  # CartPole-v1 (preset, 50k steps) and Breakout-v5
     fastdqn bench train --env Breakout-v5 --steps 20000 --json
+    fastdqn bench train --env CartPole-v1 --repeats 3      # each system's median of 3 interleaved runs
     python benchmarks/train.py --systems sync,async
 
 Systems: ``envpool_raw`` (the same envs stepped with random actions: the env-side limit),
@@ -144,13 +145,25 @@ def _sb3_envs(env_id: str, config):
     return env, eval_env, "MlpPolicy", {"net_arch": list(config.hidden_sizes)}
 
 
+def median_run(results: list[dict]) -> dict:
+    """The run with the median steps/s (the lower middle one of an even count); with several
+    runs, every run's steps/s is added as ``runs_steps_per_s``."""
+    median = sorted(results, key=lambda r: r["steps_per_s"])[(len(results) - 1) // 2]
+    if len(results) > 1:
+        median = dict(median, runs_steps_per_s=[r["steps_per_s"] for r in results])
+    return median
+
+
 def to_markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# End-to-end DQN training: fastdqn vs SB3 ({report['date']})", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m.get('gpu', 'no GPU')}, device {report['device']}, "
              f"torch {m['versions']['torch']}, 1-min load average at start {m['load_avg_1m']}.",
              "Same hyperparameters for both systems (the env's fastdqn preset); timed from start to end of "
-             "learning, evaluated greedily afterwards.", "",
+             "learning, evaluated greedily afterwards."
+             + "".join(f" {env_id}: each system's median of {entry['repeats']} interleaved runs (every run's "
+                       "steps/s below the table)." for env_id, entry in report["envs"].items()
+                       if entry.get("repeats", 1) > 1), "",
              "| env | system | env steps | wall s | env steps/s | updates/s | replay ratio | GPU busy | "
              "where the time went (s) | eval return | vs sync | vs SB3 |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
@@ -170,6 +183,8 @@ def to_markdown(report: dict) -> str:
         lines.append(f"- {env_id}: preset `{entry['preset']}`, config {json.dumps(entry['config_overrides'])}; "
                      f"both systems with {entry['config']['torch_threads'] or 'default'} torch thread(s)")
         for name, r in entry["systems"].items():
+            if "runs_steps_per_s" in r:
+                lines.append(f"  - {name}: steps/s of each run: " + ", ".join(f"{v:,.0f}" for v in r["runs_steps_per_s"]))
             for note in r.get("notes", []):
                 lines.append(f"  - {name}: {note}")
     return "\n".join(lines) + "\n"
@@ -193,6 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "for Atari 4k on CPU, 20k on CUDA)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
     parser.add_argument("--num-envs", type=int, default=None, help="envs per system (default: the preset's)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each system, interleaved so that machine noise hits all alike; the report "
+                             "keeps each system's median run by steps/s and lists every run's steps/s")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (both systems)")
     parser.add_argument("--eval-episodes", type=int, default=None,
@@ -209,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--steps must be positive, got {args.steps}")
     if args.num_envs is not None and args.num_envs < 1:
         parser.error(f"--num-envs must be positive, got {args.num_envs}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be positive, got {args.repeats}")
 
     import torch
 
@@ -225,13 +245,18 @@ def main(argv: list[str] | None = None) -> dict:
         preset, config = bench_config(env_id, steps, args.seed, device, args.num_envs)
         defaults = DQNConfig.preset(preset).to_dict()
         overrides = {k: v for k, v in config.to_dict().items() if defaults[k] != v}
-        entry = {"preset": preset, "config_overrides": overrides, "config": config.to_dict(), "systems": {}}
-        for system in systems:
-            log(f"{env_id}: {system}, {config.total_steps:,} env steps on {device}")
-            runner = {"envpool_raw": run_envpool_raw, "sync": run_sync, "async": run_async, "sb3": run_sb3}[system]
-            eval_episodes = args.eval_episodes if args.eval_episodes is not None else (0 if preset == "atari" else 10)
-            entry["systems"][system] = runner(env_id, config, eval_episodes)
-            log(f"{env_id}: {system}: {json.dumps(entry['systems'][system])}")
+        entry = {"preset": preset, "config_overrides": overrides, "config": config.to_dict(), "repeats": args.repeats,
+                 "systems": {}}
+        eval_episodes = args.eval_episodes if args.eval_episodes is not None else (0 if preset == "atari" else 10)
+        runs: dict[str, list[dict]] = {system: [] for system in systems}
+        for repeat in range(args.repeats):
+            for system in systems:
+                log(f"{env_id}: {system}, {config.total_steps:,} env steps on {device}"
+                    + (f" (run {repeat + 1} of {args.repeats})" if args.repeats > 1 else ""))
+                runner = {"envpool_raw": run_envpool_raw, "sync": run_sync, "async": run_async, "sb3": run_sb3}[system]
+                runs[system].append(runner(env_id, config, eval_episodes))
+                log(f"{env_id}: {system}: {json.dumps(runs[system][-1])}")
+        entry["systems"] = {system: median_run(results) for system, results in runs.items()}
         report["envs"][env_id] = entry
 
     base = write_report(args.out, f"train-{device}", report, to_markdown(report))

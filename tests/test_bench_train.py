@@ -1,0 +1,49 @@
+"""fastdqn bench train: SB3 gets fastdqn's schedule, and --json maps each system to its figures."""
+
+import json
+
+import pytest
+
+from fastdqn.bench import train as bench_train
+from fastdqn.config import DQNConfig
+
+
+def test_sb3_gets_the_same_schedule_in_its_units():
+    config = DQNConfig()  # CartPole's preset: rounds of 32 updates every 256 env steps, 8 envs
+    kwargs = bench_train.sb3_arguments(config, config.num_envs)
+    # SB3 counts train_freq in vector steps and its target interval in env steps.
+    assert kwargs["train_freq"] * config.num_envs == config.train_frequency
+    assert kwargs["gradient_steps"] == config.gradient_steps
+    env_steps_per_update = config.train_frequency / config.gradient_steps
+    assert kwargs["target_update_interval"] == config.target_update_interval * env_steps_per_update
+    assert (kwargs["batch_size"], kwargs["n_steps"], kwargs["learning_starts"]) == (128, 3, 1_000)
+    with pytest.raises(ValueError, match="multiple of num_envs"):
+        bench_train.sb3_arguments(DQNConfig(train_frequency=12), 8)
+
+
+def test_median_run_is_the_middle_one_by_steps_per_s():
+    runs = [{"steps_per_s": v, "run": i} for i, v in enumerate([30.0, 10.0, 20.0, 40.0])]
+    assert bench_train.median_run(runs[:3]) == dict(runs[2], runs_steps_per_s=[30.0, 10.0, 20.0])
+    assert bench_train.median_run(runs)["run"] == 2  # the lower middle of four
+    assert bench_train.median_run(runs[:1]) == runs[0]
+
+
+def test_json_maps_each_system_to_its_figures(tmp_path, capsys):
+    steps, repeats = 1_200, 2
+    bench_train.main(["--env", "CartPole-v1", "--steps", str(steps), "--systems", "envpool_raw,sync,async",
+                      "--repeats", str(repeats), "--eval-episodes", "0", "--device", "cpu", "--out", str(tmp_path),
+                      "--json"])
+    figures = json.loads(capsys.readouterr().out)
+    assert set(figures) == {"envpool_raw", "sync", "async"}
+    config = DQNConfig()
+    # The preset's schedule: a round of gradient_steps at learning_starts, then one per train_frequency.
+    updates = ((steps - config.learning_starts) // config.train_frequency + 1) * config.gradient_steps
+    for name, result in figures.items():
+        assert result["env_steps"] == steps and result["steps_per_s"] > 0
+        assert len(result["runs_steps_per_s"]) == repeats and result["steps_per_s"] in result["runs_steps_per_s"]
+        expected = 0 if name == "envpool_raw" else updates
+        assert result["updates"] == expected
+        assert result["replay_ratio"] == pytest.approx(expected / steps, abs=1e-4)
+        assert result["updates_per_s"] == pytest.approx(expected / result["wall_s"], rel=1e-2, abs=0.1)
+    markdown = (tmp_path / "train-cpu.md").read_text()
+    assert f"median of {repeats} interleaved runs" in markdown and "| CartPole-v1 | async |" in markdown
