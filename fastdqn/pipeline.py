@@ -15,7 +15,9 @@ for the other. Here they run at once, in two threads that share the lock-free re
 - A ``RateLimiter`` holds updates per env step at the synchronous engine's schedule
   (``DQN.updates_due``): the learner never runs ahead of it and the actor never more than
   ``max_lag`` updates ahead of the learner. Before each checkpoint, evaluation and at the
-  end the learner catches up, so a run does exactly the synchronous run's updates.
+  end the learner catches up, so a run does exactly the synchronous run's updates. A
+  schedule of rounds (max_lag 0) is followed as sync follows it: the actor waits out each
+  round and the learner samples on demand, so with uniform replay the run equals sync's.
 - The actor acts with a copy of the online network (``Learner(actor_copy=True)``) that
   ``ActorWeights`` refreshes: the learner publishes into a back buffer (on CUDA on a side
   stream, ordered by events, so neither thread waits on the host), the actor copies it in
