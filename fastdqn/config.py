@@ -270,7 +270,8 @@ PRESETS: dict[str, dict] = {
     # updates; after every round, 3 of seeds 0-13 ended below 475). Seeds 0-13 all evaluate at
     # >= 490 (10 greedy episodes) at 50k steps. These are DQNConfig's defaults.
     "cartpole": {},
-    # RL Zoo's Acrobot-v1 DQN settings.
+    # RL Zoo's Acrobot-v1 DQN settings. Seed 0 evaluates at -74 to -92 (10 greedy games) at
+    # every 10k steps from 20k on; its 100k steps take 5 minutes on 2 CPU cores.
     "acrobot": dict(
         total_steps=100_000, num_envs=4, learning_rate=6.3e-4, batch_size=128, buffer_size=50_000,
         learning_starts=1_000, train_frequency=4, gradient_steps=4, target_update_interval=250,
