@@ -92,7 +92,6 @@ def run_sb3(env_id: str, config, eval_episodes: int) -> dict:
         notes.append("SB3's DQN always uses the Huber loss")
     if config.prioritized:
         notes.append("SB3's DQN has no prioritized replay")
-    torch.set_num_threads(config.torch_threads or torch.get_num_threads())  # as fastdqn runs
     kwargs = sb3_arguments(config, config.num_envs)
     env, eval_env, policy, policy_kwargs = _sb3_envs(env_id, config)
     if config.optimizer == "adam":
@@ -181,7 +180,7 @@ def to_markdown(report: dict) -> str:
     lines.append("")
     for env_id, entry in report["envs"].items():
         lines.append(f"- {env_id}: preset `{entry['preset']}`, config {json.dumps(entry['config_overrides'])}; "
-                     f"both systems with {entry['config']['torch_threads'] or 'default'} torch thread(s)")
+                     f"both systems with {entry['torch_threads']} torch thread(s)")
         for name, r in entry["systems"].items():
             if "runs_steps_per_s" in r:
                 lines.append(f"  - {name}: steps/s of each run: " + ", ".join(f"{v:,.0f}" for v in r["runs_steps_per_s"]))
@@ -234,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from fastdqn.config import DQNConfig, is_atari_id
 
+    all_cores = torch.get_num_threads()  # before any system sets it: what torch_threads=0 means
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
     report = {"benchmark": "train", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -245,8 +245,12 @@ def main(argv: list[str] | None = None) -> dict:
         preset, config = bench_config(env_id, steps, args.seed, device, args.num_envs)
         defaults = DQNConfig.preset(preset).to_dict()
         overrides = {k: v for k, v in config.to_dict().items() if defaults[k] != v}
+        # Every system of this env runs with the preset's torch threads (0: all cores), whatever
+        # the previous env's systems set; fastdqn and SB3 both keep the count they find.
+        threads = config.torch_threads or all_cores
+        torch.set_num_threads(threads)
         entry = {"preset": preset, "config_overrides": overrides, "config": config.to_dict(), "repeats": args.repeats,
-                 "systems": {}}
+                 "torch_threads": threads, "systems": {}}
         eval_episodes = args.eval_episodes if args.eval_episodes is not None else (0 if preset == "atari" else 10)
         runs: dict[str, list[dict]] = {system: [] for system in systems}
         for repeat in range(args.repeats):
