@@ -154,6 +154,12 @@ class DQN:
         c = self.config
         return linear_schedule(c.start_epsilon, c.end_epsilon, c.exploration_fraction * total_steps, step)
 
+    def next_boundaries(self, step: int) -> tuple[float, float, float]:
+        """The first log, evaluation and checkpoint steps after ``step`` (inf: never)."""
+        c = self.config
+        return (next_boundary(step, c.log_interval), next_boundary(step, c.eval_interval if c.eval_episodes else 0),
+                next_boundary(step, c.checkpoint_interval))
+
     def updates_due(self, step: int) -> int:
         """Updates that should have run by env step ``step``: one round of gradient_steps
         per train_frequency steps after learning_starts, whatever num_envs is. None before
@@ -236,9 +242,7 @@ class DQN:
         updates_done = learner.num_updates
         returns_since_log: list[float] = []
         lengths_since_log: list[float] = []
-        next_log = next_boundary(step, c.log_interval)
-        next_eval = next_boundary(step, c.eval_interval if c.eval_episodes else 0)
-        next_ckpt = next_boundary(step, c.checkpoint_interval)
+        next_log, next_eval, next_ckpt = self.next_boundaries(step)
         exploration_steps = c.exploration_fraction * total
         while step < total:
             epsilon = linear_schedule(c.start_epsilon, c.end_epsilon, exploration_steps, step)

@@ -33,7 +33,8 @@ def supports(network: nn.Module) -> bool:
 
 class MLPForward:
     """Q-values of an MLP for a fixed batch size, each layer's output written into its own
-    buffer; the hidden activations stay there for a backward pass."""
+    buffer; the last input (flattened, float) and the hidden activations stay for a backward
+    pass."""
 
     def __init__(self, network: MLP, batch_size: int):
         if type(network) is not MLP or type(network.head) is not nn.Linear:
@@ -41,10 +42,11 @@ class MLPForward:
         self.layers = [layer for layer in network.body if isinstance(layer, nn.Linear)] + [network.head]
         device = self.layers[0].weight.device
         self.outputs = [torch.empty(batch_size, layer.out_features, device=device) for layer in self.layers]
+        self.input: torch.Tensor | None = None
 
     @torch.no_grad()
     def __call__(self, obs: torch.Tensor) -> torch.Tensor:
-        x = obs.flatten(1).float()
+        x = self.input = obs.flatten(1).float()
         for layer, out in zip(self.layers, self.outputs):
             torch.addmm(layer.bias, x, layer.weight.t(), out=out)
             if out is not self.outputs[-1]:
@@ -101,14 +103,14 @@ class MLPTDGradient:
             loss = (losses * weights).mean()
             grad_taken.mul_(weights / len(q_taken))
         self._grad_q.zero_().scatter_(1, taken, grad_taken.unsqueeze(1))
-        self._backward(obs.flatten(1).float())
+        self._backward()
         return q_taken, td_error, loss
 
-    def _backward(self, x: torch.Tensor) -> None:
+    def _backward(self) -> None:
         layers, activations = self.online.layers, self.online.outputs
         grad = self._grad_q
         for i in reversed(range(len(layers))):
-            inputs = activations[i - 1] if i else x
+            inputs = activations[i - 1] if i else self.online.input
             torch.mm(grad.t(), inputs, out=layers[i].weight.grad)
             torch.sum(grad, dim=0, out=layers[i].bias.grad)
             if i:

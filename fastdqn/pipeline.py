@@ -169,7 +169,8 @@ class _DeviceBatches:
             self._host.append(tensors)
             batches.append(type(template)(**{name: t.numpy() for name, t in tensors.items()}))
         self._prefetcher = buffer.prefetch(batch_size, out=batches) if prefetch else None
-        self._sample_now = functools.partial(buffer.sample, batch_size, out=batches[0])
+        self._take = self._prefetcher.next if prefetch else functools.partial(buffer.sample, batch_size,
+                                                                               out=batches[0])
         self._batches = batches
         self._landed: torch.cuda.Event | None = None
         if self._cuda:
@@ -184,7 +185,7 @@ class _DeviceBatches:
         """The next batch as the learner takes it, its host indices, and the time now."""
         if self._landed is not None:
             self._landed.synchronize()  # the previous host slot is about to be refilled
-        host = self._prefetcher.next() if self._prefetcher is not None else self._sample_now()
+        host = self._take()
         t = watch.lap("sample", t)
         tensors = self._host[self._slot(host)]
         if not self._cuda:
@@ -349,9 +350,7 @@ class AsyncPipeline:
         step = agent.env_steps
         returns: list[float] = []
         lengths: list[float] = []
-        next_log = next_boundary(step, c.log_interval)
-        next_eval = next_boundary(step, c.eval_interval if c.eval_episodes else 0)
-        next_ckpt = next_boundary(step, c.checkpoint_interval)
+        next_log, next_eval, next_ckpt = agent.next_boundaries(step)
         exploration_steps = c.exploration_fraction * total
         epsilon = c.start_epsilon
         while step < total:
