@@ -175,11 +175,17 @@ class Learner:
         self._params = [p for p in self.q_network.parameters() if p.requires_grad]
         if not self._params:
             raise ValueError("q_network has no trainable parameters")
+        dtypes = {p.dtype for p in self._params}
+        if len(dtypes) > 1:
+            raise ValueError(f"q_network's trainable parameters must share one dtype, got {sorted(map(str, dtypes))}")
         # Gradients live outside any graph's memory pool and are written in place each step,
-        # so the graphed and the eager step do exactly the same thing.
-        for p in self._params:
-            p.grad = torch.zeros_like(p)
-        self._grads = [p.grad for p in self._params]
+        # so the graphed and the eager step do exactly the same thing. They are views of one
+        # flat buffer: norm, clipping and zeroing are one op each (autograd accumulates into
+        # existing .grad tensors in place).
+        self._flat_grad = torch.zeros(sum(p.numel() for p in self._params), dtype=dtypes.pop(), device=device)
+        self._grads = list(torch.split(self._flat_grad, [p.numel() for p in self._params]))
+        for i, p in enumerate(self._params):
+            p.grad = self._grads[i] = self._grads[i].view_as(p)
         # fastdqn's own MLP skips autograd and module calls (see fastdqn.manual_mlp).
         manual = manual_mlp.supports(self.q_network)
         self._td_gradient = (manual_mlp.MLPTDGradient(self.q_network, self.target_network, batch_size, loss=loss,
@@ -232,6 +238,7 @@ class Learner:
         self._frames: torch.Tensor | None = None
         self._next_offset = zeros(batch_size, dtype=torch.int64)
 
+        self._host_batch: tuple[list, dict] | None = None  # see _cpu_batch
         self._static_batch = {"obs": self._obs, "actions": self._actions, "rewards": self._rewards,
                               "next_obs": self._next_obs, "discounts": self._discounts, "weights": self._weights}
         self._graph_steps()
@@ -260,12 +267,27 @@ class Learner:
         instead of 2k, and the observations are unpacked there.
         """
         frame_layout = _field(batch, "frames") is not None
-        if frame_layout and self._frames is None:
-            self._allocate_frames(torch.as_tensor(_field(batch, "frames")).shape)
         names = (_FRAME_BATCH_FIELDS if frame_layout else _BATCH_FIELDS) + (("weights",) if self.prioritized else ())
+        values = [_field(batch, name) for name in names]
+        with torch.no_grad():  # the autograd path turns grad mode on where it needs it
+            if self.device.type == "cpu":  # nothing to stage: the step reads the batch where it is
+                step = self._train_step_on_frames if frame_layout else self._train_step
+                step(self._cpu_batch(names, values))
+            else:
+                sources = self._checked_batch(names, values)
+                self._copy_inputs([(getattr(self, "_" + name), value) for name, value in sources.items()],
+                                  then=self._frame_update_step if frame_layout else self._update_step)
+        self.num_updates += 1
+        self._metric_updates += 1
+
+    def _checked_batch(self, names, values) -> dict[str, torch.Tensor]:
+        """The batch's fields as tensors, after checking that each is there with its static shape."""
+        if "frames" in names and self._frames is None:
+            if values[0] is None:
+                raise ValueError("batch is missing field 'frames'")
+            self._allocate_frames(torch.as_tensor(values[0]).shape)
         sources = {}
-        for name in names:
-            value = _field(batch, name)
+        for name, value in zip(names, values):
             if value is None:
                 raise ValueError(f"batch is missing field {name!r}"
                                  + (" (prioritized=True needs importance weights)" if name == "weights" else ""))
@@ -274,14 +296,22 @@ class Learner:
             if value.shape != expected:
                 raise ValueError(f"batch.{name} must have shape {tuple(expected)}, got {tuple(value.shape)}")
             sources[name] = value
-        if self.device.type == "cpu":  # nothing to stage: the step reads the batch where it is
-            step = self._train_step_on_frames if frame_layout else self._train_step
-            step({name: value.to(self.device, getattr(self, "_" + name).dtype) for name, value in sources.items()})
-        else:
-            self._copy_inputs([(getattr(self, "_" + name), value) for name, value in sources.items()],
-                              then=self._frame_update_step if frame_layout else self._update_step)
-        self.num_updates += 1
-        self._metric_updates += 1
+        return sources
+
+    def _cpu_batch(self, names, values) -> dict[str, torch.Tensor]:
+        """The batch as CPU tensors of the step's dtypes. A caller that samples into the same
+        arrays each time (as the agent does) gets the tensors made the first time back: they
+        share the arrays' memory, so they hold the new batch without any conversion."""
+        if self._host_batch is not None:
+            seen, tensors = self._host_batch
+            if len(seen) == len(values) and all(a is b for a, b in zip(seen, values)):
+                return tensors
+        sources = self._checked_batch(names, values)
+        tensors = {name: value.to(self.device, getattr(self, "_" + name).dtype) for name, value in sources.items()}
+        shares_memory = all(tensors[name] is value for name, value in sources.items()) \
+            and all(isinstance(value, (np.ndarray, torch.Tensor)) for value in values)
+        self._host_batch = (values, tensors) if shares_memory else None
+        return tensors
 
     def _allocate_frames(self, shape) -> None:
         """Static frames for the shared-frame layout, shaped by the first such batch."""
@@ -325,24 +355,21 @@ class Learner:
         q_taken, td_error, loss = self._td_gradient(
             batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"], batch["discounts"],
             batch["weights"] if self.prioritized else None)
-        with torch.no_grad():
-            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self._grads)))
-            if self.max_grad_norm is not None:  # as torch.nn.utils.clip_grad_norm_, without its overhead
-                torch._foreach_mul_(self._grads, (self.max_grad_norm / (grad_norm + 1e-6)).clamp_(max=1.0))
+        grad_norm = torch.linalg.vector_norm(self._flat_grad)
+        if self.max_grad_norm is not None:  # as torch.nn.utils.clip_grad_norm_, without its overhead
+            self._flat_grad.mul_((self.max_grad_norm / (grad_norm + 1e-6)).clamp_(max=1.0))
         self._optimizer_step()
-        with torch.no_grad():
-            self._update_count.add_(1)
-            if self.cuda_graph:  # branch-free inside the graph: a lerp of weight tau when due, else 0
-                weight = self._tau * (self._update_count % self.target_update_interval == 0)
-                self._lerp_target([weight] * len(self._target_params))
-            elif (self.num_updates + 1) % self.target_update_interval == 0:  # eager: the host knows the count
-                self._lerp_target(self.tau)
-            torch.abs(td_error, out=self.new_priorities)
-            self._loss_sum.add_(loss)
-            self._q_sum.add_(q_taken.mean())
-            self._grad_norm_sum.add_(grad_norm)
+        self._update_count.add_(1)
+        if self.cuda_graph:  # branch-free inside the graph: a lerp of weight tau when due, else 0
+            weight = self._tau * (self._update_count % self.target_update_interval == 0)
+            self._lerp_target([weight] * len(self._target_params))
+        elif (self.num_updates + 1) % self.target_update_interval == 0:  # eager: the host knows the count
+            self._lerp_target(self.tau)
+        torch.abs(td_error, out=self.new_priorities)
+        self._loss_sum.add_(loss)
+        self._q_sum.add_(q_taken.sum())  # divided by the batch size in metrics()
+        self._grad_norm_sum.add_(grad_norm)
 
-    @torch.no_grad()
     def _fused_adam_step(self) -> None:
         """``Adam(fused=True).step()`` on CPU without its per-call Python overhead, which for
         a small MLP costs several times the kernel itself: the same two calls torch's step
@@ -352,12 +379,16 @@ class Learner:
                 self.optimizer.step()
                 return
             states = [self.optimizer.state[p] for p in self._params]
+            # All parameters step together, so they share one step count: one increment a step.
+            step = states[0]["step"]
+            for state in states:
+                state["step"] = step
             self._adam_tensors = [self._params, self._grads, *([s[key] for s in states]
                                                                for key in ("exp_avg", "exp_avg_sq", "step"))]
         params, grads, exp_avgs, exp_avg_sqs, steps = self._adam_tensors
         group = self.optimizer.param_groups[0]
         beta1, beta2 = group["betas"]
-        torch._foreach_add_(steps, 1)
+        steps[0].add_(1)
         torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"],
                            beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
                            maximize=False)
@@ -365,7 +396,7 @@ class Learner:
     def _autograd_td_gradient(self, obs, actions, rewards, next_obs, discounts, weights):
         """Fills the online network's gradients with the TD loss's; returns (Q(s, a) of the
         batch actions, TD error, loss). Works for any network (manual_mlp has the MLP's)."""
-        torch._foreach_zero_(self._grads)
+        self._flat_grad.zero_()
         with torch.enable_grad():
             q_values = self.q_network(obs)
             q_taken = q_values.gather(1, actions.unsqueeze(1)).squeeze(1)
@@ -395,6 +426,7 @@ class Learner:
         for tensor in (self._loss_sum, self._q_sum, self._grad_norm_sum):
             tensor.zero_()
         self._metric_updates = 0
+        sums[1] /= self.batch_size
         loss, q_mean, grad_norm = (s / count if count else math.nan for s in sums)
         return {"loss": loss, "q_mean": q_mean, "grad_norm": grad_norm, "updates": self.num_updates}
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from fastdqn.networks import MLP
 
 __all__ = ["MLPForward", "MLPTDGradient", "supports"]
+
+_relu_backward = torch.ops.aten.threshold_backward.grad_input
 
 
 def supports(network: nn.Module) -> bool:
@@ -40,15 +41,20 @@ class MLPForward:
         if type(network) is not MLP or type(network.head) is not nn.Linear:
             raise TypeError("MLPForward needs a plain fastdqn MLP (no dueling head)")
         self.layers = [layer for layer in network.body if isinstance(layer, nn.Linear)] + [network.head]
-        device = self.layers[0].weight.device
+        # Detached views share the parameters' memory, so optimizer steps and load_state_dict
+        # show through, but stand outside autograd: the out= products need no no_grad scope.
+        self.weights = [layer.weight.detach() for layer in self.layers]
+        self._transposed_weights = [weight.t() for weight in self.weights]
+        self._biases = [layer.bias.detach() for layer in self.layers]
+        device = self.weights[0].device
         self.outputs = [torch.empty(batch_size, layer.out_features, device=device) for layer in self.layers]
         self.input: torch.Tensor | None = None
 
-    @torch.no_grad()
     def __call__(self, obs: torch.Tensor) -> torch.Tensor:
+        """Q-values (batch_size, num_actions) for ``obs``, which must not require grad."""
         x = self.input = obs.flatten(1).float()
-        for layer, out in zip(self.layers, self.outputs):
-            torch.addmm(layer.bias, x, layer.weight.t(), out=out)
+        for bias, weight_t, out in zip(self._biases, self._transposed_weights, self.outputs):
+            torch.addmm(bias, x, weight_t, out=out)
             if out is not self.outputs[-1]:
                 out.relu_()  # in place: the backward pass needs only its output
             x = out
@@ -57,6 +63,9 @@ class MLPForward:
 
 class MLPTDGradient:
     """Fills the online MLP's ``.grad`` tensors (in place) with the gradient of the TD loss.
+
+    It writes into the ``.grad`` tensors the parameters have when it is built (zeros are
+    created where there are none) and builds no autograd graph.
 
     Calling it with the batch's tensors returns ``(q_taken, td_error, loss)``: Q(s, a) of
     the batch actions, Q(s, a) - TD target, and the mean loss, the same values the autograd
@@ -76,8 +85,13 @@ class MLPTDGradient:
         device = self.online.outputs[0].device
         self._grad_hidden = [torch.empty(batch_size, width, device=device) for width in widths[:-1]]
         self._grad_q = torch.zeros(batch_size, widths[-1], device=device)
+        for layer in self.online.layers:
+            for param in (layer.weight, layer.bias):
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+        self._weight_grads = [layer.weight.grad for layer in self.online.layers]
+        self._bias_grads = [layer.bias.grad for layer in self.online.layers]
 
-    @torch.no_grad()
     def __call__(self, obs, actions, rewards, next_obs, discounts, weights=None):
         q_values = self.online(obs)
         next_target_q = self.target(next_obs)
@@ -90,30 +104,32 @@ class MLPTDGradient:
         taken = actions.unsqueeze(1)
         q_taken = q_values.gather(1, taken).squeeze(1)
         td_error = q_taken - td_target
+        # Each transition's loss is grad * half_step, grad being its derivative in q_taken:
+        # huber(e) = clamp(e) * (e - clamp(e) / 2) and e**2 = 2e * (e / 2). Scaling grad by
+        # weight / batch size first makes their dot product the (weighted) mean loss.
         if self.loss == "huber":
-            losses = F.smooth_l1_loss(q_taken, td_target, reduction="none", beta=1.0)
             grad_taken = td_error.clamp(-1.0, 1.0)
+            half_step = torch.sub(td_error, grad_taken, alpha=0.5)
         else:
-            losses = td_error.square()
             grad_taken = td_error * 2.0
+            half_step = td_error * 0.5
         if weights is None:
-            loss = losses.mean()
             grad_taken.div_(len(q_taken))
         else:
-            loss = (losses * weights).mean()
-            grad_taken.mul_(weights / len(q_taken))
+            grad_taken.mul_(weights).div_(len(q_taken))
+        loss = torch.dot(grad_taken, half_step)
         self._grad_q.zero_().scatter_(1, taken, grad_taken.unsqueeze(1))
         self._backward()
         return q_taken, td_error, loss
 
     def _backward(self) -> None:
-        layers, activations = self.online.layers, self.online.outputs
+        activations = self.online.outputs
         grad = self._grad_q
-        for i in reversed(range(len(layers))):
+        for i in reversed(range(len(activations))):
             inputs = activations[i - 1] if i else self.online.input
-            torch.mm(grad.t(), inputs, out=layers[i].weight.grad)
-            torch.sum(grad, dim=0, out=layers[i].bias.grad)
+            torch.mm(grad.t(), inputs, out=self._weight_grads[i])
+            torch.sum(grad, dim=0, out=self._bias_grads[i])
             if i:
-                torch.mm(grad, layers[i].weight, out=self._grad_hidden[i - 1])
-                # ReLU's backward, as autograd computes it: zero where the output was zero.
-                grad = torch.ops.aten.threshold_backward(self._grad_hidden[i - 1], inputs, 0.0)
+                grad_hidden = torch.mm(grad, self.online.weights[i], out=self._grad_hidden[i - 1])
+                # ReLU's backward, as autograd computes it (zero where the output was zero), in place.
+                grad = _relu_backward(grad_hidden, inputs, 0.0, grad_input=grad_hidden)

@@ -38,7 +38,7 @@ class ReferenceDQN:
         self.clipped = False
 
     def transition_losses(self, batch):
-        losses, td_abs = [], []
+        losses, td_abs, self.q_taken = [], [], []
         for i in range(len(batch["actions"])):
             obs = torch.as_tensor(batch["obs"][i:i + 1])
             next_obs = torch.as_tensor(batch["next_obs"][i:i + 1])
@@ -49,6 +49,7 @@ class ReferenceDQN:
                 best = max(range(len(chooser)), key=lambda a: chooser[a])
                 y = float(batch["rewards"][i]) + float(batch["discounts"][i]) * target_q[best]
             delta = q[int(batch["actions"][i])] - y
+            self.q_taken.append(q[int(batch["actions"][i])].item())
             if self.loss_kind == "huber":
                 loss = 0.5 * delta ** 2 if abs(delta.item()) < 1.0 else abs(delta) - 0.5
             else:
@@ -65,8 +66,8 @@ class ReferenceDQN:
         loss = sum(losses) / len(losses)
         loss.backward()
         grads = [p.grad for p in self.params]
+        norm = self.grad_norm = math.sqrt(sum(float((g * g).sum()) for g in grads))
         if self.max_grad_norm is not None:
-            norm = math.sqrt(sum(float((g * g).sum()) for g in grads))
             scale = min(1.0, self.max_grad_norm / (norm + 1e-6))
             self.clipped |= scale < 1.0
             grads = [g * scale for g in grads]
@@ -150,12 +151,14 @@ def test_update_matches_textbook_reference(name):
     learner = make_learner(net, **config)
     reference = ReferenceDQN(net, **{"lr": 1e-2, **config})
     rng = np.random.default_rng(7)
-    ref_losses = []
+    ref_losses, ref_q_means, ref_grad_norms = [], [], []
     for _ in range(5):
         batch = make_batch(rng)
         learner.update(batch)
         ref_loss, td_abs = reference.step(batch)
         ref_losses.append(ref_loss)
+        ref_q_means.append(np.mean(reference.q_taken))
+        ref_grad_norms.append(reference.grad_norm)
         assert_close(params(learner.q_network), params(reference.online))
         assert_close(params(learner.target_network), params(reference.target))
         torch.testing.assert_close(learner.new_priorities, torch.tensor(td_abs), atol=2e-5, rtol=1e-4)
@@ -164,6 +167,8 @@ def test_update_matches_textbook_reference(name):
     metrics = learner.metrics()
     assert metrics["updates"] == 5
     assert metrics["loss"] == pytest.approx(np.mean(ref_losses), rel=1e-4)
+    assert metrics["q_mean"] == pytest.approx(np.mean(ref_q_means), rel=1e-4, abs=1e-6)
+    assert metrics["grad_norm"] == pytest.approx(np.mean(ref_grad_norms), rel=1e-4)
 
 
 def frozen_first_layer():
@@ -261,6 +266,31 @@ def test_batch_may_be_an_object_of_tensors_and_weights_are_ignored_without_per()
         tensors["actions"] = tensors["actions"].to(torch.int32)  # any integer dtype is accepted
         from_objects.update(SimpleNamespace(**tensors))
     assert_close(params(from_objects.q_network), params(from_dicts.q_network), atol=0)
+
+
+@pytest.mark.parametrize("action_dtype", [np.int64, np.int32])  # int32 is converted, int64 read in place
+def test_batch_arrays_refilled_in_place_train_like_fresh_batches(action_dtype):
+    # The agent samples into the same arrays every update; the learner must read their new contents.
+    net = make_net(seed=6, hidden_sizes=(16, 8))
+    rng = np.random.default_rng(12)
+    batches = [make_batch(rng) for _ in range(4)]
+    fresh, refilled = make_learner(net, prioritized=True), make_learner(net, prioritized=True)
+    reused = {k: np.empty_like(v, dtype=action_dtype if k == "actions" else None) for k, v in batches[0].items()}
+    for batch in batches:
+        fresh.update({k: v.copy() for k, v in batch.items()})
+        for name, array in reused.items():
+            array[...] = batch[name]
+        refilled.update(reused)
+        torch.testing.assert_close(refilled.new_priorities, fresh.new_priorities, atol=0, rtol=0)
+    assert_close(params(refilled.q_network), params(fresh.q_network), atol=0)
+
+
+def test_trainable_parameters_must_share_a_dtype():
+    net = torch.nn.Sequential(torch.nn.Linear(OBS_DIM, 4), torch.nn.Linear(4, NUM_ACTIONS))
+    net[1].double()
+    net.forward = lambda x: net[1](net[0](x.float()).double()).float()
+    with pytest.raises(ValueError, match="q_network's trainable parameters must share one dtype"):
+        make_learner(net)
 
 
 def test_shared_frame_batches_train_exactly_like_unpacked_batches():
