@@ -455,6 +455,12 @@ class Learner:
         return self._act_out
 
     @property
+    def manual_gradient(self) -> bool:
+        """Whether updates and acting skip autograd through ``fastdqn.manual_mlp`` (fastdqn's
+        plain MLP) rather than calling the network as a module (any other network)."""
+        return isinstance(self._td_gradient, manual_mlp.MLPTDGradient)
+
+    @property
     def act_graph_captured(self) -> bool:
         """Whether ``act`` for num_envs observations replays a captured CUDA graph yet (it
         runs eagerly for a few warm-up calls first). Always False without CUDA graphs."""

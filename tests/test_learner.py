@@ -183,6 +183,7 @@ def frozen_first_layer():
 ])
 def test_only_fastdqns_plain_mlp_skips_autograd(make, manual):
     learner = make_learner(make())
+    assert learner.manual_gradient == manual
     assert isinstance(learner._td_gradient, manual_mlp.MLPTDGradient) == manual
     assert isinstance(learner._act_q_values, manual_mlp.MLPForward) == manual
 
@@ -197,7 +198,7 @@ def test_manual_mlp_step_matches_autograd_over_many_updates(loss):
                    lr=3e-3, loss=loss, double_dqn=True, prioritized=True, max_grad_norm=1.0, target_update_interval=3)
     manual = Learner(copy.deepcopy(net), **options)
     autograd = Learner(torch.nn.Sequential(copy.deepcopy(net)), **options)
-    assert isinstance(manual._td_gradient, manual_mlp.MLPTDGradient)
+    assert manual.manual_gradient and not autograd.manual_gradient
     rng = np.random.default_rng(6)
     for _ in range(20):
         batch = dict(make_batch(rng, batch_size, num_actions=4),

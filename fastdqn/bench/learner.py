@@ -99,7 +99,7 @@ def measure(case, device: torch.device, cuda_graph: bool, iters: int, warmup: in
         network = torch.nn.Sequential(network)
     learner = Learner(network, obs_shape=obs_shape, obs_dtype=obs_dtype, batch_size=batch_size, num_envs=1,
                       device=device, cuda_graph=cuda_graph, **LEARNER_SETTINGS)
-    if isinstance(learner._td_gradient, manual_mlp.MLPTDGradient) != (gradient == "manual"):
+    if learner.manual_gradient != (gradient == "manual"):
         raise RuntimeError(f"{name}: the learner did not take the {gradient} gradient path")
     batches = host_batches(obs_shape, obs_dtype, num_actions, batch_size, layout, pin=device.type == "cuda")
     for i in range(warmup):  # includes the graph's warm-up calls and its capture
