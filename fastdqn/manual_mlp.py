@@ -104,20 +104,20 @@ class MLPTDGradient:
         taken = actions.unsqueeze(1)
         q_taken = q_values.gather(1, taken).squeeze(1)
         td_error = q_taken - td_target
-        # Each transition's loss is grad * half_step, grad being its derivative in q_taken:
-        # huber(e) = clamp(e) * (e - clamp(e) / 2) and e**2 = 2e * (e / 2). Scaling grad by
-        # weight / batch size first makes their dot product the (weighted) mean loss.
+        # Each transition's loss is grad_taken * loss_per_grad, grad_taken being the loss's
+        # derivative in q_taken: huber(e) = clamp(e) * (e - clamp(e) / 2), e**2 = 2e * (e / 2).
+        # Scaling grad_taken by weight / batch size first makes their dot product the mean loss.
         if self.loss == "huber":
             grad_taken = td_error.clamp(-1.0, 1.0)
-            half_step = torch.sub(td_error, grad_taken, alpha=0.5)
+            loss_per_grad = torch.sub(td_error, grad_taken, alpha=0.5)
         else:
             grad_taken = td_error * 2.0
-            half_step = td_error * 0.5
+            loss_per_grad = td_error * 0.5
         if weights is None:
             grad_taken.div_(len(q_taken))
         else:
             grad_taken.mul_(weights).div_(len(q_taken))
-        loss = torch.dot(grad_taken, half_step)
+        loss = torch.dot(grad_taken, loss_per_grad)
         self._grad_q.zero_().scatter_(1, taken, grad_taken.unsqueeze(1))
         self._backward()
         return q_taken, td_error, loss
