@@ -17,7 +17,7 @@ for the other. Here they run at once, in two threads that share the lock-free re
   ``max_lag`` updates ahead of the learner. Before each checkpoint, evaluation and at the
   end the learner catches up, so a run does exactly the synchronous run's updates. A
   schedule of rounds (max_lag 0) is followed as sync follows it: the actor waits out each
-  round and the learner samples on demand, so with uniform replay the run equals sync's.
+  round and the learner samples on demand, so the run equals sync's.
 - The actor acts with a copy of the online network (``Learner(actor_copy=True)``) that
   ``ActorWeights`` refreshes: the learner publishes into a back buffer (on CUDA on a side
   stream, ordered by events, so neither thread waits on the host), the actor copies it in
@@ -216,7 +216,8 @@ class _DeviceBatches:
 
 
 class _PendingPriorities:
-    """New priorities go to the buffer one update late, so reading them never stalls the device.
+    """New priorities go to the buffer one update late, so reading them never stalls the device
+    (with rounds of updates, where the learner samples on demand, the pipeline flushes each push).
 
     ``push`` queues a copy of the update's priorities into host memory (pinned and
     asynchronous on CUDA) and applies the previous update's, whose copy has long landed.
@@ -273,9 +274,9 @@ class AsyncPipeline:
             at most; but a schedule of rounds (gradient_steps above that) is followed as the
             synchronous engine follows it (max_lag 0): the actor goes on into the next round
             only once the learner has finished the last and acts with the weights it ended
-            with, and the learner samples each batch when it needs it, so with uniform replay
-            the run stores the same transitions and makes the same updates as sync, bit for
-            bit (prioritized replay's new priorities reach the buffer one update later).
+            with, and the learner samples each batch when it needs it, after the previous
+            update's new priorities are in, so the run stores the same transitions and makes
+            the same updates as sync, bit for bit.
     """
 
     def __init__(self, agent, actor_sync_interval: int = ACTOR_SYNC_INTERVAL, max_lag: int | None = None) -> None:
@@ -509,6 +510,8 @@ class AsyncPipeline:
             batches.consumed()
             if self._priorities is not None:
                 self._priorities.push(indices, learner.new_priorities)
+                if self.max_lag == 0:  # rounds: the next batch is sampled now and sees them, as in sync
+                    self._priorities.flush()
             if publish or learner.num_updates % self.actor_sync_interval == 0:
                 self.weights.publish()
         watch.lap("update", t)

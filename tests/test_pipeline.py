@@ -422,24 +422,32 @@ def test_atari_frame_stacks_in_async_batches_with_a_checkpoint_mid_run(tmp_path)
     assert (tmp_path / "run" / "checkpoints").is_dir()
 
 
-def test_async_pipeline_with_rounds_learns_exactly_what_sync_learns(tmp_path):
+@pytest.mark.parametrize("prioritized", [False, True])
+def test_async_pipeline_with_rounds_learns_exactly_what_sync_learns(tmp_path, prioritized):
     """CartPole's preset updates in rounds (max_lag 0): the actor waits out each round and acts
-    with the weights it ends with, the learner samples when it updates, so the async run
-    stores the same transitions and makes the same updates as sync, bit for bit."""
+    with the weights it ends with, the learner samples when it updates (after the last
+    update's priorities are in), so the async run stores the same transitions and makes the
+    same updates as sync, bit for bit."""
     from fastdqn.config import DQNConfig
 
     networks = {}
     for pipeline in ("sync", "async"):
-        config = DQNConfig(device="cpu", save_buffer=False, eval_episodes=0, pipeline=pipeline, total_steps=3_000)
+        config = DQNConfig(device="cpu", save_buffer=False, eval_episodes=0, pipeline=pipeline, total_steps=3_000,
+                           prioritized=prioritized)
         agent = make_agent(tmp_path / pipeline, config)
         assert finish_within(120, agent.learn) is None
-        networks[pipeline] = agent.learner
+        networks[pipeline] = agent
     assert agent.pipeline_report["max_lag_updates"] == 0
-    sync, run = networks["sync"], networks["async"]
+    sync, run = networks["sync"].learner, networks["async"].learner
     assert run.num_updates == sync.num_updates > 0
     for module in ("q_network", "target_network"):
         for a, b in zip(getattr(run, module).parameters(), getattr(sync, module).parameters(), strict=True):
             assert torch.equal(a, b)
+    if prioritized:  # and the buffers hold the same priorities
+        buffers = [networks[pipeline].buffer for pipeline in ("sync", "async")]
+        indices = buffers[0].valid_indices()
+        np.testing.assert_array_equal(buffers[1].valid_indices(), indices)
+        np.testing.assert_array_equal(buffers[1].sampling_mass(indices), buffers[0].sampling_mass(indices))
 
 
 @pytest.mark.slow
