@@ -48,3 +48,18 @@ def test_json_maps_each_system_to_its_figures(tmp_path, capsys):
     assert json.loads((tmp_path / "train-cpu.json").read_text())["envs"]["CartPole-v1"]["torch_threads"] == 1
     markdown = (tmp_path / "train-cpu.md").read_text()
     assert f"median of {repeats} interleaved runs" in markdown and "| CartPole-v1 | async |" in markdown
+
+
+def test_markdown_gives_the_ratio_to_sb3_run_by_run():
+    def result(runs):
+        return {"env_steps": 100, "wall_s": 1.0, "steps_per_s": sorted(runs)[1], "updates_per_s": 0.0,
+                "replay_ratio": 0.0, "runs_steps_per_s": runs}
+
+    report = {"date": "d", "device": "cpu",
+              "machine": {"cpu": "c", "cores": 2, "versions": {"torch": "t"}, "load_avg_1m": 0.0},
+              "envs": {"CartPole-v1": {"preset": "cartpole", "config_overrides": {}, "torch_threads": 1, "repeats": 3,
+                                       "systems": {"sync": result([300.0, 500.0, 400.0]),
+                                                   "sb3": result([100.0, 200.0, 400.0])}}}}
+    markdown = bench_train.to_markdown(report)
+    assert "  - sync vs SB3, run by run (the runs of one repeat follow each other): 3.00x, 2.50x, 1.00x" in markdown
+    assert "| CartPole-v1 | sync | 100 | 1.0 | 400 |" in markdown and "| 2.00x |" in markdown

@@ -181,9 +181,13 @@ def to_markdown(report: dict) -> str:
     for env_id, entry in report["envs"].items():
         lines.append(f"- {env_id}: preset `{entry['preset']}`, config {json.dumps(entry['config_overrides'])}; "
                      f"both systems with {entry['torch_threads']} torch thread(s)")
+        sb3_runs = entry["systems"].get("sb3", {}).get("runs_steps_per_s")
         for name, r in entry["systems"].items():
             if "runs_steps_per_s" in r:
                 lines.append(f"  - {name}: steps/s of each run: " + ", ".join(f"{v:,.0f}" for v in r["runs_steps_per_s"]))
+                if name in ("sync", "async") and sb3_runs and len(sb3_runs) == len(r["runs_steps_per_s"]):
+                    lines.append(f"  - {name} vs SB3, run by run (the runs of one repeat follow each other): "
+                                 + ", ".join(f"{ours / theirs:.2f}x" for ours, theirs in zip(r["runs_steps_per_s"], sb3_runs)))
             for note in r.get("notes", []):
                 lines.append(f"  - {name}: {note}")
     return "\n".join(lines) + "\n"
