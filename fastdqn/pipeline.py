@@ -216,16 +216,18 @@ class _DeviceBatches:
 
 
 class _PendingPriorities:
-    """New priorities go to the buffer one update late, so reading them never stalls the device
-    (with rounds of updates, where the learner samples on demand, the pipeline flushes each push).
+    """New priorities go to the buffer one update late, so reading them never stalls the device.
 
     ``push`` queues a copy of the update's priorities into host memory (pinned and
     asynchronous on CUDA) and applies the previous update's, whose copy has long landed.
     ``flush`` applies the last one (call it with the device idle, e.g. before a checkpoint).
+    With ``deferred=False`` each push is applied at once, for a learner that samples its next
+    batch right after the update (rounds of updates), so that the batch sees them, as in sync.
     """
 
-    def __init__(self, buffer, batch_size: int, device: torch.device) -> None:
+    def __init__(self, buffer, batch_size: int, device: torch.device, deferred: bool = True) -> None:
         self._buffer = buffer
+        self._deferred = deferred
         self._cuda = device.type == "cuda"
         self._priorities = [torch.empty(batch_size, pin_memory=self._cuda) for _ in range(2)]
         self._indices = [np.empty(batch_size, np.int64) for _ in range(2)]
@@ -242,6 +244,8 @@ class _PendingPriorities:
         previous, self._pending = self._pending, turn
         if previous is not None:
             self._apply(previous)
+        if not self._deferred:
+            self.flush()
 
     def flush(self) -> None:
         if self._pending is not None:
@@ -312,7 +316,8 @@ class AsyncPipeline:
         self._start_steps, self._start_updates = agent.env_steps, learner.num_updates
         self._limiter = limiter = RateLimiter(agent.updates_due, self.max_lag, steps=agent.env_steps,
                                               updates=learner.num_updates)
-        self._priorities = _PendingPriorities(agent.buffer, c.batch_size, learner.device) if c.prioritized else None
+        self._priorities = (_PendingPriorities(agent.buffer, c.batch_size, learner.device, deferred=self.max_lag > 0)
+                            if c.prioritized else None)
         self._total = total
         # OpenMP's thread count is per thread: the learner thread takes the caller's setting.
         self._torch_threads = c.torch_threads or torch.get_num_threads()
@@ -510,8 +515,6 @@ class AsyncPipeline:
             batches.consumed()
             if self._priorities is not None:
                 self._priorities.push(indices, learner.new_priorities)
-                if self.max_lag == 0:  # rounds: the next batch is sampled now and sees them, as in sync
-                    self._priorities.flush()
             if publish or learner.num_updates % self.actor_sync_interval == 0:
                 self.weights.publish()
         watch.lap("update", t)
