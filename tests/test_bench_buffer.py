@@ -12,17 +12,18 @@ import pytest
 
 import fastdqn
 from fastdqn.bench import buffer as bench
+from fastdqn.bench import buffer_subjects as subjects
 
 ATARI_FRAME = 84 * 84
 
 
 def test_stream_stacks_frames_like_an_atari_env():
-    stream = bench.AtariStream(mean_episode=50, seed=3)
+    stream = subjects.AtariStream(mean_episode=50, seed=3)
     # Across the wrap-arounds of both the frame period and the stream length.
     for i in list(range(stream.PERIOD - 3, stream.PERIOD + 3)) + list(range(stream.LENGTH - 3, stream.LENGTH + 3)):
         obs, actions, rewards, next_obs, terminated, truncated = stream.step(i)
-        assert obs.shape == next_obs.shape == (bench.NUM_ENVS, *bench.OBS_SHAPE) and obs.dtype == np.uint8
-        assert actions.shape == rewards.shape == terminated.shape == truncated.shape == (bench.NUM_ENVS,)
+        assert obs.shape == next_obs.shape == (subjects.NUM_ENVS, *subjects.OBS_SHAPE) and obs.dtype == np.uint8
+        assert actions.shape == rewards.shape == terminated.shape == truncated.shape == (subjects.NUM_ENVS,)
         np.testing.assert_array_equal(next_obs, stream.step(i + 1)[0])
         np.testing.assert_array_equal(next_obs[:, :-1], obs[:, 1:])  # consecutive stacks share k-1 frames
         assert not (obs[0] == obs[1]).all()  # each env has its own frames
@@ -132,8 +133,8 @@ def test_memory_copy_limit_is_the_faster_of_its_runs():
 
 
 def _saving_works() -> bool:
-    buffer = fastdqn.ReplayBuffer(64, bench.OBS_SHAPE, frame_stack=4, num_envs=1, seed=0)
-    obs = np.zeros((1, *bench.OBS_SHAPE), np.uint8)
+    buffer = fastdqn.ReplayBuffer(64, subjects.OBS_SHAPE, frame_stack=4, num_envs=1, seed=0)
+    obs = np.zeros((1, *subjects.OBS_SHAPE), np.uint8)
     buffer.add(obs, [0], [0.0], obs, [False], [False])
     try:
         with tempfile.TemporaryDirectory() as tmp:
