@@ -45,8 +45,11 @@ def _torch_dtype(dtype) -> torch.dtype:
         raise TypeError(f"obs_dtype must be a numpy or torch dtype, got {dtype!r}") from error
 
 
-def _field(batch, name: str):
-    return batch.get(name) if isinstance(batch, Mapping) else getattr(batch, name, None)
+def _field_getter(batch):
+    """name -> the batch's field or None, for a mapping or an object with attributes."""
+    if isinstance(batch, Mapping):
+        return batch.get
+    return lambda name: getattr(batch, name, None)
 
 
 class _GraphedStep:
@@ -266,9 +269,10 @@ class Learner:
         obs and next_obs) is accepted too; it moves k + n frames per sample to the device
         instead of 2k, and the observations are unpacked there.
         """
-        frame_layout = _field(batch, "frames") is not None
+        field = _field_getter(batch)
+        frame_layout = field("frames") is not None
         names = (_FRAME_BATCH_FIELDS if frame_layout else _BATCH_FIELDS) + (("weights",) if self.prioritized else ())
-        values = [_field(batch, name) for name in names]
+        values = [field(name) for name in names]
         with torch.no_grad():  # the autograd path turns grad mode on where it needs it
             if self.device.type == "cpu":  # nothing to stage: the step reads the batch where it is
                 step = self._train_step_on_frames if frame_layout else self._train_step
