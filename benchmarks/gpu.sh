@@ -21,6 +21,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+# The package is installed (step 1); python -m and -c must import that, not this checkout's
+# source folder, which has no compiled _core.
+export PYTHONSAFEPATH=1
 OUT_DIR=${OUT_DIR:-benchmarks/results}
 BREAKOUT_STEPS=${BREAKOUT_STEPS:-100000}
 PONG_STEPS=${PONG_STEPS:-2000000}
