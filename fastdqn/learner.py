@@ -65,24 +65,32 @@ class _GraphedStep:
         self.fn = fn
         self.warmup_left = warmup_calls
         self.graph: torch.cuda.CUDAGraph | None = None
+        self._stream: torch.cuda.Stream | None = None  # one side stream for warm-up and capture
 
     def __call__(self) -> None:
         if self.graph is not None:
             self.graph.replay()
             return
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
         if self.warmup_left > 0:
             self.warmup_left -= 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            self._stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._stream):
                 self.fn()
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self._stream)
             return
         graph = torch.cuda.CUDAGraph()
+        # cuBLAS caches its workspace per handle and stream. Cleared before capture, the graph
+        # allocates its own in its private pool; cleared after, eager work does not inherit
+        # that one. Otherwise destroying another graph captured on the same stream can free a
+        # workspace this graph still uses (pytorch#193402). torch.compile's CUDA graphs do the same.
+        torch._C._cuda_clearCublasWorkspaces()
         # thread_local: the actor and the learner may live in different threads (the async
         # pipeline); only this thread's work must stay capture-safe while capturing.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
             self.fn()
+        torch._C._cuda_clearCublasWorkspaces()
         self.graph = graph
         graph.replay()
 
@@ -206,6 +214,9 @@ class Learner:
             self.optimizer = torch.optim.RMSprop(self._params, lr=lr, alpha=rmsprop_alpha, eps=rmsprop_eps,
                                                  centered=rmsprop_centered, capturable=self._capturable,
                                                  foreach=device.type == "cpu" or None)
+        # How this device runs the optimizer; a loaded state (maybe saved on another device) keeps them.
+        self._optimizer_flags = {key: self.optimizer.param_groups[0][key] for key in ("capturable", "fused", "foreach")
+                                 if key in self.optimizer.param_groups[0]}
         # Warm-up steps run outside capture by design; silence torch's once-only advice about it.
         self.optimizer._warned_capturable_if_run_uncaptured = True
         self._optimizer_step = self._fused_adam_step if optimizer == "adam" and device.type == "cpu" \
@@ -465,6 +476,12 @@ class Learner:
         return isinstance(self._td_gradient, manual_mlp.MLPTDGradient)
 
     @property
+    def update_graph_captured(self) -> bool:
+        """Whether ``update`` with observation batches replays a captured CUDA graph yet (it
+        runs eagerly for a few warm-up calls first). Always False without CUDA graphs."""
+        return isinstance(self._update_step, _GraphedStep) and self._update_step.graph is not None
+
+    @property
     def act_graph_captured(self) -> bool:
         """Whether ``act`` for num_envs observations replays a captured CUDA graph yet (it
         runs eagerly for a few warm-up calls first). Always False without CUDA graphs."""
@@ -512,7 +529,7 @@ class Learner:
         # would share optimizer moments with whoever handed us this state.
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         for group in self.optimizer.param_groups:
-            group["capturable"] = self._capturable
+            group.update(self._optimizer_flags)
         for param_state in self.optimizer.state.values():
             if "step" in param_state:
                 step_device = self.device if self._capturable else "cpu"

@@ -301,6 +301,10 @@ class AsyncPipeline:
         self.weights = ActorWeights(agent.learner)
         self.actor_watch, self.learner_watch = Stopwatch(), Stopwatch()
         self._lock = threading.Lock()  # held by the learner around each update; taken to pause it
+        # Held by the actor around acting, and by the learner around its updates until the update
+        # graph is captured: while one thread captures a CUDA graph, no other may replay one or
+        # draw CUDA random numbers (torch refuses to advance a generator that a capture holds).
+        self._act_lock = threading.Lock()
         self._learner_error: BaseException | None = None
         self._cuda = agent.learner.device.type == "cuda"
         self._learner_stream = torch.cuda.Stream(agent.learner.device) if self._cuda else None
@@ -319,6 +323,8 @@ class AsyncPipeline:
         self._priorities = (_PendingPriorities(agent.buffer, c.batch_size, learner.device, deferred=self.max_lag > 0)
                             if c.prioritized else None)
         self._total = total
+        if self._cuda:  # the actor's and learner's streams start after all work queued so far
+            torch.cuda.synchronize(learner.device)
         # OpenMP's thread count is per thread: the learner thread takes the caller's setting.
         self._torch_threads = c.torch_threads or torch.get_num_threads()
         thread = threading.Thread(target=self._learner_thread, name="fastdqn-learner", daemon=True)
@@ -405,8 +411,9 @@ class AsyncPipeline:
                     if step < c.learning_starts:
                         actions = agent.np_rng.integers(agent.num_actions, size=len(ids))
                     else:
-                        self.weights.refresh()
-                        actions = learner.act(result.obs, epsilon).cpu().numpy()
+                        with self._act_lock:
+                            self.weights.refresh()
+                            actions = learner.act(result.obs, epsilon).cpu().numpy()
                     t = watch.lap("act", t)
                     last_actions[ids] = actions
                     env.send(actions, ids)
@@ -444,7 +451,7 @@ class AsyncPipeline:
                 agent._evaluate_and_log(logger, step)
 
     def _capture_action_graph(self) -> None:
-        """On CUDA, capture the action graph before the learner thread starts: one capture at a time."""
+        """On CUDA, capture the action graph before the learner thread starts (see _act_lock)."""
         learner = self.agent.learner
         if learner.cuda_graph and learner.num_envs == self.env_batch:
             obs = np.zeros((self.env_batch, *self.agent.obs_shape), self.agent.env.obs_dtype)
@@ -511,7 +518,11 @@ class AsyncPipeline:
         t = time.perf_counter()
         batch, indices, t = batches.next(watch, t)
         with self._lock:
-            learner.update(batch)
+            if learner.cuda_graph and not learner.update_graph_captured:
+                with self._act_lock:  # this update may be the one that captures the graph
+                    learner.update(batch)
+            else:
+                learner.update(batch)
             batches.consumed()
             if self._priorities is not None:
                 self._priorities.push(indices, learner.new_priorities)

@@ -467,6 +467,28 @@ def test_state_dict_round_trip_continues_identically(optimizer, through_file):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop"])
+def test_loaded_optimizer_state_runs_the_way_this_device_runs_it(optimizer):
+    """A state saved where the optimizer ran differently (a CUDA learner: capturable, not
+    fused) loads into this learner's own way of running it, and trains as the original."""
+    rng = np.random.default_rng(3)
+    batches = [make_batch(rng) for _ in range(4)]
+    original = make_learner(make_net(seed=2), optimizer=optimizer)
+    own_flags = {key: original.optimizer.param_groups[0].get(key) for key in ("capturable", "fused", "foreach")}
+    original.update(batches[0])
+    state = copy.deepcopy(original.state_dict())
+    for group in state["optimizer"]["param_groups"]:
+        group.update(capturable=True, fused=None, foreach=False)
+    restored = make_learner(make_net(seed=5), optimizer=optimizer)
+    restored.load_state_dict(state)
+    assert {key: restored.optimizer.param_groups[0].get(key) for key in own_flags} == own_flags
+    for batch in batches[1:]:
+        original.update(batch)
+        restored.update(batch)
+    for a, b in zip(params(original.q_network), params(restored.q_network)):
+        assert torch.equal(a, b)
+
+
 def test_metrics_average_since_last_call():
     learner = make_learner(make_net(seed=9))
     rng = np.random.default_rng(8)

@@ -289,6 +289,37 @@ def test_async_run_does_the_sync_schedules_updates_and_holds_the_ratio(tmp_path)
     assert not learner_threads()
 
 
+def test_the_actor_stands_still_while_the_learner_may_capture_its_update_graph(tmp_path, monkeypatch):
+    """While one thread captures a CUDA graph, no other may replay a graph or draw CUDA random
+    numbers. Simulated on CPU by a learner that says it graphs but never finishes a capture:
+    then no action is chosen while an update runs."""
+    from fastdqn.pipeline import AsyncPipeline
+
+    monkeypatch.setattr(AsyncPipeline, "_capture_action_graph", lambda self: None)
+    agent = make_agent(tmp_path, async_config())
+    learner = agent.learner
+    learner.cuda_graph = True  # update_graph_captured stays False on CPU
+    running = {"act": 0, "update": 0}
+    overlaps = []
+
+    def watched(name, call):
+        def wrapper(*args, **kwargs):
+            running[name] += 1
+            if running["act"] and running["update"]:
+                overlaps.append(name)
+            try:
+                return call(*args, **kwargs)
+            finally:
+                running[name] -= 1
+        return wrapper
+
+    learner.act = watched("act", learner.act)
+    learner.update = watched("update", learner.update)
+    assert finish_within(120, lambda: agent.learn(3_000)) is None
+    assert learner.num_updates == agent.updates_due(agent.env_steps) > 100
+    assert not overlaps
+
+
 def test_async_stores_exactly_what_sync_stores(tmp_path):
     """Before learning starts both take the same random actions on the same seeded envs; with
     all envs in one async batch (vector envs) the buffers must match, row for row, including
