@@ -372,7 +372,9 @@ class Learner:
             batch["weights"] if self.prioritized else None)
         grad_norm = torch.linalg.vector_norm(self._flat_grad)
         if self.max_grad_norm is not None:  # as torch.nn.utils.clip_grad_norm_, without its overhead
-            self._flat_grad.mul_((self.max_grad_norm / (grad_norm + 1e-6)).clamp_(max=1.0))
+            # max_norm / (norm + eps) as torch computes it (reciprocal, then product), without
+            # the Python-level __rtruediv__ that a scalar divided by a tensor goes through.
+            self._flat_grad.mul_((grad_norm + 1e-6).reciprocal_().mul_(self.max_grad_norm).clamp_(max=1.0))
         self._optimizer_step()
         self._update_count.add_(1)
         if self.cuda_graph:  # branch-free inside the graph: a lerp of weight tau when due, else 0
