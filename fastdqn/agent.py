@@ -122,7 +122,7 @@ class DQN:
             target_update_interval=config.target_update_interval, tau=config.tau,
             max_grad_norm=config.max_grad_norm or None, prioritized=config.prioritized,
             cuda_graph={"auto": "auto", "on": True, "off": False}[config.cuda_graph],
-            actor_copy=self.pipeline == "async")
+            actor_copy=self.pipeline == "async", seed=int(self.np_rng.integers(2**63)))
         self.q_network = self.learner.q_network
         self.buffer = None  # made on the first learn(): acting and evaluating need no replay
         self._batch = self._sample = None

@@ -12,9 +12,10 @@ data-dependent Python branches (the target update is a lerp whose weight is 0 or
 gradients are preallocated and written in place, inputs are copied into static tensors (on
 CPU, where nothing is captured, the step reads the caller's batch directly), and the
 optimizer is capturable. The only wait is for a batch's own copy out of pinned host
-memory, after the step is queued (see ``Learner._copy_inputs``). Random numbers for
-exploration come from torch's default generator for the device, which CUDA graphs advance
-correctly on every replay (seed it with torch.manual_seed; checkpoint its state with the run).
+memory, after the step is queued (see ``Learner._copy_inputs``). Exploration's random
+numbers are drawn on the host (``Learner.act_rng``, as CleanRL and SB3 draw them) and copied
+in with the observations, so the action graph holds no device RNG state that another
+thread's graph replays could touch.
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ class Learner:
         cuda_graph: "auto" (on for CUDA devices), True or False.
         actor_copy: if True, ``act`` uses a separate copy of the online network that only
             changes on ``sync_actor()``, so an actor thread never reads half-updated weights.
+        seed: seeds ``act_rng``, the numpy generator of act's exploration draws (None: fresh
+            entropy). It is part of ``state_dict``, so a restored learner explores on exactly.
     """
 
     def __init__(self, q_network: nn.Module, *, obs_shape: Sequence[int], obs_dtype, batch_size: int,
@@ -125,7 +128,7 @@ class Learner:
                  rmsprop_alpha: float = 0.95, rmsprop_eps: float = 0.01, rmsprop_centered: bool = True,
                  loss: str = "huber", double_dqn: bool = False, target_update_interval: int = 1000,
                  tau: float = 1.0, max_grad_norm: float | None = 10.0, prioritized: bool = False,
-                 cuda_graph: bool | str = "auto", actor_copy: bool = False):
+                 cuda_graph: bool | str = "auto", actor_copy: bool = False, seed: int | None = None):
         if not isinstance(q_network, nn.Module):
             raise TypeError(f"q_network must be a torch.nn.Module, got {type(q_network).__name__}")
         obs_shape = tuple(obs_shape)
@@ -242,8 +245,16 @@ class Learner:
         self._grad_norm_sum = zeros()
         self._metric_updates = 0
         self.num_updates = 0
-        # Static input and output of action selection.
+        # Static input and output of action selection. Every act draws two uniform numbers per
+        # observation on the host, whatever epsilon is: one decides whether to explore, the
+        # other picks the random action (pinned on CUDA, so the copy is asynchronous; on CPU
+        # the step reads them where they are).
+        self.act_rng = np.random.default_rng(seed)
         self._act_obs = zeros(num_envs, *obs_shape, dtype=self.obs_dtype)
+        self._act_draws = zeros(2, num_envs)
+        self._act_draws_host = torch.empty(2, num_envs, pin_memory=True) if device.type == "cuda" else self._act_draws
+        self._act_draws_numpy = self._act_draws_host.numpy()
+        self._act_draw_rows = tuple(self._act_draws)
         self._epsilon = zeros()
         self._act_out = zeros(num_envs, dtype=torch.int64)
 
@@ -463,12 +474,14 @@ class Learner:
         else:
             self._epsilon.fill_(float(epsilon))
         if obs.shape[0] != self.num_envs:
+            draws = torch.from_numpy(self.act_rng.random((2, len(obs)), dtype=np.float32))
             with torch.no_grad():
                 q_values = self.actor_network(obs.to(self.device, self.obs_dtype, non_blocking=True))
-            return self._epsilon_greedy(q_values)
+            return self._epsilon_greedy(q_values, *draws.to(self.device))
+        self.act_rng.random(out=self._act_draws_numpy, dtype=np.float32)
         if self.device.type == "cpu":  # nothing to stage
             return self._act_on(obs.to(self.device, self.obs_dtype))
-        self._copy_inputs([(self._act_obs, obs)], then=self._act_step)
+        self._copy_inputs([(self._act_obs, obs), (self._act_draws, self._act_draws_host)], then=self._act_step)
         return self._act_out
 
     @property
@@ -491,13 +504,14 @@ class Learner:
 
     def _act_on(self, obs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self._act_out.copy_(self._epsilon_greedy(self._act_q_values(obs)))
+            return self._act_out.copy_(self._epsilon_greedy(self._act_q_values(obs), *self._act_draw_rows))
 
-    def _epsilon_greedy(self, q_values: torch.Tensor) -> torch.Tensor:
-        greedy = q_values.argmax(dim=1)
-        random_actions = torch.randint(0, self.num_actions, greedy.shape, device=greedy.device)
-        explore = torch.rand(greedy.shape, device=greedy.device) < self._epsilon
-        return torch.where(explore, random_actions, greedy)
+    def _epsilon_greedy(self, q_values: torch.Tensor, explore_draws: torch.Tensor,
+                        action_draws: torch.Tensor) -> torch.Tensor:
+        """Draws uniform in [0, 1): explore where explore_draws < epsilon, with the action
+        floor(action_draws * num_actions) (below num_actions, as float32 rounds the product)."""
+        random_actions = action_draws.mul(self.num_actions).long()
+        return torch.where(explore_draws < self._epsilon, random_actions, q_values.argmax(dim=1))
 
     @torch.no_grad()
     def sync_actor(self) -> None:
@@ -511,17 +525,18 @@ class Learner:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """Networks, optimizer and update count; tensors and plain values only, so
-        ``torch.load(..., weights_only=True)`` reads it back."""
+        """Networks, optimizer, update count and act_rng's state; tensors and plain values
+        only, so ``torch.load(..., weights_only=True)`` reads it back."""
         return {
             "q_network": self.q_network.state_dict(),
             "target_network": self.target_network.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "num_updates": torch.tensor(self.num_updates, dtype=torch.int64),
+            "act_rng": self.act_rng.bit_generator.state,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        missing = {"q_network", "target_network", "optimizer", "num_updates"} - set(state)
+        missing = {"q_network", "target_network", "optimizer", "num_updates", "act_rng"} - set(state)
         if missing:
             raise ValueError(f"learner state is missing {sorted(missing)}")
         # Network weights are copied in place, so the captured graphs keep pointing at them.
@@ -537,6 +552,7 @@ class Learner:
                 step_device = self.device if self._capturable else "cpu"
                 param_state["step"] = param_state["step"].to(step_device, torch.float32)
         self._adam_tensors = None  # the optimizer's state tensors were replaced
+        self.act_rng.bit_generator.state = state["act_rng"]
         self.num_updates = int(state["num_updates"])
         self._update_count.fill_(self.num_updates)
         self.sync_actor()

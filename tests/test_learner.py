@@ -405,23 +405,59 @@ def biased_net(preferred_action):
 
 
 def test_act_with_epsilon_one_is_uniform_over_actions():
-    torch.manual_seed(0)
     n = 3000
     learner = Learner(biased_net(1), obs_shape=(OBS_DIM,), obs_dtype=np.float32, batch_size=2, num_envs=n,
-                      device="cpu")
+                      device="cpu", seed=0)
     counts = np.bincount(learner.act(np.zeros((n, OBS_DIM), np.float32), 1.0).numpy(), minlength=NUM_ACTIONS)
     # Each count is Binomial(3000, 1/3): mean 1000, sd 26; 150 is almost 6 sd.
     assert np.all(np.abs(counts - n / NUM_ACTIONS) < 150), counts
 
 
 def test_act_explores_with_probability_epsilon():
-    torch.manual_seed(1)
     n = 4000
     learner = Learner(biased_net(2), obs_shape=(OBS_DIM,), obs_dtype=np.float32, batch_size=2, num_envs=n,
-                      device="cpu")
+                      device="cpu", seed=1)
     actions = learner.act(np.zeros((n, OBS_DIM), np.float32), torch.tensor(0.3)).numpy()
     # Greedy with probability 0.7, plus a random draw that lands on the greedy action 1/3 of the time.
     assert np.mean(actions == 2) == pytest.approx(0.7 + 0.3 / 3, abs=0.03)
+
+
+def test_act_explores_by_its_own_seeded_generator_whatever_torch_draws():
+    obs = np.random.default_rng(2).normal(size=(4, OBS_DIM)).astype(np.float32)
+    runs = []
+    for seed, torch_seed in ((5, 0), (5, 1), (6, 0)):
+        torch.manual_seed(torch_seed)
+        learner = make_learner(make_net(seed=3), seed=seed)
+        actions = []
+        for _ in range(50):
+            torch.rand(3)  # other users of torch's generator do not shift the exploration draws
+            actions += learner.act(obs, 0.5).tolist() + learner.act(obs[:3], 0.5).tolist()
+        runs.append(actions)
+    assert runs[0] == runs[1] != runs[2]
+
+
+class _FixedDraws:
+    """Stands in for act_rng: every uniform draw is ``value``."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def random(self, size=None, dtype=np.float64, out=None):
+        if out is None:
+            return np.full(size, self.value, dtype)
+        out[...] = self.value
+        return out
+
+
+@pytest.mark.parametrize("n", [4, 9])  # the static path and the eager one
+def test_random_actions_span_exactly_the_action_range(n):
+    learner = make_learner(biased_net(1))
+    obs = np.zeros((n, OBS_DIM), np.float32)
+    learner.act_rng = _FixedDraws(np.nextafter(np.float32(1), np.float32(0)))  # the largest draw below 1
+    assert learner.act(obs, 1.0).tolist() == [NUM_ACTIONS - 1] * n
+    learner.act_rng = _FixedDraws(0.0)
+    assert learner.act(obs, 1.0).tolist() == [0] * n
+    assert learner.act(obs, 0.0).tolist() == [1] * n  # a draw of 0 is not below epsilon 0: greedy
 
 
 def test_act_rejects_wrong_observation_shape():
@@ -459,9 +495,11 @@ def test_state_dict_round_trip_continues_identically(optimizer, through_file):
     restored = make_learner(make_net(seed=99), **config)
     restored.load_state_dict(state)
     assert restored.num_updates == 3
+    obs = batches[0]["obs"][:4]
     for batch in batches[3:]:
         original.update(batch)
         restored.update(batch)
+        assert torch.equal(original.act(obs, 0.5), restored.act(obs, 0.5))  # exploration goes on as it would have
     for module in ("q_network", "target_network"):
         for a, b in zip(params(getattr(original, module)), params(getattr(restored, module))):
             assert torch.equal(a, b)
@@ -595,7 +633,8 @@ def test_graphed_update_matches_eager_on_cuda(case):
 def test_graphed_act_matches_eager_on_cuda():
     torch.manual_seed(0)
     net = build_q_network((4, 84, 84), 6).cuda()
-    graphed = Learner(net, obs_shape=(4, 84, 84), obs_dtype=np.uint8, batch_size=32, num_envs=16, device="cuda")
+    graphed, eager = (Learner(net, obs_shape=(4, 84, 84), obs_dtype=np.uint8, batch_size=32, num_envs=16,
+                              device="cuda", cuda_graph=graph, seed=0) for graph in (True, False))
     rng = np.random.default_rng(0)
     for _ in range(6):  # warm-up, capture, replays
         obs = rng.integers(0, 256, (16, 4, 84, 84), dtype=np.uint8)
@@ -603,9 +642,13 @@ def test_graphed_act_matches_eager_on_cuda():
         with torch.no_grad():
             expected = net(torch.from_numpy(obs).cuda()).argmax(dim=1).cpu()
         assert torch.equal(actions, expected)
+        eager.act(obs, 0.0)  # the same draws as graphed's
     assert graphed.act_graph_captured
+    for _ in range(20):  # the same host draws reach the replayed graph and the eager step
+        assert torch.equal(graphed.act(obs, 0.5).cpu(), eager.act(obs, 0.5).cpu())
     counts = torch.zeros(6, dtype=torch.int64)
     for _ in range(200):
         counts += torch.bincount(graphed.act(obs, 1.0).cpu(), minlength=6)
-    # 3200 uniform draws over 6 actions: mean 533, sd 21; a frozen RNG would put all in one bin.
+    # 3200 uniform draws over 6 actions: mean 533, sd 21; draws that never reached the graph
+    # would put all in one bin.
     assert torch.all((counts - 3200 / 6).abs() < 130), counts
