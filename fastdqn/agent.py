@@ -352,9 +352,6 @@ class DQN:
                        backend=self.config.backend)
         rng = np.random.default_rng(seed)
         returns: list[list[float]] = [[] for _ in range(num_envs)]
-        # Evaluation envs play full games with raw rewards, so summing rewards between
-        # episode ends gives each env's own game scores.
-        running = np.zeros(num_envs)
         frames = [] if video is not None and env.is_image else None
         try:
             obs = env.reset()
@@ -362,11 +359,10 @@ class DQN:
                 if frames is not None and not returns[0]:
                     frames.append(obs[0, -1])  # env 0's newest frame, until its first game ends
                 result = env.step(self.predict(obs, epsilon, rng))
-                running += np.where(result.valid, result.rewards, 0.0)
-                for i in np.flatnonzero((result.terminated | result.truncated) & result.valid):
+                # Whole games' raw scores (an Atari game spans its lives), each env's first per_env.
+                for i, game_return in zip(result.episode_env_ids, result.episode_returns):
                     if len(returns[i]) < per_env:
-                        returns[i].append(float(running[i]))
-                    running[i] = 0.0
+                        returns[i].append(float(game_return))
                 obs = result.obs
             protocol = env.protocol_description
         finally:

@@ -279,14 +279,14 @@ PRESETS: dict[str, dict] = {
     "acrobot": dict(
         total_steps=100_000, num_envs=4, learning_rate=6.3e-4, batch_size=128, buffer_size=50_000,
         learning_starts=1_000, train_frequency=4, gradient_steps=4, target_update_interval=250,
-        exploration_fraction=0.12, end_epsilon=0.1, hidden_sizes=(256, 256),
+        exploration_fraction=0.12, end_epsilon=0.1, hidden_sizes=(256, 256), n_step=1,
     ),
     # A generic starting point for other vector-observation tasks (CleanRL dqn.py's defaults).
     "classic": dict(
         total_steps=500_000, num_envs=1, learning_rate=2.5e-4, batch_size=128, buffer_size=10_000,
         learning_starts=10_000, train_frequency=10, gradient_steps=1, target_update_interval=50,
         start_epsilon=1.0, end_epsilon=0.05, exploration_fraction=0.5, hidden_sizes=(120, 84),
-        max_grad_norm=0.0, loss="mse",
+        max_grad_norm=0.0, loss="mse", n_step=1,
     ),
     # CleanRL's dqn_atari.py: one update of batch 32 every 4 env steps, a 1M buffer, a hard
     # target copy every 1000 env steps (= 250 updates), epsilon 1 -> 0.01 over 10% of 10M steps.
@@ -294,7 +294,7 @@ PRESETS: dict[str, dict] = {
         total_steps=10_000_000, num_envs=1, learning_rate=1e-4, batch_size=32, buffer_size=1_000_000,
         learning_starts=80_000, train_frequency=4, gradient_steps=1, target_update_interval=250,
         tau=1.0, start_epsilon=1.0, end_epsilon=0.01, exploration_fraction=0.10, gamma=0.99,
-        loss="mse", max_grad_norm=0.0, log_interval=10_000, eval_interval=0, checkpoint_interval=500_000,
+        loss="mse", max_grad_norm=0.0, n_step=1, log_interval=10_000, eval_interval=0, checkpoint_interval=500_000,
         torch_threads=0,  # all cores: on a CPU the Nature CNN's update runs 1.8x faster on 2 threads than on 1
     ),
 }

@@ -41,7 +41,9 @@ class AtariProtocol:
     fire_reset: bool
     """Press FIRE once after each reset (including after a life loss) in games that have FIRE."""
     episodic_life: bool
-    """Training only: a life loss terminates the training episode; the game goes on without a reset."""
+    """A life loss ends the episode (terminated in training) and the next life starts as after a
+    reset (new frame stack, FIRE); the game goes on. Evaluation keeps it, as CleanRL's does, so
+    that an agent is never left waiting for a FIRE it never had to press, and scores whole games."""
     clip_rewards: bool
     """Training only: rewards become their sign. Episode returns stay raw."""
     frame_skip: int = 4
@@ -60,9 +62,9 @@ class AtariProtocol:
             raise ValueError(f"max_episode_steps must be a positive int, got {self.max_episode_steps!r}")
 
     def for_mode(self, mode: str) -> AtariProtocol:
-        """The protocol as played in `mode`: evaluation plays full games with raw rewards."""
+        """The protocol as played in `mode`: evaluation scores whole games with raw rewards."""
         if mode == "eval":
-            return dataclasses.replace(self, episodic_life=False, clip_rewards=False)
+            return dataclasses.replace(self, clip_rewards=False)
         return self
 
     def describe(self, mode: str) -> str:
@@ -76,7 +78,7 @@ class AtariProtocol:
             f"{ATARI_FRAME_SIZE}x{ATARI_FRAME_SIZE} grayscale",
             f"{ATARI_FRAME_STACK}-frame stack",
             f"sticky actions {p.sticky_actions:g}" if p.sticky_actions else "no sticky actions",
-            "episodic life" if p.episodic_life else "full games",
+            ("episodic life" if p.episodic_life else "full games") + (", scored over whole games" if mode == "eval" else ""),
             "sign-clipped rewards" if p.clip_rewards else "raw rewards",
             f"at most {p.max_episode_steps:,} agent steps ({p.max_episode_steps * p.frame_skip:,} frames)",
         ]
@@ -123,12 +125,16 @@ class StepResult:
     """float64; raw returns of the games that finished at this step (a game spans all lives)."""
     episode_lengths: np.ndarray
     """int64; their lengths in agent steps, reset-only steps not counted."""
+    episode_env_ids: np.ndarray
+    """int32; the environment each of those games was played in."""
 
 
 _NO_RETURNS = np.zeros(0, np.float64)
 _NO_LENGTHS = np.zeros(0, np.int64)
+_NO_ENV_IDS = np.zeros(0, np.int32)
 _NO_RETURNS.flags.writeable = False
 _NO_LENGTHS.flags.writeable = False
+_NO_ENV_IDS.flags.writeable = False
 
 
 class VecEnv:
@@ -224,13 +230,14 @@ class VecEnv:
         rewards = np.sign(raw_rewards) if self._clip_rewards else raw_rewards
         self._returns[env_ids] += raw_rewards
         self._lengths[env_ids] += valid
-        episode_returns, episode_lengths = _NO_RETURNS, _NO_LENGTHS
+        episode_returns, episode_lengths, ended = _NO_RETURNS, _NO_LENGTHS, _NO_ENV_IDS
         if game_over.any():
             ended = env_ids[game_over]
             episode_returns, episode_lengths = self._returns[ended], self._lengths[ended]
             self._returns[ended] = 0.0
             self._lengths[ended] = 0
-        return StepResult(obs, obs, rewards, terminated, truncated, valid, env_ids, episode_returns, episode_lengths)
+        return StepResult(obs, obs, rewards, terminated, truncated, valid, env_ids, episode_returns, episode_lengths,
+                          ended)
 
     def close(self) -> None:
         if not self._closed:

@@ -208,7 +208,7 @@ def raw_envpool(game, seed, episodic_life):
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_episodic_life_and_reward_clipping_against_raw_envpool(mode):
     rng = np.random.default_rng(2)
-    ref = raw_envpool("SpaceInvaders-v5", 3, episodic_life=mode == "train")
+    ref = raw_envpool("SpaceInvaders-v5", 3, episodic_life=True)  # in both modes, as CleanRL
     with make_env("SpaceInvaders-v5", 1, seed=3, mode=mode) as env:
         _, info = ref.reset()
         env.reset()
@@ -224,7 +224,7 @@ def test_episodic_life_and_reward_clipping_against_raw_envpool(mode):
             assert res.rewards[0] == expected_reward
             game_over = bool(info["terminated"][0])
             life_lost = info["lives"][0] < lives
-            assert res.terminated[0] == (game_over or (mode == "train" and life_lost))
+            assert res.terminated[0] == (game_over or life_lost)
             assert not res.truncated[0]
             lives = info["lives"][0]
             terminations += res.terminated[0]
@@ -238,7 +238,7 @@ def test_episodic_life_and_reward_clipping_against_raw_envpool(mode):
             pytest.fail("no game ended")
     ref.close()
     assert largest_raw > 1  # clipping was exercised
-    assert terminations == (start_lives if mode == "train" else 1)
+    assert terminations == start_lives  # one per life: the game's last is its end
 
 
 def test_envpool_observations_are_not_overwritten():
@@ -308,7 +308,7 @@ def test_gymnasium_backend_supports_send_recv():
     "protocol, mode, expected",
     [
         ("cleanrl", "train", dict(noop_max=30, repeat_action_probability=0.0, episodic_life=True, use_fire_reset=True)),
-        ("cleanrl", "eval", dict(noop_max=30, repeat_action_probability=0.0, episodic_life=False, use_fire_reset=True)),
+        ("cleanrl", "eval", dict(noop_max=30, repeat_action_probability=0.0, episodic_life=True, use_fire_reset=True)),
         ("machado", "train", dict(noop_max=1, repeat_action_probability=0.25, episodic_life=False, use_fire_reset=False)),
     ],
 )
@@ -326,13 +326,29 @@ def test_protocols_configure_envpool(protocol, mode, expected):
 
 
 @pytest.mark.parametrize("protocol, mode, sticky, episodic_life", [("cleanrl", "train", 0.0, True),
-                                                                    ("cleanrl", "eval", 0.0, False),
+                                                                    ("cleanrl", "eval", 0.0, True),
                                                                     ("machado", "train", 0.25, False)])
 def test_protocols_configure_the_gymnasium_fallback(protocol, mode, sticky, episodic_life):
     with make_env("ALE/Breakout-v5", 1, protocol=protocol, mode=mode) as env:
         game = env._vec.envs[0]
         assert game.unwrapped.ale.getFloat("repeat_action_probability") == pytest.approx(sticky)
         assert env.atari.episodic_life == episodic_life and env.atari.sticky_actions == sticky
+
+
+@pytest.mark.parametrize("env_id", ["Breakout-v5", "ALE/Breakout-v5"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_fire_is_pressed_after_every_life_loss(env_id, mode):
+    """Breakout's ball comes only with FIRE: an agent that never presses it (all no-ops) must
+    still lose its lives one by one, in evaluation too, not stall until the time limit."""
+    with make_env(env_id, 1, seed=4, mode=mode) as env:
+        env.reset()
+        for step in range(2_000):
+            res = env.step(np.zeros(1, np.int64))
+            if len(res.episode_returns):
+                assert res.episode_env_ids.tolist() == [0] and res.terminated[0] and not res.truncated[0]
+                break
+        else:
+            pytest.fail(f"no game ended within {step + 1} no-op steps: FIRE was not pressed after a life loss")
 
 
 def test_unknown_env_id_suggests_close_matches():
