@@ -131,6 +131,7 @@ class DQN:
         self.episodes = 0
         self.wall_time = 0.0
         self.recent_returns: collections.deque[float] = collections.deque(maxlen=100)
+        self._last_eval_step: int | None = None
 
     # ------------------------------------------------------------------ pieces
     def _make_train_env(self, step: int):
@@ -279,7 +280,7 @@ class DQN:
                 logger.flush()
                 self.save_checkpoint()
         self.env_steps, self._obs = step, obs
-        if c.eval_episodes and (not c.eval_interval or step % c.eval_interval):
+        if c.eval_episodes and self._last_eval_step != step:  # the final evaluation, unless just made
             self._evaluate_and_log(logger, step)
 
     def _log(self, logger, step, epsilon, returns, lengths) -> None:
@@ -295,6 +296,7 @@ class DQN:
 
     def _evaluate_and_log(self, logger, step) -> None:
         c = self.config
+        self._last_eval_step = step
         result = self.evaluate(c.eval_episodes, epsilon=c.eval_epsilon, seed=env_seed(c.seed + 1, step))
         logger.log_eval(step, result["returns"], result["protocol"])
 

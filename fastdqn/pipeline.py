@@ -446,7 +446,7 @@ class AsyncPipeline:
                     agent.save_checkpoint()
             watch.lap("checkpoint", t)
         agent.env_steps = step
-        if c.eval_episodes and (not c.eval_interval or step % c.eval_interval):
+        if c.eval_episodes and agent._last_eval_step != step:  # the final evaluation, unless just made
             with self._paused(catch_up=True):
                 agent._evaluate_and_log(logger, step)
 

@@ -95,6 +95,15 @@ def test_learning_writes_run_directory(tmp_path):
     assert (run / "checkpoints").is_dir()
 
 
+@pytest.mark.parametrize("pipeline", ["sync", "async"])
+def test_a_run_ending_on_an_evaluation_step_evaluates_once_there(tmp_path, pipeline):
+    # Three envs step 3 at a time: the evaluation due at 200 comes at step 201, the last one.
+    dqn = agent(tmp_path, config=tiny(num_envs=3, eval_interval=100, pipeline=pipeline))
+    dqn.learn(200)
+    steps = [row["step"] for row in read_csv(tmp_path / "run" / "eval.csv")]
+    assert steps == [102, 201]
+
+
 def test_prioritized_replay_anneals_beta_to_one(tmp_path):
     dqn = agent(tmp_path, config=tiny(prioritized=True, per_beta=0.4, num_envs=4, learning_starts=100,
                                       train_frequency=4, gradient_steps=1, eval_episodes=0))
