@@ -132,6 +132,7 @@ class DQN:
         self.wall_time = 0.0
         self.recent_returns: collections.deque[float] = collections.deque(maxlen=100)
         self._last_eval_step: int | None = None
+        self._learn_total_steps: int | None = None
 
     # ------------------------------------------------------------------ pieces
     def _make_train_env(self, step: int):
@@ -150,6 +151,12 @@ class DQN:
             return PrioritizedReplayBuffer(c.buffer_size, self.obs_shape, alpha=c.per_alpha, beta=c.per_beta,
                                            eps=c.per_eps, **kwargs)
         return ReplayBuffer(c.buffer_size, self.obs_shape, **kwargs)
+
+    @property
+    def scheduled_total_steps(self) -> int:
+        """The total_steps that learn() spans its schedules over: the last learn() call's (kept
+        in checkpoints), or the config's before any."""
+        return self._learn_total_steps or self.config.total_steps
 
     def epsilon(self, step: int, total_steps: int) -> float:
         c = self.config
@@ -204,11 +211,13 @@ class DQN:
     # ------------------------------------------------------------------ training
     def learn(self, total_steps: int | None = None) -> "DQN":
         """Train until ``total_steps`` environment steps (summed over envs) have been taken
-        in this agent's life; returns self. Schedules (epsilon, PER beta) span total_steps."""
+        in this agent's life; returns self. Schedules (epsilon, PER beta) span total_steps.
+        The default is ``scheduled_total_steps``: a resumed run goes on to its own total."""
         c = self.config
-        total = c.total_steps if total_steps is None else total_steps
+        total = self.scheduled_total_steps if total_steps is None else total_steps
         if isinstance(total, bool) or not isinstance(total, int) or total < 1:
             raise ValueError(f"total_steps must be a positive int, got {total!r}")
+        self._learn_total_steps = total
         if self.buffer is None:
             self.buffer = self._make_buffer()
         if self._batch is None:
@@ -394,7 +403,8 @@ class DQN:
     def _state(self, with_rng: bool) -> dict:
         state = {"env_id": self.env_id, "run_name": self.run_name, "config": self.config.to_dict(),
                  "learner": self.learner.state_dict(),
-                 "counters": {"env_steps": self.env_steps, "episodes": self.episodes, "wall_time": self.wall_time},
+                 "counters": {"env_steps": self.env_steps, "episodes": self.episodes, "wall_time": self.wall_time,
+                              "learn_total_steps": self._learn_total_steps},
                  "recent_returns": list(self.recent_returns)}
         if with_rng:
             state["rng"] = ckpt.capture_rng(self.np_rng)
@@ -440,6 +450,7 @@ class DQN:
         counters = state["counters"]
         self.env_steps, self.episodes = int(counters["env_steps"]), int(counters["episodes"])
         self.wall_time = float(counters["wall_time"])
+        self._learn_total_steps = counters.get("learn_total_steps")
         self.recent_returns.extend(state.get("recent_returns", []))
         if "rng" in state:
             ckpt.restore_rng(state["rng"], self.np_rng)

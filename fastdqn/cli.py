@@ -128,7 +128,7 @@ def _train(args) -> int:
 
         agent = DQN.resume(args.resume, device=args.device, progress=not args.no_progress,
                            tensorboard=not args.no_tensorboard)
-        total = args.total_steps or agent.config.total_steps
+        total = args.total_steps or agent.scheduled_total_steps
         if total <= agent.env_steps:
             raise UsageError(f"fastdqn train: the run already has {agent.env_steps} steps; "
                              f"pass --total-steps above that to continue")

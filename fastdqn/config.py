@@ -274,8 +274,8 @@ PRESETS: dict[str, dict] = {
     # updates (7, 12), Adam 2e-3 (3), final epsilon 0.02 (2), 16 envs (2), (64, 64) hidden (4).
     # These are DQNConfig's defaults.
     "cartpole": {},
-    # RL Zoo's Acrobot-v1 DQN settings. Seed 0 evaluates at -74 to -92 (10 greedy games) at
-    # every 10k steps from 20k on; its 100k steps take 5 minutes on 2 CPU cores.
+    # RL Zoo's Acrobot-v1 DQN settings (one-step returns). Seed 0 evaluates at -75 to -87 (10
+    # greedy games) at every 10k steps from 40k on; its 100k steps take 4 minutes on 2 CPU cores.
     "acrobot": dict(
         total_steps=100_000, num_envs=4, learning_rate=6.3e-4, batch_size=128, buffer_size=50_000,
         learning_starts=1_000, train_frequency=4, gradient_steps=4, target_update_interval=250,

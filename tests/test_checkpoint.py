@@ -42,8 +42,10 @@ def assert_same_learner(a, b):
     assert int(sa["num_updates"]) == int(sb["num_updates"])
 
 
-@pytest.mark.parametrize("prioritized", [False, True])
-def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, prioritized):
+@pytest.mark.parametrize("prioritized, total_given", [(False, True), (True, True), (False, False)])
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, prioritized, total_given):
+    """total_given=False: the resumed learn() goes on to the crashed call's 1,500 steps by itself
+    (the config's total_steps is 50,000), with the schedules spanning those."""
     config = DQNConfig(**RESUME, prioritized=prioritized)
     straight = make(tmp_path / "straight", config)
     straight.learn(1_500)
@@ -63,7 +65,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, prioritized)
 
     resumed = DQN.resume(tmp_path / "crashed", progress=False, tensorboard=False)
     assert resumed.env_steps == 800
-    resumed.learn(1_500)
+    resumed.learn(1_500 if total_given else None)
     assert resumed.env_steps == straight.env_steps == 1_500
     assert_same_learner(straight, resumed)
     a, b = straight.buffer.sample(64), resumed.buffer.sample(64)
