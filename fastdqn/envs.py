@@ -71,6 +71,7 @@ class AtariProtocol:
         """One line naming the protocol and every setting, for logs and evaluation output."""
         p = self.for_mode(mode)
         noops = f"up to {p.noop_max} random no-op frames at reset" if p.noop_max > 1 else "no no-op starts"
+        episodes = "episodic life" if p.episodic_life else "full games"
         parts = [
             noops,
             "FIRE after reset" if p.fire_reset else "no FIRE reset",
@@ -78,7 +79,7 @@ class AtariProtocol:
             f"{ATARI_FRAME_SIZE}x{ATARI_FRAME_SIZE} grayscale",
             f"{ATARI_FRAME_STACK}-frame stack",
             f"sticky actions {p.sticky_actions:g}" if p.sticky_actions else "no sticky actions",
-            ("episodic life" if p.episodic_life else "full games") + (", scored over whole games" if mode == "eval" else ""),
+            episodes + (", scored by whole games" if mode == "eval" else ""),
             "sign-clipped rewards" if p.clip_rewards else "raw rewards",
             f"at most {p.max_episode_steps:,} agent steps ({p.max_episode_steps * p.frame_skip:,} frames)",
         ]
