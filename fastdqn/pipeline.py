@@ -302,8 +302,9 @@ class AsyncPipeline:
         self.actor_watch, self.learner_watch = Stopwatch(), Stopwatch()
         self._lock = threading.Lock()  # held by the learner around each update; taken to pause it
         # Held by the actor around acting, and by the learner around its updates until the update
-        # graph is captured: while one thread captures a CUDA graph, no other may replay one or
-        # draw CUDA random numbers (torch refuses to advance a generator that a capture holds).
+        # graph is captured: while one thread captures a CUDA graph, no other may replay a graph
+        # (every replay advances the default CUDA generator, which the capture holds) or draw
+        # CUDA random numbers (a user's network with dropout or noisy layers).
         self._act_lock = threading.Lock()
         self._learner_error: BaseException | None = None
         self._cuda = agent.learner.device.type == "cuda"
@@ -384,11 +385,13 @@ class AsyncPipeline:
                     counted = int(started[ids].sum())
                     step += counted
                     cut = cut or step >= next_ckpt or step >= total
+                    # Steps count whether or not they hold a transition (a row that only reset
+                    # does not), so the limiter is asked either way.
+                    if not limiter.await_insert(counted):
+                        raise _Stop
+                    t = watch.lap("wait", t)
                     stored = np.flatnonzero(result.valid)
                     if stored.size:
-                        if not limiter.await_insert(counted):
-                            raise _Stop
-                        t = watch.lap("wait", t)
                         rows = ids[stored]
                         truncated = ~result.terminated if cut else result.truncated
                         agent.buffer.add(last_obs[rows], last_actions[rows], result.rewards[stored],
