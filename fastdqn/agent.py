@@ -132,7 +132,7 @@ class DQN:
         self.wall_time = 0.0
         self.recent_returns: collections.deque[float] = collections.deque(maxlen=100)
         self._last_eval_step: int | None = None
-        self._learn_total_steps: int | None = None
+        self._unfinished_total_steps: int | None = None  # of a learn() call interrupted here or in the run
 
     # ------------------------------------------------------------------ pieces
     def _make_train_env(self, step: int):
@@ -154,9 +154,10 @@ class DQN:
 
     @property
     def scheduled_total_steps(self) -> int:
-        """The total_steps that learn() spans its schedules over: the last learn() call's (kept
-        in checkpoints), or the config's before any."""
-        return self._learn_total_steps or self.config.total_steps
+        """What learn() trains to by default: the total of a learn() call that was interrupted
+        before it (in this process, or in the run a checkpoint came from), else the config's."""
+        unfinished = self._unfinished_total_steps
+        return unfinished if unfinished is not None and unfinished > self.env_steps else self.config.total_steps
 
     def epsilon(self, step: int, total_steps: int) -> float:
         c = self.config
@@ -212,12 +213,12 @@ class DQN:
     def learn(self, total_steps: int | None = None) -> "DQN":
         """Train until ``total_steps`` environment steps (summed over envs) have been taken
         in this agent's life; returns self. Schedules (epsilon, PER beta) span total_steps.
-        The default is ``scheduled_total_steps``: a resumed run goes on to its own total."""
+        The default is ``scheduled_total_steps``: an interrupted run goes on to its own total."""
         c = self.config
         total = self.scheduled_total_steps if total_steps is None else total_steps
         if isinstance(total, bool) or not isinstance(total, int) or total < 1:
             raise ValueError(f"total_steps must be a positive int, got {total!r}")
-        self._learn_total_steps = total
+        self._unfinished_total_steps = total
         if self.buffer is None:
             self.buffer = self._make_buffer()
         if self._batch is None:
@@ -242,6 +243,7 @@ class DQN:
         finally:
             self.wall_time = logger.wall_time()
             logger.close()
+        self._unfinished_total_steps = None
         return self
 
     def _loop(self, total: int, logger: RunLogger) -> None:
@@ -404,7 +406,7 @@ class DQN:
         state = {"env_id": self.env_id, "run_name": self.run_name, "config": self.config.to_dict(),
                  "learner": self.learner.state_dict(),
                  "counters": {"env_steps": self.env_steps, "episodes": self.episodes, "wall_time": self.wall_time,
-                              "learn_total_steps": self._learn_total_steps},
+                              "learn_total_steps": self._unfinished_total_steps},
                  "recent_returns": list(self.recent_returns)}
         if with_rng:
             state["rng"] = ckpt.capture_rng(self.np_rng)
@@ -450,7 +452,7 @@ class DQN:
         counters = state["counters"]
         self.env_steps, self.episodes = int(counters["env_steps"]), int(counters["episodes"])
         self.wall_time = float(counters["wall_time"])
-        self._learn_total_steps = counters.get("learn_total_steps")
+        self._unfinished_total_steps = counters.get("learn_total_steps")
         self.recent_returns.extend(state.get("recent_returns", []))
         if "rng" in state:
             ckpt.restore_rng(state["rng"], self.np_rng)

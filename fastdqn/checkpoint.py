@@ -3,7 +3,8 @@
 A checkpoint is a pair of files in ``RUN_DIR/checkpoints/``::
 
     step-000000050000.pt       torch.save of plain data: config, counters, learner state
-                               (online and target networks, optimizer, update counter)
+                               (online and target networks, optimizer, update counter,
+                               the exploration generator)
                                and every RNG state (python, numpy, torch, CUDA)
     step-000000050000.replay   the replay buffer, written by ``buf.save`` (optional)
 

@@ -41,9 +41,9 @@ class AtariProtocol:
     fire_reset: bool
     """Press FIRE once after each reset (including after a life loss) in games that have FIRE."""
     episodic_life: bool
-    """A life loss ends the episode (terminated in training) and the next life starts as after a
-    reset (new frame stack, FIRE); the game goes on. Evaluation keeps it, as CleanRL's does, so
-    that an agent is never left waiting for a FIRE it never had to press, and scores whole games."""
+    """A life loss ends the episode (terminated) and the next life starts as after a reset (new
+    frame stack, FIRE); the game goes on. Evaluation keeps it, as CleanRL's does, so that an
+    agent is never left waiting for a FIRE it never had to press; it scores whole games."""
     clip_rewards: bool
     """Training only: rewards become their sign. Episode returns stay raw."""
     frame_skip: int = 4
@@ -115,7 +115,7 @@ class StepResult:
     rewards: np.ndarray
     """float32; sign-clipped in Atari training, raw otherwise."""
     terminated: np.ndarray
-    """bool; the episode reached a terminal state (a life loss counts in Atari training)."""
+    """bool; the episode reached a terminal state (a life loss counts, with episodic life)."""
     truncated: np.ndarray
     """bool; the episode was cut by a time limit. Never set together with `terminated`."""
     valid: np.ndarray
@@ -256,7 +256,7 @@ class VecEnv:
                 f"batch_size={self.batch_size}, mode={self.mode!r}, protocol={self.protocol!r})")
 
     def _hide_frames_before_episode_start(self, obs: np.ndarray, valid: np.ndarray, env_ids: np.ndarray) -> None:
-        """Frame stacks never reach back past the start of an episode (or, in training, of a life).
+        """Frame stacks never reach back past the start of an episode (or, with episodic life, of a life).
 
         envpool keeps the frames from before a life loss in the stack; CleanRL's FrameStack restarts it
         from the first frame repeated, and so do we: a row `age` valid steps into its episode has its
@@ -570,7 +570,7 @@ def make_env(
     """Make `num_envs` copies of `env_id` behind the `VecEnv` interface.
 
     backend: "auto" uses envpool for the ids it knows and gymnasium for any other registered id.
-    mode: "train" or "eval" (Atari evaluation plays full games with raw rewards).
+    mode: "train" or "eval" (Atari evaluation has raw rewards; episode_returns score whole games).
     protocol: Atari protocol name in ATARI_PROTOCOLS or an AtariProtocol; ignored by other envs.
     batch_size: envpool async mode when below num_envs (use async_reset/send/recv).
     num_threads: envpool worker threads (default: envpool's choice).

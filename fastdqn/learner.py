@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -252,7 +253,8 @@ class Learner:
         self.act_rng = np.random.default_rng(seed)
         self._act_obs = zeros(num_envs, *obs_shape, dtype=self.obs_dtype)
         self._act_draws = zeros(2, num_envs)
-        self._act_draws_host = torch.empty(2, num_envs, pin_memory=True) if device.type == "cuda" else self._act_draws
+        self._act_draws_host = (self._act_draws if device.type == "cpu"
+                                else torch.empty(2, num_envs, pin_memory=device.type == "cuda"))
         self._act_draws_numpy = self._act_draws_host.numpy()
         self._act_draw_rows = tuple(self._act_draws)
         self._epsilon = zeros()
@@ -536,7 +538,7 @@ class Learner:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        missing = {"q_network", "target_network", "optimizer", "num_updates", "act_rng"} - set(state)
+        missing = {"q_network", "target_network", "optimizer", "num_updates"} - set(state)
         if missing:
             raise ValueError(f"learner state is missing {sorted(missing)}")
         # Network weights are copied in place, so the captured graphs keep pointing at them.
@@ -552,7 +554,12 @@ class Learner:
                 step_device = self.device if self._capturable else "cpu"
                 param_state["step"] = param_state["step"].to(step_device, torch.float32)
         self._adam_tensors = None  # the optimizer's state tensors were replaced
-        self.act_rng.bit_generator.state = state["act_rng"]
+        if "act_rng" in state:
+            self.act_rng.bit_generator.state = state["act_rng"]
+        else:
+            warnings.warn("this learner state has no act_rng (saved by an earlier fastdqn): exploration "
+                          "goes on with this learner's own draws, not those the saved run would have made",
+                          stacklevel=2)
         self.num_updates = int(state["num_updates"])
         self._update_count.fill_(self.num_updates)
         self.sync_actor()

@@ -104,6 +104,14 @@ def test_a_run_ending_on_an_evaluation_step_evaluates_once_there(tmp_path, pipel
     assert steps == [102, 201]
 
 
+def test_learn_without_a_total_goes_on_to_the_configs_after_a_finished_call(tmp_path):
+    dqn = agent(tmp_path, config=tiny(total_steps=400, eval_episodes=0))
+    dqn.learn(200)
+    assert dqn.env_steps == 200 and dqn.scheduled_total_steps == 400
+    dqn.learn()
+    assert dqn.env_steps == 400
+
+
 def test_prioritized_replay_anneals_beta_to_one(tmp_path):
     dqn = agent(tmp_path, config=tiny(prioritized=True, per_beta=0.4, num_envs=4, learning_starts=100,
                                       train_frequency=4, gradient_steps=1, eval_episodes=0))

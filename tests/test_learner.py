@@ -527,6 +527,19 @@ def test_loaded_optimizer_state_runs_the_way_this_device_runs_it(optimizer):
         assert torch.equal(a, b)
 
 
+def test_a_state_saved_before_act_rng_existed_loads_with_a_warning():
+    original = make_learner(make_net(seed=4))
+    original.update(make_batch(np.random.default_rng(8)))
+    state = original.state_dict()
+    del state["act_rng"]
+    restored = make_learner(make_net(seed=9), seed=3)
+    before = restored.act_rng.bit_generator.state
+    with pytest.warns(UserWarning, match="no act_rng"):
+        restored.load_state_dict(state)
+    assert restored.num_updates == 1 and restored.act_rng.bit_generator.state == before
+    assert all(torch.equal(a, b) for a, b in zip(params(original.q_network), params(restored.q_network)))
+
+
 def test_metrics_average_since_last_call():
     learner = make_learner(make_net(seed=9))
     rng = np.random.default_rng(8)

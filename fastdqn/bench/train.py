@@ -133,9 +133,10 @@ def _sb3_envs(env_id: str, config):
         game = env_id.removeprefix("ALE/").removesuffix("-v5")
         sb3_id = f"{game}NoFrameskip-v4"  # SB3's AtariWrapper = CleanRL's protocol on the v4 NoFrameskip id
         env = VecFrameStack(make_atari_env(sb3_id, n_envs=config.num_envs, seed=config.seed), 4)
+        # Life losses reset as in training (FIRE after each), as fastdqn's evaluation does;
+        # evaluate_policy reads whole games' scores from the Monitor under the AtariWrapper.
         eval_env = VecFrameStack(make_atari_env(sb3_id, n_envs=1, seed=config.seed + 1,
-                                                wrapper_kwargs={"terminal_on_life_loss": False,
-                                                                "clip_reward": False}), 4)
+                                                wrapper_kwargs={"clip_reward": False}), 4)
         return env, eval_env, "CnnPolicy", {}
     from stable_baselines3.common.env_util import make_vec_env
 
