@@ -291,7 +291,7 @@ class DQN:
                 logger.flush()
                 self.save_checkpoint()
         self.env_steps, self._obs = step, obs
-        if c.eval_episodes and self._last_eval_step != step:  # the final evaluation, unless just made
+        if self._final_evaluation_due(step):
             self._evaluate_and_log(logger, step)
 
     def _log(self, logger, step, epsilon, returns, lengths) -> None:
@@ -304,6 +304,10 @@ class DQN:
             episode_return_100=float(np.mean(self.recent_returns)) if self.recent_returns else math.nan,
             episode_length=float(np.mean(lengths)) if lengths else math.nan,
             loss=metrics["loss"], q_mean=metrics["q_mean"], epsilon=epsilon))
+
+    def _final_evaluation_due(self, step: int) -> bool:
+        """Whether a run ending at ``step`` still owes its final evaluation (not if it just made one)."""
+        return bool(self.config.eval_episodes) and self._last_eval_step != step
 
     def _evaluate_and_log(self, logger, step) -> None:
         c = self.config

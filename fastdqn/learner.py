@@ -149,6 +149,8 @@ class Learner:
             raise ValueError(f"tau must be in (0, 1], got {tau!r}")
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
         if cuda_graph not in ("auto", True, False):
             raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
         device = torch.device(device)

@@ -449,7 +449,7 @@ class AsyncPipeline:
                     agent.save_checkpoint()
             watch.lap("checkpoint", t)
         agent.env_steps = step
-        if c.eval_episodes and agent._last_eval_step != step:  # the final evaluation, unless just made
+        if agent._final_evaluation_due(step):
             with self._paused(catch_up=True):
                 agent._evaluate_and_log(logger, step)
 
@@ -521,10 +521,8 @@ class AsyncPipeline:
         t = time.perf_counter()
         batch, indices, t = batches.next(watch, t)
         with self._lock:
-            if learner.cuda_graph and not learner.update_graph_captured:
-                with self._act_lock:  # this update may be the one that captures the graph
-                    learner.update(batch)
-            else:
+            may_capture = learner.cuda_graph and not learner.update_graph_captured
+            with self._act_lock if may_capture else contextlib.nullcontext():
                 learner.update(batch)
             batches.consumed()
             if self._priorities is not None:

@@ -356,6 +356,8 @@ def test_bad_batches_raise_before_any_state_changes():
     (dict(cuda_graph=True), "cuda_graph"),
     (dict(cuda_graph="yes"), "cuda_graph"),
     (dict(obs_shape=(4,)), "q_network must map"),
+    (dict(seed=-1), "seed"),
+    (dict(seed="0"), "seed"),
 ])
 def test_bad_learner_arguments_raise(kwargs, match):
     args = dict(obs_shape=(OBS_DIM,), obs_dtype=np.float32, batch_size=BATCH, num_envs=2, device="cpu")
