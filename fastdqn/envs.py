@@ -325,6 +325,8 @@ class _EnvpoolVecEnv(VecEnv):
         except BaseException:
             self._pool.close()
             raise
+        self._layout = _EnvpoolLayout.of(self._pool, atari is not None)
+        self._all_ids = np.arange(num_envs, dtype=np.int32)
 
     def _reset(self) -> np.ndarray:
         obs, _ = self._pool.reset()
@@ -334,22 +336,71 @@ class _EnvpoolVecEnv(VecEnv):
         self._pool.async_reset()
 
     def _send(self, actions: np.ndarray, env_ids: np.ndarray | None) -> None:
-        self._pool.send(actions, env_ids)
+        if self._layout is None:
+            self._pool.send(actions, env_ids)
+            return
+        env_ids = self._all_ids if env_ids is None else env_ids
+        self._pool._send(self._layout.actions(actions, env_ids))
 
     def _recv(self) -> tuple[np.ndarray, ...]:
         # envpool hands out freshly allocated arrays: rows the caller holds are never overwritten.
-        obs, rewards, terminated, truncated, info = self._pool.recv()
-        env_ids = info["env_id"]
+        if self._layout is None:
+            obs, rewards, done, truncated, info = self._pool.recv()
+            env_ids, game_rewards, game_ended = info["env_id"], info.get("reward"), info.get("terminated")
+        else:
+            obs, rewards, done, truncated, env_ids, game_rewards, game_ended = self._layout.state(self._pool._recv())
+        terminated = done & ~truncated
         if self.atari is None:
             return obs, rewards, terminated, truncated, terminated | truncated, env_ids
         # envpool reports a game that ends on the time limit's last step as truncated; it terminated.
-        game_ended = info["terminated"].astype(bool)
+        game_ended = game_ended.astype(bool)
         truncated = truncated & ~game_ended
         terminated = terminated | game_ended
-        return obs, info["reward"], terminated, truncated, game_ended | truncated, env_ids
+        return obs, game_rewards, terminated, truncated, game_ended | truncated, env_ids
 
     def _close(self) -> None:
         self._pool.close()
+
+
+class _EnvpoolLayout:
+    """Where envpool's C++ core puts each field, so a step can skip envpool's Python wrapper.
+
+    envpool's ``send``/``recv`` turn gymnasium-style actions into the core's list of arrays (in
+    ``_spec._action_keys`` order) and that list back into gymnasium's tuple, in Python that
+    costs as much as a CartPole step itself. ``of`` reads the two key lists once; for a pool
+    whose keys are not the ones below (another envpool version, a dict observation) it gives
+    None and the env uses the public API. A test checks both paths give the same steps.
+    """
+
+    _ACTION_KEYS = ("env_id", "players.env_id", "action")
+
+    def __init__(self, state_keys: list[str], action_dtype: np.dtype, atari: bool) -> None:
+        fields = ["obs", "reward", "done", "trunc", "info:env_id"]
+        fields += ["info:reward", "info:terminated"] if atari else []
+        self._state_index = [state_keys.index(name) for name in fields] + [None] * (0 if atari else 2)
+        self._action_dtype = action_dtype
+
+    @classmethod
+    def of(cls, pool: Any, atari: bool) -> _EnvpoolLayout | None:
+        try:
+            state_keys = list(pool._state_keys)
+            action_keys = tuple(pool._spec._action_keys)
+            action_dtype = np.dtype(pool._spec._action_spec[-1][0])
+        except AttributeError:
+            return None
+        needed = {"obs", "reward", "done", "trunc", "info:env_id"} | ({"info:reward", "info:terminated"} if atari else set())
+        if action_keys != cls._ACTION_KEYS or not needed <= set(state_keys) or not (hasattr(pool, "_send")
+                                                                                     and hasattr(pool, "_recv")):
+            return None
+        return cls(state_keys, action_dtype, atari)
+
+    def actions(self, actions: np.ndarray, env_ids: np.ndarray) -> list[np.ndarray]:
+        """The core's action list (single-player envs: one player per env)."""
+        return [env_ids, env_ids, actions.astype(self._action_dtype, copy=False)]
+
+    def state(self, arrays: list[np.ndarray]) -> list[np.ndarray | None]:
+        """obs, reward, done, trunc, env ids, and for Atari the raw game reward and game end."""
+        return [None if i is None else arrays[i] for i in self._state_index]
 
 
 class _GymnasiumVecEnv(VecEnv):

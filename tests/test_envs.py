@@ -290,6 +290,46 @@ def test_envpool_async_batches():
         assert episodes >= 4 and (seen > 50).all()
 
 
+@pytest.mark.parametrize("env_id, num_envs, batch, max_steps", [("CartPole-v1", 4, 4, 40), ("CartPole-v1", 4, 2, 40),
+                                                                 ("Breakout-v5", 2, 2, 60), ("Breakout-v5", 4, 2, 60)])
+def test_envpool_steps_match_envpools_public_api(env_id, num_envs, batch, max_steps):
+    """fastdqn reads envpool's core arrays directly (skipping its Python wrapper); an env forced
+    onto envpool's public send/recv gives the same steps: episode ends, time limits, life losses.
+    In async mode envs come back in any order, so each env's own stream of rows is compared."""
+
+    def play(env) -> dict[int, list]:
+        rows = {i: [] for i in range(num_envs)}
+        env.async_reset()
+        for _ in range(150):
+            res = env.recv()
+            for row, i in enumerate(res.env_ids.tolist()):
+                ended = res.episode_env_ids == i
+                rows[i].append((res.obs[row], res.next_obs[row], res.rewards[row], res.terminated[row],
+                                res.truncated[row], res.valid[row], res.episode_returns[ended],
+                                res.episode_lengths[ended]))
+            actions = [(len(rows[i]) * 7 + i) % env.num_actions for i in res.env_ids.tolist()]
+            env.send(np.array(actions), res.env_ids)
+        env.recv()
+        return rows
+
+    with make_env(env_id, num_envs, seed=3, batch_size=batch, max_episode_steps=max_steps) as direct:
+        assert direct._layout is not None
+        expected = play(direct)
+    with make_env(env_id, num_envs, seed=3, batch_size=batch, max_episode_steps=max_steps) as public:
+        public._layout = None
+        got = play(public)
+    ends = 0
+    for i in range(num_envs):
+        steps = min(len(expected[i]), len(got[i]))
+        assert steps >= 30
+        for t, (a, b) in enumerate(zip(expected[i][:steps], got[i][:steps])):
+            for field, x, y in zip(["obs", "next_obs", "reward", "terminated", "truncated", "valid", "returns",
+                                    "lengths"], a, b):
+                np.testing.assert_array_equal(x, y, err_msg=f"env {i}, row {t}: {field}")
+            ends += int(a[3] or a[4])
+    assert ends >= 4
+
+
 def test_gymnasium_backend_supports_send_recv():
     with make_env("CartPole-v1", 2, seed=5, backend="gymnasium") as env:
         env.async_reset()
