@@ -363,43 +363,45 @@ class _EnvpoolVecEnv(VecEnv):
 
 
 class _EnvpoolLayout:
-    """Where envpool's C++ core puts each field, so a step can skip envpool's Python wrapper.
+    """Where envpool's C++ core puts each field, so that a step can skip envpool's Python wrapper.
 
-    envpool's ``send``/``recv`` turn gymnasium-style actions into the core's list of arrays (in
-    ``_spec._action_keys`` order) and that list back into gymnasium's tuple, in Python that
-    costs as much as a CartPole step itself. ``of`` reads the two key lists once; for a pool
-    whose keys are not the ones below (another envpool version, a dict observation) it gives
-    None and the env uses the public API. A test checks both paths give the same steps.
+    The core takes and hands back plain lists of arrays, in the order of the pool's
+    ``_spec._action_keys`` and ``_state_keys``. envpool's public ``send``/``recv`` convert
+    those lists from and to gymnasium's tuples in Python, which costs as much as a whole
+    CartPole step. ``of`` reads the key lists once; for a pool whose keys are not the ones
+    below (another envpool version, a dict observation) it gives None, and the env keeps to
+    the public API. A test checks that both paths give the same steps.
     """
 
     _ACTION_KEYS = ("env_id", "players.env_id", "action")
+    _STATE_KEYS = ("obs", "reward", "done", "trunc", "info:env_id")
+    _ATARI_STATE_KEYS = ("info:reward", "info:terminated")  # the raw game reward, the game's end
 
-    def __init__(self, state_keys: list[str], action_dtype: np.dtype, atari: bool) -> None:
-        fields = ["obs", "reward", "done", "trunc", "info:env_id"]
-        fields += ["info:reward", "info:terminated"] if atari else []
-        self._state_index = [state_keys.index(name) for name in fields] + [None] * (0 if atari else 2)
+    def __init__(self, state_index: list[int | None], action_dtype: np.dtype) -> None:
+        self._state_index = state_index
         self._action_dtype = action_dtype
 
     @classmethod
     def of(cls, pool: Any, atari: bool) -> _EnvpoolLayout | None:
         try:
-            state_keys = list(pool._state_keys)
-            action_keys = tuple(pool._spec._action_keys)
+            state_keys, action_keys = list(pool._state_keys), tuple(pool._spec._action_keys)
             action_dtype = np.dtype(pool._spec._action_spec[-1][0])
         except AttributeError:
             return None
-        needed = {"obs", "reward", "done", "trunc", "info:env_id"} | ({"info:reward", "info:terminated"} if atari else set())
-        if action_keys != cls._ACTION_KEYS or not needed <= set(state_keys) or not (hasattr(pool, "_send")
-                                                                                     and hasattr(pool, "_recv")):
+        wanted = cls._STATE_KEYS + (cls._ATARI_STATE_KEYS if atari else ())
+        if (action_keys != cls._ACTION_KEYS or not set(wanted) <= set(state_keys)
+                or not all(hasattr(pool, entry) for entry in ("_send", "_recv"))):
             return None
-        return cls(state_keys, action_dtype, atari)
+        state_index = [state_keys.index(name) for name in wanted]
+        return cls(state_index + [None] * (len(cls._STATE_KEYS) + len(cls._ATARI_STATE_KEYS) - len(wanted)),
+                   action_dtype)
 
     def actions(self, actions: np.ndarray, env_ids: np.ndarray) -> list[np.ndarray]:
         """The core's action list (single-player envs: one player per env)."""
         return [env_ids, env_ids, actions.astype(self._action_dtype, copy=False)]
 
     def state(self, arrays: list[np.ndarray]) -> list[np.ndarray | None]:
-        """obs, reward, done, trunc, env ids, and for Atari the raw game reward and game end."""
+        """obs, reward, done, trunc, env ids, and for Atari the raw game reward and the game's end."""
         return [None if i is None else arrays[i] for i in self._state_index]
 
 
