@@ -23,7 +23,8 @@ for the other. Here they run at once, in two threads that share the lock-free re
   stream, ordered by events, so neither thread waits on the host), the actor copies it in
   between two action selections, so it never sees half-written weights.
 - Errors: the first exception in either thread stops both (the limiter wakes every wait)
-  and is re-raised in the calling thread with its original traceback; Ctrl-C likewise.
+  and is re-raised in the calling thread with its original traceback. Ctrl-C closes the
+  limiter too and comes out of ``run`` as KeyboardInterrupt, never halfway into a lock.
   Checkpoints are written only while the learner is paused and caught up.
 
 On CPU the same code runs with the two threads sharing the cores (torch releases the GIL
@@ -35,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import signal
 import threading
 import time
 from collections import defaultdict
@@ -307,6 +309,8 @@ class AsyncPipeline:
         # CUDA random numbers (a user's network with dropout or noisy layers).
         self._act_lock = threading.Lock()
         self._learner_error: BaseException | None = None
+        self._interrupted = False  # Ctrl-C came in (see _ctrl_c_at_safe_points)
+        self._pausing = False  # the actor is in a _paused block (evaluation, checkpoint, log)
         self._cuda = agent.learner.device.type == "cuda"
         self._learner_stream = torch.cuda.Stream(agent.learner.device) if self._cuda else None
         self._actor_stream = torch.cuda.Stream(agent.learner.device) if self._cuda else None
@@ -332,7 +336,7 @@ class AsyncPipeline:
         start = time.perf_counter()
         error: BaseException | None = None
         try:
-            with self._on(self._actor_stream):
+            with self._ctrl_c_at_safe_points(), self._on(self._actor_stream):
                 self.weights.publish()  # the actor starts from the current online weights
                 self.weights.refresh()
                 self._capture_action_graph()
@@ -355,6 +359,38 @@ class AsyncPipeline:
             raise self._learner_error
         if error is not None:
             raise error
+        if self._interrupted:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def _ctrl_c_at_safe_points(self):
+        """Ctrl-C stops the run at the actor's next rate-limiter call instead of wherever it lands.
+
+        Python runs a signal handler between any two bytecodes, also between a lock's acquire
+        and the with-block that releases it. A KeyboardInterrupt raised there would leave the
+        rate limiter's lock (or another the learner takes) held for good, and the learner stuck
+        on it. So while the run lasts, Ctrl-C only closes the limiter, which ends every wait of
+        both threads, and ``run`` raises KeyboardInterrupt once the learner has stopped. In a
+        ``_paused`` block (evaluation, checkpoint, log), which holds no lock of the learner's
+        to lose, it raises at once, as usual. Only the main thread gets signals; a caller
+        with a handler of its own keeps it.
+        """
+        if threading.current_thread() is not threading.main_thread() \
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            yield
+            return
+
+        def on_ctrl_c(signum, frame):
+            self._interrupted = True
+            self._limiter.close()
+            if self._pausing:
+                raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGINT, on_ctrl_c)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def _act(self, total: int, logger) -> None:
         agent, c, learner, limiter = self.agent, self.agent.config, self.agent.learner, self._limiter
@@ -474,7 +510,13 @@ class AsyncPipeline:
             if self._priorities is not None:
                 self._priorities.flush()
             self.actor_watch.lap("wait", t)
-            yield
+            self._pausing = True
+            try:
+                if self._limiter.closed:  # Ctrl-C or a learner error while it waited: not worth an evaluation
+                    raise _Stop
+                yield
+            finally:
+                self._pausing = False
             if self._cuda:
                 torch.cuda.synchronize(self.agent.learner.device)
 

@@ -399,6 +399,39 @@ def test_ctrl_c_stops_cleanly_keeps_the_checkpoint_and_the_run_resumes(tmp_path)
     assert resumed.env_steps >= 3_000 and resumed.learner.num_updates == resumed.updates_due(resumed.env_steps)
 
 
+def test_ctrl_c_between_a_locks_acquire_and_its_with_block_leaves_no_lock_held(tmp_path, monkeypatch):
+    """Python runs a signal handler between any two bytecodes, also between a lock's acquire and
+    the with-block that would release it: a KeyboardInterrupt raised there leaves the lock held,
+    and the learner waits on it forever. Here SIGINT arrives in exactly that window of the rate
+    limiter's lock (in the main thread, as a real Ctrl-C does): the run must still stop at once,
+    with KeyboardInterrupt, and leave Ctrl-C's handler as it was."""
+    import signal
+
+    from fastdqn import pipeline
+    from fastdqn.rate_limiter import RateLimiter
+
+    monkeypatch.setattr(pipeline, "JOIN_TIMEOUT_S", 10.0)  # a stuck learner fails the test, not the suite
+    inserted = RateLimiter.inserted
+    fired = []
+
+    def inserted_with_a_sigint_in_the_window(self, n):
+        if not fired and self.updates > 50:  # both threads busy
+            fired.append(True)
+            self._changed.acquire()
+            signal.raise_signal(signal.SIGINT)  # the handler runs here, before the release below
+            self._changed.release()
+        inserted(self, n)
+
+    monkeypatch.setattr(RateLimiter, "inserted", inserted_with_a_sigint_in_the_window)
+    agent = make_agent(tmp_path, async_config())
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        agent.learn(20_000)  # in the main thread: only it receives signals
+    assert fired and not learner_threads()
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert agent.env_steps < 20_000
+
+
 def test_sigint_to_an_async_training_run_ends_it_cleanly(tmp_path):
     """A real Ctrl-C (SIGINT to the process) while both threads run: exit status 130, the resume
     hint, the periodic checkpoint intact, and nothing left hanging."""
