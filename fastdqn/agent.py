@@ -131,7 +131,6 @@ class DQN:
         self.episodes = 0
         self.wall_time = 0.0
         self.recent_returns: collections.deque[float] = collections.deque(maxlen=100)
-        self._last_eval_step: int | None = None
         self._unfinished_total_steps: int | None = None  # of a learn() call interrupted here or in the run
 
     # ------------------------------------------------------------------ pieces
@@ -291,7 +290,7 @@ class DQN:
                 logger.flush()
                 self.save_checkpoint()
         self.env_steps, self._obs = step, obs
-        if self._final_evaluation_due(step):
+        if self._final_evaluation_due(step, logger):
             self._evaluate_and_log(logger, step)
 
     def _log(self, logger, step, epsilon, returns, lengths) -> None:
@@ -305,13 +304,13 @@ class DQN:
             episode_length=float(np.mean(lengths)) if lengths else math.nan,
             loss=metrics["loss"], q_mean=metrics["q_mean"], epsilon=epsilon))
 
-    def _final_evaluation_due(self, step: int) -> bool:
-        """Whether a run ending at ``step`` still owes its final evaluation (not if it just made one)."""
-        return bool(self.config.eval_episodes) and self._last_eval_step != step
+    def _final_evaluation_due(self, step: int, logger: RunLogger) -> bool:
+        """Whether a run ending at ``step`` still owes its final evaluation (not if one was made
+        there, also before a resume: the final evaluation comes after the final checkpoint)."""
+        return bool(self.config.eval_episodes) and logger.last_eval_step != step
 
     def _evaluate_and_log(self, logger, step) -> None:
         c = self.config
-        self._last_eval_step = step
         result = self.evaluate(c.eval_episodes, epsilon=c.eval_epsilon, seed=env_seed(c.seed + 1, step))
         logger.log_eval(step, result["returns"], result["protocol"])
 

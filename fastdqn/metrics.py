@@ -92,8 +92,10 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.run_dir / "config.json", config_record)
-        self._metrics = self._open_csv("metrics.csv", METRIC_COLUMNS, resume, start_step)
-        self._eval = self._open_csv("eval.csv", EVAL_COLUMNS, resume, start_step)
+        self._metrics, _ = self._open_csv("metrics.csv", METRIC_COLUMNS, resume, start_step)
+        self._eval, evaluations = self._open_csv("eval.csv", EVAL_COLUMNS, resume, start_step)
+        self.last_eval_step: int | None = int(float(evaluations[-1]["step"])) if evaluations else None
+        """The step of the newest evaluation row, one written before a resume included."""
         self._wall_offset = wall_time_offset
         self._t0 = time.perf_counter()
         self._last_step, self._last_time = start_step, self._t0
@@ -110,6 +112,7 @@ class RunLogger:
                              dynamic_ncols=True, desc=config_record.get("env_id", "train"))
 
     def _open_csv(self, name: str, columns: list[str], resume: bool, start_step: int):
+        """The CSV open for appending, and the rows kept from before a resume."""
         path = self.run_dir / name
         kept = []
         if resume and path.is_file():
@@ -121,7 +124,7 @@ class RunLogger:
         writer.writerows(kept)
         atomic_write_bytes(path, text.getvalue().encode())
         f = open(path, "a", newline="")
-        return f, csv.DictWriter(f, fieldnames=columns)
+        return (f, csv.DictWriter(f, fieldnames=columns)), kept
 
     def wall_time(self) -> float:
         """Seconds of training so far, across resumes."""
@@ -149,6 +152,7 @@ class RunLogger:
         row = dict(step=step, wall_time=round(self.wall_time(), 3), episodes=n, mean_return=mean,
                    std_return=std, min_return=min(returns), max_return=max(returns), protocol=protocol)
         self._write(self._eval, row)
+        self.last_eval_step = step
         self._scalars("eval", step, {"mean_return": mean, "std_return": std})
         if self._bar is not None:
             self._bar.write(f"eval @ {step}: mean return {mean:.1f} +- {std:.1f} over {n} episodes ({protocol})")

@@ -485,7 +485,7 @@ class AsyncPipeline:
                     agent.save_checkpoint()
             watch.lap("checkpoint", t)
         agent.env_steps = step
-        if agent._final_evaluation_due(step):
+        if agent._final_evaluation_due(step, logger):
             with self._paused(catch_up=True):
                 agent._evaluate_and_log(logger, step)
 

@@ -104,6 +104,20 @@ def test_a_run_ending_on_an_evaluation_step_evaluates_once_there(tmp_path, pipel
     assert steps == [102, 201]
 
 
+@pytest.mark.parametrize("pipeline", ["sync", "async"])
+def test_resuming_a_finished_run_does_not_evaluate_its_last_step_again(tmp_path, pipeline):
+    """The final evaluation comes after the final checkpoint; a resumed run learns from eval.csv
+    that it was made. A run resumed from an earlier checkpoint evaluates again (test_checkpoint)."""
+    from fastdqn.agent import DQN
+
+    dqn = agent(tmp_path, config=tiny(eval_interval=150, checkpoint_interval=100, save_buffer=True, pipeline=pipeline))
+    dqn.learn(200)
+    resumed = DQN.resume(tmp_path / "run", progress=False, tensorboard=False)
+    resumed.learn(200)
+    steps = [row["step"] for row in read_csv(tmp_path / "run" / "eval.csv")]
+    assert steps == [150, 200]
+
+
 def test_learn_without_a_total_goes_on_to_the_configs_after_a_finished_call(tmp_path):
     dqn = agent(tmp_path, config=tiny(total_steps=400, eval_episodes=0))
     dqn.learn(200)
