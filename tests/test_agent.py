@@ -106,8 +106,8 @@ def test_a_run_ending_on_an_evaluation_step_evaluates_once_there(tmp_path, pipel
 
 @pytest.mark.parametrize("pipeline", ["sync", "async"])
 def test_resuming_a_finished_run_does_not_evaluate_its_last_step_again(tmp_path, pipeline):
-    """The final evaluation comes after the final checkpoint; a resumed run learns from eval.csv
-    that it was made. A run resumed from an earlier checkpoint evaluates again (test_checkpoint)."""
+    """The final evaluation comes after the final checkpoint: a resumed run learns from eval.csv
+    that it was made."""
     from fastdqn.agent import DQN
 
     dqn = agent(tmp_path, config=tiny(eval_interval=150, checkpoint_interval=100, save_buffer=True, pipeline=pipeline))
