@@ -24,7 +24,8 @@ for the other. Here they run at once, in two threads that share the lock-free re
   between two action selections, so it never sees half-written weights.
 - Errors: the first exception in either thread stops both (the limiter wakes every wait)
   and is re-raised in the calling thread with its original traceback. Ctrl-C closes the
-  limiter too and comes out of ``run`` as KeyboardInterrupt, never halfway into a lock.
+  limiter too and comes out of ``run`` as KeyboardInterrupt once the learner has stopped,
+  never halfway into a lock the two threads share.
   Checkpoints are written only while the learner is paused and caught up.
 
 On CPU the same code runs with the two threads sharing the cores (torch releases the GIL
@@ -335,22 +336,23 @@ class AsyncPipeline:
         thread = threading.Thread(target=self._learner_thread, name="fastdqn-learner", daemon=True)
         start = time.perf_counter()
         error: BaseException | None = None
-        try:
-            with self._ctrl_c_at_safe_points(), self._on(self._actor_stream):
-                self.weights.publish()  # the actor starts from the current online weights
-                self.weights.refresh()
-                self._capture_action_graph()
-                thread.start()
-                self._act(total, logger)
-        except _Stop:
-            pass  # the learner's error is raised below
-        except BaseException as e:  # noqa: BLE001 - Ctrl-C too: stop the learner, then re-raise
-            error = e
-        finally:
-            limiter.close()
-            if thread.is_alive():
-                thread.join(JOIN_TIMEOUT_S)
-            self._wall = time.perf_counter() - start
+        with self._ctrl_c_at_safe_points():  # up to the learner's end: a Ctrl-C then only waits for it
+            try:
+                with self._on(self._actor_stream):
+                    self.weights.publish()  # the actor starts from the current online weights
+                    self.weights.refresh()
+                    self._capture_action_graph()
+                    thread.start()
+                    self._act(total, logger)
+            except _Stop:
+                pass  # the learner's error (or Ctrl-C) is raised below
+            except BaseException as e:  # noqa: BLE001 - stop the learner, then re-raise
+                error = e
+            finally:
+                limiter.close()
+                if thread.is_alive():
+                    thread.join(JOIN_TIMEOUT_S)
+                self._wall = time.perf_counter() - start
         if thread.is_alive():
             raise RuntimeError(f"the learner thread did not stop within {JOIN_TIMEOUT_S:.0f} s") from error
         if self._learner_error is not None:
@@ -364,16 +366,18 @@ class AsyncPipeline:
 
     @contextlib.contextmanager
     def _ctrl_c_at_safe_points(self):
-        """Ctrl-C stops the run at the actor's next rate-limiter call instead of wherever it lands.
+        """Ctrl-C stops the run at the actor's next rate-limiter call, not wherever it lands.
 
         Python runs a signal handler between any two bytecodes, also between a lock's acquire
         and the with-block that releases it. A KeyboardInterrupt raised there would leave the
         rate limiter's lock (or another the learner takes) held for good, and the learner stuck
         on it. So while the run lasts, Ctrl-C only closes the limiter, which ends every wait of
-        both threads, and ``run`` raises KeyboardInterrupt once the learner has stopped. In a
-        ``_paused`` block (evaluation, checkpoint, log), which holds no lock of the learner's
-        to lose, it raises at once, as usual. Only the main thread gets signals; a caller
-        with a handler of its own keeps it.
+        both threads, and ``run`` raises KeyboardInterrupt once the learner has stopped. The
+        limiter is closed from a new thread: the handler may run inside the actor's own check
+        of a wait condition, and a notify sent from there, before the wait begins, would be
+        lost. In a ``_paused`` block (evaluation, checkpoint, log), where the learner waits
+        for nothing the actor holds, Ctrl-C raises at once, as it does in the sync engine.
+        Only the main thread gets signals; a caller with a SIGINT handler of its own keeps it.
         """
         if threading.current_thread() is not threading.main_thread() \
                 or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
@@ -382,7 +386,7 @@ class AsyncPipeline:
 
         def on_ctrl_c(signum, frame):
             self._interrupted = True
-            self._limiter.close()
+            threading.Thread(target=self._limiter.close, name="fastdqn-ctrl-c", daemon=True).start()
             if self._pausing:
                 raise KeyboardInterrupt
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -264,6 +265,24 @@ def finish_within(seconds: float, fn):
     return outcome["error"]
 
 
+@contextlib.contextmanager
+def alarm_after(seconds: float):
+    """Fail with TimeoutError if the block runs longer: for code that must run in the main
+    thread (only it receives signals), where finish_within cannot be used."""
+    import signal
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def learner_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "fastdqn-learner" and t.is_alive()]
 
@@ -429,7 +448,42 @@ def test_ctrl_c_between_a_locks_acquire_and_its_with_block_leaves_no_lock_held(t
         agent.learn(20_000)  # in the main thread: only it receives signals
     assert fired and not learner_threads()
     assert signal.getsignal(signal.SIGINT) is handler
-    assert agent.env_steps < 20_000
+    assert agent.pipeline_report["env_steps"] < 1_000  # stopped at once: ~50 updates are ~260 steps
+
+
+def test_ctrl_c_between_the_actors_wait_check_and_its_wait_still_stops_the_run(tmp_path, monkeypatch):
+    """Ctrl-C between the actor's check of a wait condition and the wait itself, while the
+    learner waits for work: the learner leaves without waking anyone, so Ctrl-C itself must
+    wake the actor's wait, or the run hangs. CartPole's schedule of rounds, where the actor
+    waits out every round."""
+    import signal
+
+    inside = {"acquire": threading.Event(), "await_caught_up": threading.Event()}
+    for name, flag in inside.items():
+        def watched(self, *args, _method=getattr(RateLimiter, name), _flag=flag, **kwargs):
+            _flag.set()
+            try:
+                return _method(self, *args, **kwargs)
+            finally:
+                _flag.clear()
+
+        monkeypatch.setattr(RateLimiter, name, watched)
+    agent = make_agent(tmp_path, async_config(gradient_steps=8, train_frequency=32))
+    updates_due, fired = agent.updates_due, []
+
+    def updates_due_with_a_sigint(step):  # the actor's wait condition calls it
+        due = updates_due(step)
+        if (not fired and step > 500 and inside["await_caught_up"].is_set() and inside["acquire"].is_set()
+                and agent.learner.num_updates < due and threading.current_thread() is threading.main_thread()):
+            fired.append(step)
+            signal.raise_signal(signal.SIGINT)  # the handler runs here: the condition will say "wait"
+        return due
+
+    agent.updates_due = updates_due_with_a_sigint
+    with pytest.raises(KeyboardInterrupt), alarm_after(30):  # a hang would be in the main thread
+        agent.learn(20_000)
+    assert fired and not learner_threads()
+    assert agent.pipeline_report["env_steps"] < fired[0] + 1_000
 
 
 def test_sigint_to_an_async_training_run_ends_it_cleanly(tmp_path):
