@@ -322,10 +322,10 @@ class _EnvpoolVecEnv(VecEnv):
             _check_discrete(env_id, self._pool.action_space)
             super().__init__(env_id, "envpool", mode, num_envs, batch_size, atari,
                              self._pool.observation_space, self._pool.action_space)
+            self._layout = _EnvpoolLayout.of(self._pool, atari is not None)
         except BaseException:
             self._pool.close()
             raise
-        self._layout = _EnvpoolLayout.of(self._pool, atari is not None)
         self._all_ids = np.arange(num_envs, dtype=np.int32)
 
     def _reset(self) -> np.ndarray:
@@ -344,7 +344,7 @@ class _EnvpoolVecEnv(VecEnv):
 
     def _recv(self) -> tuple[np.ndarray, ...]:
         # envpool hands out freshly allocated arrays: rows the caller holds are never overwritten.
-        if self._layout is None:
+        if self._layout is None:  # its "done" is gymnasium's terminated, already without truncation
             obs, rewards, done, truncated, info = self._pool.recv()
             env_ids, game_rewards, game_ended = info["env_id"], info.get("reward"), info.get("terminated")
         else:
@@ -386,7 +386,7 @@ class _EnvpoolLayout:
         try:
             state_keys, action_keys = list(pool._state_keys), tuple(pool._spec._action_keys)
             action_dtype = np.dtype(pool._spec._action_spec[-1][0])
-        except AttributeError:
+        except Exception:  # noqa: BLE001 - any other layout: the public API
             return None
         wanted = cls._STATE_KEYS + (cls._ATARI_STATE_KEYS if atari else ())
         if (action_keys != cls._ACTION_KEYS or not set(wanted) <= set(state_keys)
@@ -397,8 +397,11 @@ class _EnvpoolLayout:
                    action_dtype)
 
     def actions(self, actions: np.ndarray, env_ids: np.ndarray) -> list[np.ndarray]:
-        """The core's action list (single-player envs: one player per env)."""
-        return [env_ids, env_ids, actions.astype(self._action_dtype, copy=False)]
+        """The core's action list (single-player envs: one player per env). Copies, as envpool's
+        send does: its worker threads read the arrays after ``_send`` returns, and the caller
+        may reuse them by then (the learner's action tensor is rewritten by the next act)."""
+        env_ids = np.array(env_ids, dtype=np.int32)
+        return [env_ids, env_ids, np.array(actions, dtype=self._action_dtype)]
 
     def state(self, arrays: list[np.ndarray]) -> list[np.ndarray | None]:
         """obs, reward, done, trunc, env ids, and for Atari the raw game reward and the game's end."""

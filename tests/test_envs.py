@@ -330,6 +330,25 @@ def test_envpool_steps_match_envpools_public_api(env_id, num_envs, batch, max_st
     assert ends >= 4
 
 
+def test_send_copies_the_actions():
+    """envpool's workers read the actions after send returns: a caller reusing its array at once
+    (int32, envpool's own action dtype, so no conversion copies it) must not change the steps."""
+    trajectories = []
+    for reuse in (False, True):
+        with make_env("CartPole-v1", 8, seed=1) as env:
+            env.reset()
+            rng = np.random.default_rng(0)
+            observations = []
+            for _ in range(300):
+                actions = rng.integers(2, size=8).astype(np.int32)
+                env.send(actions)
+                if reuse:
+                    actions[:] = 1 - actions
+                observations.append(env.recv().obs)
+            trajectories.append(np.stack(observations))
+    np.testing.assert_array_equal(trajectories[1], trajectories[0])
+
+
 def test_gymnasium_backend_supports_send_recv():
     with make_env("CartPole-v1", 2, seed=5, backend="gymnasium") as env:
         env.async_reset()
