@@ -516,7 +516,9 @@ class AsyncPipeline:
             self.actor_watch.lap("wait", t)
             self._pausing = True
             try:
-                if self._limiter.closed:  # Ctrl-C or a learner error while it waited: not worth an evaluation
+                # Ctrl-C (its handler may not have closed the limiter yet) or a learner error while
+                # it waited: not worth an evaluation.
+                if self._interrupted or self._limiter.closed:
                     raise _Stop
                 yield
             finally:
