@@ -212,13 +212,12 @@ class Learner:
         # The capturable optimizers keep their step count on the device; plain eager CUDA keeps
         # the faster default path, which is what "eager PyTorch" means in the benchmarks. On CPU
         # the fused Adam kernel saves most of the optimizer's per-tensor overhead.
-        self._capturable = self.cuda_graph
         if optimizer == "adam":
             fused = {"fused": True} if device.type == "cpu" else {}
-            self.optimizer = torch.optim.Adam(self._params, lr=lr, eps=adam_eps, capturable=self._capturable, **fused)
+            self.optimizer = torch.optim.Adam(self._params, lr=lr, eps=adam_eps, capturable=self.cuda_graph, **fused)
         else:
             self.optimizer = torch.optim.RMSprop(self._params, lr=lr, alpha=rmsprop_alpha, eps=rmsprop_eps,
-                                                 centered=rmsprop_centered, capturable=self._capturable,
+                                                 centered=rmsprop_centered, capturable=self.cuda_graph,
                                                  foreach=device.type == "cpu" or None)
         # How this device runs the optimizer; a loaded state (maybe saved on another device) keeps them.
         self._optimizer_flags = {key: self.optimizer.param_groups[0][key] for key in ("capturable", "fused", "foreach")
@@ -553,7 +552,7 @@ class Learner:
             group.update(self._optimizer_flags)
         for param_state in self.optimizer.state.values():
             if "step" in param_state:
-                step_device = self.device if self._capturable else "cpu"
+                step_device = self.device if self.cuda_graph else "cpu"
                 param_state["step"] = param_state["step"].to(step_device, torch.float32)
         self._adam_tensors = None  # the optimizer's state tensors were replaced
         if "act_rng" in state:
