@@ -159,8 +159,13 @@ class DQN:
         return unfinished if unfinished is not None and unfinished > self.env_steps else self.config.total_steps
 
     def epsilon(self, step: int, total_steps: int) -> float:
+        """Exploration at ``step`` of a run to ``total_steps``: linear over its first fraction."""
         c = self.config
         return linear_schedule(c.start_epsilon, c.end_epsilon, c.exploration_fraction * total_steps, step)
+
+    def per_beta(self, step: int, total_steps: int) -> float:
+        """Prioritized replay's importance exponent at ``step``: annealed linearly to 1 at the end."""
+        return linear_schedule(self.config.per_beta, 1.0, total_steps, step)
 
     def next_boundaries(self, step: int) -> tuple[float, float, float]:
         """The first log, evaluation and checkpoint steps after ``step`` (inf: never)."""
@@ -254,9 +259,8 @@ class DQN:
         returns_since_log: list[float] = []
         lengths_since_log: list[float] = []
         next_log, next_eval, next_ckpt = self.next_boundaries(step)
-        exploration_steps = c.exploration_fraction * total
         while step < total:
-            epsilon = linear_schedule(c.start_epsilon, c.end_epsilon, exploration_steps, step)
+            epsilon = self.epsilon(step, total)
             if step < c.learning_starts:
                 actions = self.np_rng.integers(self.num_actions, size=n)
             else:
@@ -271,8 +275,7 @@ class DQN:
                 lengths_since_log.extend(result.episode_lengths.tolist())
             due = self.updates_due(step)
             if due > updates_done:
-                beta = c.per_beta + (1.0 - c.per_beta) * min(1.0, step / total)
-                self._train(due - updates_done, beta)
+                self._train(due - updates_done, self.per_beta(step, total))
                 updates_done = due
             if step >= next_log or cut:  # a checkpoint's step always has its metrics row
                 next_log = next_boundary(step, c.log_interval)

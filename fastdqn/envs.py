@@ -392,9 +392,8 @@ class _EnvpoolLayout:
         if (action_keys != cls._ACTION_KEYS or not set(wanted) <= set(state_keys)
                 or not all(hasattr(pool, entry) for entry in ("_send", "_recv"))):
             return None
-        state_index = [state_keys.index(name) for name in wanted]
-        return cls(state_index + [None] * (len(cls._STATE_KEYS) + len(cls._ATARI_STATE_KEYS) - len(wanted)),
-                   action_dtype)
+        return cls([state_keys.index(name) if name in wanted else None
+                    for name in cls._STATE_KEYS + cls._ATARI_STATE_KEYS], action_dtype)
 
     def actions(self, actions: np.ndarray, env_ids: np.ndarray) -> list[np.ndarray]:
         """The core's action list (single-player envs: one player per env). Copies, as envpool's

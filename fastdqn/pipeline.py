@@ -45,7 +45,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from fastdqn.agent import env_seed, linear_schedule, next_boundary
+from fastdqn.agent import env_seed, next_boundary
 from fastdqn.envs import make_env
 from fastdqn.rate_limiter import RateLimiter
 
@@ -404,7 +404,6 @@ class AsyncPipeline:
         returns: list[float] = []
         lengths: list[float] = []
         next_log, next_eval, next_ckpt = agent.next_boundaries(step)
-        exploration_steps = c.exploration_fraction * total
         epsilon = c.start_epsilon
         while step < total:
             env = make_env(agent.env_id, n, env_seed(c.seed, step), mode="train", protocol=c.protocol,
@@ -446,7 +445,7 @@ class AsyncPipeline:
                         lengths.extend(result.episode_lengths.tolist())
                     if cut:
                         continue  # collect the envs still stepping; their episodes end here too
-                    epsilon = linear_schedule(c.start_epsilon, c.end_epsilon, exploration_steps, step)
+                    epsilon = agent.epsilon(step, total)
                     if self.max_lag == 0:  # rounds of updates: act after the round, with its weights, as sync does
                         if not limiter.await_caught_up():
                             raise _Stop
@@ -565,7 +564,7 @@ class AsyncPipeline:
         agent, learner, watch = self.agent, self.agent.learner, self.learner_watch
         c = agent.config
         if c.prioritized:  # annealed as the synchronous engine does; the sampler reads it
-            agent.buffer.beta = c.per_beta + (1.0 - c.per_beta) * min(1.0, self._limiter.steps / self._total)
+            agent.buffer.beta = agent.per_beta(self._limiter.steps, self._total)
         t = time.perf_counter()
         batch, indices, t = batches.next(watch, t)
         with self._lock:
