@@ -20,6 +20,7 @@ thread's graph replays could touch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -32,10 +33,39 @@ from torch.nn import functional as F
 
 from fastdqn import manual_mlp
 
-__all__ = ["Learner"]
+__all__ = ["Learner", "denormals_flushed"]
 
 _BATCH_FIELDS = ("obs", "actions", "rewards", "next_obs", "discounts")
 _FRAME_BATCH_FIELDS = ("frames", "next_offset", "actions", "rewards", "discounts")
+
+
+@contextlib.contextmanager
+def denormals_flushed():
+    """Flush denormal floats to zero on the calling thread while the block runs, then
+    restore the thread's previous mode. Run CPU updates inside it; fastdqn's loops do.
+
+    A gradient that stays zero (a dead ReLU unit's weights) makes Adam's first moment decay
+    by beta1 each step into the denormal range, where it sticks: 0.9 times the smallest
+    denormal rounds back to it. x86 CPUs compute on denormal operands ~100x slower, so on
+    CartPole (a 2-core Xeon, profiled) the fused Adam step took 126 µs instead of 22, and
+    the whole run took 10% longer.
+    Flushed, such a moment is 0; the value it stood for (< 1.2e-38) moves no weight.
+
+    The mode (FTZ/DAZ) belongs to the CPU thread: other threads, torch's intra-op workers
+    among them, keep their own, and CUDA kernels are unaffected. Where the CPU has no such
+    mode, nothing changes.
+    """
+    previous = _denormals_are_flushed()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(previous)
+
+
+def _denormals_are_flushed() -> bool:
+    smallest_normal = torch.finfo(torch.float32).tiny
+    return torch.tensor(smallest_normal).div_(4.0).item() == 0.0
 
 
 def _torch_dtype(dtype) -> torch.dtype:

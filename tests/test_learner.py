@@ -667,3 +667,47 @@ def test_graphed_act_matches_eager_on_cuda():
     # 3200 uniform draws over 6 actions: mean 533, sd 21; draws that never reached the graph
     # would put all in one bin.
     assert torch.all((counts - 3200 / 6).abs() < 130), counts
+
+
+def _flushing() -> bool:
+    """Whether this thread flushes denormals, read off the arithmetic (an independent probe)."""
+    return (torch.tensor([1e-39], dtype=torch.float32) * 1.0).item() == 0.0
+
+
+needs_flush_mode = pytest.mark.skipif(not torch.set_flush_denormal(False), reason="this CPU has no FTZ/DAZ mode")
+
+
+@needs_flush_mode
+@pytest.mark.parametrize("mode_before", [False, True])
+def test_denormals_flushed_flushes_inside_and_restores_the_threads_mode(mode_before):
+    from fastdqn.learner import denormals_flushed
+
+    torch.set_flush_denormal(mode_before)
+    try:
+        with denormals_flushed():
+            assert _flushing()
+        assert _flushing() == mode_before
+        with pytest.raises(KeyError), denormals_flushed():
+            raise KeyError("restored on errors too")
+        assert _flushing() == mode_before
+    finally:
+        torch.set_flush_denormal(False)
+
+
+@needs_flush_mode
+def test_adams_moment_of_a_gradient_that_stays_zero_sticks_at_a_denormal_unless_flushed():
+    """The reason for denormals_flushed: without it the moment never reaches 0."""
+    from fastdqn.learner import denormals_flushed
+
+    def first_moment_after_zero_gradients(steps=1_000):
+        param = torch.nn.Parameter(torch.ones(4))
+        adam = torch.optim.Adam([param], lr=1e-3, fused=True)
+        for i in range(steps):
+            param.grad = torch.ones(4) if i == 0 else torch.zeros(4)
+            adam.step()
+        return adam.state[param]["exp_avg"]
+
+    stuck = first_moment_after_zero_gradients()
+    assert torch.all(stuck > 0) and torch.all(stuck < torch.finfo(torch.float32).tiny)  # denormal
+    with denormals_flushed():
+        assert torch.all(first_moment_after_zero_gradients() == 0)
