@@ -45,7 +45,7 @@ def test_json_maps_each_system_to_its_figures(tmp_path, capsys):
         assert result["updates"] == expected
         assert result["replay_ratio"] == pytest.approx(expected / steps, abs=1e-4)
         assert result["updates_per_s"] == pytest.approx(expected / result["wall_s"], rel=1e-2, abs=0.1)
-    assert json.loads((tmp_path / "train-cpu.json").read_text())["envs"]["CartPole-v1"]["torch_threads"] == 1
+    assert json.loads((tmp_path / "train-cpu.json").read_text())["envs"]["CartPole-v1"]["torch_threads"] == config.torch_threads
     markdown = (tmp_path / "train-cpu.md").read_text()
     assert f"median of {repeats} interleaved runs" in markdown and "| CartPole-v1 | async |" in markdown
 
