@@ -63,3 +63,12 @@ def test_markdown_gives_the_ratio_to_sb3_run_by_run():
     markdown = bench_train.to_markdown(report)
     assert "  - sync vs SB3, run by run (the runs of one repeat follow each other): 3.00x, 2.50x, 1.00x" in markdown
     assert "| CartPole-v1 | sync | 100 | 1.0 | 400 |" in markdown and "| 2.00x |" in markdown
+
+
+def test_each_run_gets_a_fresh_process():
+    import os
+
+    pids = [bench_train.in_fresh_process(os.getpid) for _ in range(2)]
+    assert os.getpid() not in pids and pids[0] != pids[1]
+    with pytest.raises(ValueError, match="invalid literal"):  # the run's error reaches the caller
+        bench_train.in_fresh_process(int, "not a number")

@@ -16,7 +16,8 @@ The learning systems train with the same hyperparameters on the same machine in 
 environment's fastdqn preset, translated into SB3's arguments (SB3 counts train_freq in
 vector steps and target_update_interval in env steps; fastdqn counts updates). Breakout runs
 CleanRL's dqn_atari settings with a smaller buffer and learning_starts, so that updates
-happen within a short run. Each system is timed from the start of learning to its end
+happen within a short run. Every run has a fresh Python process of its own (see
+``in_fresh_process``). Each system is timed from the start of learning to its end
 (environment stepping, acting, replay and updates; no evaluation), then evaluated greedily
 outside the timing. The report (JSON and a markdown table) goes to ``--out``; progress goes
 to stderr.
@@ -25,9 +26,11 @@ to stderr.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import datetime
 import json
+import multiprocessing
 import sys
 import time
 import warnings
@@ -194,6 +197,25 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_system(system: str, env_id: str, config, eval_episodes: int, torch_threads: int) -> dict:
+    """One run of ``system`` in this process, with ``torch_threads`` torch threads."""
+    import torch
+
+    torch.set_num_threads(torch_threads)
+    runner = {"envpool_raw": run_envpool_raw, "sync": run_sync, "async": run_async, "sb3": run_sb3}[system]
+    return runner(env_id, config, eval_episodes)
+
+
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a new Python process, so that no run inherits another's threads,
+    caches or allocator state. It matters: libgomp stops its idle workers spinning once it
+    manages more threads than there are cores, so on 2 cores an async run (two torch
+    threads in its learner) took twice as long after a sync run in the same process."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def _time_split(result: dict) -> str:
     """``time_s`` in one cell: "env 1.2, act 0.3" or, per thread, "actor: ...; learner: ..."."""
     times = result.get("time_s", {})
@@ -250,10 +272,9 @@ def main(argv: list[str] | None = None) -> dict:
         preset, config = bench_config(env_id, steps, args.seed, device, args.num_envs)
         defaults = DQNConfig.preset(preset).to_dict()
         overrides = {k: v for k, v in config.to_dict().items() if defaults[k] != v}
-        # Every system of this env runs with the preset's torch threads (0: all cores), whatever
-        # the previous env's systems set; fastdqn and SB3 both keep the count they find.
+        # Every system of this env runs with the preset's torch threads (0: all cores);
+        # fastdqn and SB3 both keep the count they find.
         threads = config.torch_threads or all_cores
-        torch.set_num_threads(threads)
         entry = {"preset": preset, "config_overrides": overrides, "config": config.to_dict(), "repeats": args.repeats,
                  "torch_threads": threads, "systems": {}}
         eval_episodes = args.eval_episodes if args.eval_episodes is not None else (0 if preset == "atari" else 10)
@@ -262,8 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
             for system in systems:
                 log(f"{env_id}: {system}, {config.total_steps:,} env steps on {device}"
                     + (f" (run {repeat + 1} of {args.repeats})" if args.repeats > 1 else ""))
-                runner = {"envpool_raw": run_envpool_raw, "sync": run_sync, "async": run_async, "sb3": run_sb3}[system]
-                runs[system].append(runner(env_id, config, eval_episodes))
+                runs[system].append(in_fresh_process(run_system, system, env_id, config, eval_episodes, threads))
                 log(f"{env_id}: {system}: {json.dumps(runs[system][-1])}")
         entry["systems"] = {system: median_run(results) for system, results in runs.items()}
         report["envs"][env_id] = entry
