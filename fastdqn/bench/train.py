@@ -26,7 +26,6 @@ to stderr.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import datetime
 import json
@@ -211,9 +210,10 @@ def in_fresh_process(fn, *args):
     caches or allocator state. It matters: libgomp stops its idle workers spinning once it
     manages more threads than there are cores, so on 2 cores an async run (two torch
     threads in its learner) took twice as long after a sync run in the same process."""
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(fn, *args).result()
+    # A pool, not a ProcessPoolExecutor: leaving its block on an error or Ctrl-C terminates
+    # the worker, where the executor would wait for the run to end.
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
 def _time_split(result: dict) -> str:
