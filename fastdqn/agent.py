@@ -36,7 +36,7 @@ import torch
 from fastdqn import checkpoint as ckpt
 from fastdqn.config import DQNConfig, preset_for_env
 from fastdqn.envs import make_env
-from fastdqn.learner import Learner, denormals_flushed
+from fastdqn.learner import Learner
 from fastdqn.metrics import RunLogger, atomic_write_bytes, read_config
 from fastdqn.networks import build_q_network
 
@@ -233,18 +233,17 @@ class DQN:
                            start_step=self.env_steps, wall_time_offset=self.wall_time, resume=self.env_steps > 0,
                            tensorboard=self.tensorboard, progress=self.progress)
         try:
-            with denormals_flushed():  # a CPU run takes ~10% longer without it (see there)
-                if self.pipeline == "async":
-                    from fastdqn.pipeline import AsyncPipeline
+            if self.pipeline == "async":
+                from fastdqn.pipeline import AsyncPipeline
 
-                    pipeline = AsyncPipeline(self)
-                    try:
-                        pipeline.run(total, logger)
-                    finally:
-                        self.pipeline_report = pipeline.report()
-                        self._obs = None  # the pipeline stepped its own envs
-                else:
-                    self._loop(total, logger)
+                pipeline = AsyncPipeline(self)
+                try:
+                    pipeline.run(total, logger)
+                finally:
+                    self.pipeline_report = pipeline.report()
+                    self._obs = None  # the pipeline stepped its own envs
+            else:
+                self._loop(total, logger)
         finally:
             self.wall_time = logger.wall_time()
             logger.close()

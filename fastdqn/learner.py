@@ -20,7 +20,6 @@ thread's graph replays could touch.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import warnings
@@ -33,39 +32,23 @@ from torch.nn import functional as F
 
 from fastdqn import manual_mlp
 
-__all__ = ["Learner", "denormals_flushed"]
+__all__ = ["Learner"]
 
 _BATCH_FIELDS = ("obs", "actions", "rewards", "next_obs", "discounts")
 _FRAME_BATCH_FIELDS = ("frames", "next_offset", "actions", "rewards", "discounts")
 
 
-@contextlib.contextmanager
-def denormals_flushed():
-    """Flush denormal floats to zero on the calling thread while the block runs, then
-    restore the thread's previous mode. Run CPU updates inside it; fastdqn's loops do.
+DENORMAL_SWEEP_INTERVAL = 32
+"""Updates on CPU between two sweeps that set the optimizer's denormal state to zero.
 
-    A gradient that stays zero (a dead ReLU unit's weights) makes Adam's first moment decay
-    by beta1 each step into the denormal range, where it sticks: 0.9 times the smallest
-    denormal rounds back to it. x86 CPUs compute on denormal operands ~100x slower, so on
-    CartPole (a 2-core Xeon, profiled) the fused Adam step took 126 µs instead of 22, and
-    the whole run took 10% longer.
-    Flushed, such a moment is 0; the value it stood for (< 1.2e-38) moves no weight.
-
-    The mode (FTZ/DAZ) belongs to the CPU thread: other threads, torch's intra-op workers
-    among them, keep their own, and CUDA kernels are unaffected. Where the CPU has no such
-    mode, nothing changes.
-    """
-    previous = _denormals_are_flushed()
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(previous)
-
-
-def _denormals_are_flushed() -> bool:
-    smallest_normal = torch.finfo(torch.float32).tiny
-    return torch.tensor(smallest_normal).div_(4.0).item() == 0.0
+A gradient that stays zero (a dead ReLU unit's weights) makes Adam's first moment decay by
+beta1 each step into the denormal range, where it sticks: 0.9 times the smallest denormal
+rounds back to it (the second moment does the same by beta2, later). x86 CPUs compute on
+denormal operands ~100x slower: in a one-off profile of a CartPole run the fused Adam step
+took 126 µs instead of 22, and the run took 10% longer. Such a value (< 1.2e-38) moves no
+weight, so the sweep sets it to 0. Flushing denormals in the CPU's float mode instead
+(torch.set_flush_denormal) reaches only the calling thread, not torch's worker threads, so
+what a run computes would depend on which thread ran what."""
 
 
 def _torch_dtype(dtype) -> torch.dtype:
@@ -338,6 +321,15 @@ class Learner:
                                   then=self._frame_update_step if frame_layout else self._update_step)
         self.num_updates += 1
         self._metric_updates += 1
+        if self.device.type == "cpu" and self.num_updates % DENORMAL_SWEEP_INTERVAL == 0:
+            self._zero_denormal_state()
+
+    def _zero_denormal_state(self) -> None:
+        """Sets the optimizer state's denormal values (see DENORMAL_SWEEP_INTERVAL) to zero."""
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if key != "step" and value.is_floating_point():
+                    value.masked_fill_(value.abs() < torch.finfo(value.dtype).tiny, 0.0)
 
     def _checked_batch(self, names, values) -> dict[str, torch.Tensor]:
         """The batch's fields as tensors, after checking that each is there with its static shape."""

@@ -47,7 +47,6 @@ import torch
 
 from fastdqn.agent import env_seed, next_boundary
 from fastdqn.envs import make_env
-from fastdqn.learner import denormals_flushed
 from fastdqn.rate_limiter import RateLimiter
 
 __all__ = ["ActorWeights", "AsyncPipeline", "Stopwatch", "env_batch_size"]
@@ -532,8 +531,7 @@ class AsyncPipeline:
         batches = None
         try:
             torch.set_num_threads(self._torch_threads)
-            # Linux threads inherit the mode from the thread that starts them; not every OS does.
-            with denormals_flushed(), self._on(self._learner_stream):
+            with self._on(self._learner_stream):
                 while True:
                     due = limiter.acquire()
                     if not due:

@@ -70,5 +70,8 @@ def test_each_run_gets_a_fresh_process():
 
     pids = [bench_train.in_fresh_process(os.getpid) for _ in range(2)]
     assert os.getpid() not in pids and pids[0] != pids[1]
-    with pytest.raises(ValueError, match="invalid literal"):  # the run's error reaches the caller
+    with pytest.raises(ValueError, match="invalid literal") as error:  # the run's error reaches the caller
         bench_train.in_fresh_process(int, "not a number")
+    assert "Traceback" in str(error.value.__cause__)
+    with pytest.raises(RuntimeError, match="exit code 3"):  # and so does its death, instead of a hang
+        bench_train.in_fresh_process(os._exit, 3)

@@ -669,45 +669,34 @@ def test_graphed_act_matches_eager_on_cuda():
     assert torch.all((counts - 3200 / 6).abs() < 130), counts
 
 
-def _flushing() -> bool:
-    """Whether this thread flushes denormals, read off the arithmetic (an independent probe)."""
-    return (torch.tensor([1e-39], dtype=torch.float32) * 1.0).item() == 0.0
 
+def test_optimizer_state_stuck_at_a_denormal_is_zeroed_every_sweep_interval():
+    """A parameter whose gradient stays zero: Adam's moment planted at a denormal would only
+    decay (0.9 a step), still denormal 32 steps later; the sweep sets it to 0."""
+    from fastdqn.learner import DENORMAL_SWEEP_INTERVAL
 
-needs_flush_mode = pytest.mark.skipif(not torch.set_flush_denormal(False), reason="this CPU has no FTZ/DAZ mode")
+    class WithUnusedParameter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(OBS_DIM, NUM_ACTIONS)
+            self.unused = torch.nn.Parameter(torch.ones(5))
 
+        def forward(self, obs):
+            return self.linear(obs)
 
-@needs_flush_mode
-@pytest.mark.parametrize("mode_before", [False, True])
-def test_denormals_flushed_flushes_inside_and_restores_the_threads_mode(mode_before):
-    from fastdqn.learner import denormals_flushed
-
-    torch.set_flush_denormal(mode_before)
-    try:
-        with denormals_flushed():
-            assert _flushing()
-        assert _flushing() == mode_before
-        with pytest.raises(KeyError), denormals_flushed():
-            raise KeyError("restored on errors too")
-        assert _flushing() == mode_before
-    finally:
-        torch.set_flush_denormal(False)
-
-
-@needs_flush_mode
-def test_adams_moment_of_a_gradient_that_stays_zero_sticks_at_a_denormal_unless_flushed():
-    """The reason for denormals_flushed: without it the moment never reaches 0."""
-    from fastdqn.learner import denormals_flushed
-
-    def first_moment_after_zero_gradients(steps=1_000):
-        param = torch.nn.Parameter(torch.ones(4))
-        adam = torch.optim.Adam([param], lr=1e-3, fused=True)
-        for i in range(steps):
-            param.grad = torch.ones(4) if i == 0 else torch.zeros(4)
-            adam.step()
-        return adam.state[param]["exp_avg"]
-
-    stuck = first_moment_after_zero_gradients()
-    assert torch.all(stuck > 0) and torch.all(stuck < torch.finfo(torch.float32).tiny)  # denormal
-    with denormals_flushed():
-        assert torch.all(first_moment_after_zero_gradients() == 0)
+    torch.manual_seed(0)
+    learner = make_learner(WithUnusedParameter(), lr=1e-3)
+    batch = make_batch(np.random.default_rng(0))
+    learner.update(batch)
+    denormal = torch.finfo(torch.float32).tiny / 1_000
+    state = learner.optimizer.state[learner.q_network.unused]
+    state["exp_avg"].fill_(denormal)
+    for _ in range(DENORMAL_SWEEP_INTERVAL - 2):
+        learner.update(batch)
+    assert learner.num_updates == DENORMAL_SWEEP_INTERVAL - 1
+    assert torch.all(state["exp_avg"] > 0)  # decayed, still denormal: no sweep yet
+    linear_weight = learner.optimizer.state[learner.q_network.linear.weight]["exp_avg"].clone()
+    learner.update(batch)
+    assert torch.all(state["exp_avg"] == 0)
+    linear_state = learner.optimizer.state[learner.q_network.linear.weight]["exp_avg"]
+    assert linear_state.abs().max() > 1e-6 and not torch.equal(linear_state, linear_weight)  # Adam's, not swept

@@ -32,6 +32,7 @@ import json
 import multiprocessing
 import sys
 import time
+import traceback
 import warnings
 
 from fastdqn.bench.report import machine_info, write_report
@@ -200,6 +201,8 @@ def run_system(system: str, env_id: str, config, eval_episodes: int, torch_threa
     """One run of ``system`` in this process, with ``torch_threads`` torch threads."""
     import torch
 
+    # As the CLI does (a spawned process starts with the default filters).
+    warnings.filterwarnings("ignore", message=r".*precision lowered by casting to float32", category=UserWarning)
     torch.set_num_threads(torch_threads)
     runner = {"envpool_raw": run_envpool_raw, "sync": run_sync, "async": run_async, "sb3": run_sb3}[system]
     return runner(env_id, config, eval_episodes)
@@ -209,11 +212,38 @@ def in_fresh_process(fn, *args):
     """``fn(*args)`` in a new Python process, so that no run inherits another's threads,
     caches or allocator state. It matters: libgomp stops its idle workers spinning once it
     manages more threads than there are cores, so on 2 cores an async run (two torch
-    threads in its learner) took twice as long after a sync run in the same process."""
-    # A pool, not a ProcessPoolExecutor: leaving its block on an error or Ctrl-C terminates
-    # the worker, where the executor would wait for the run to end.
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
+    threads in its learner) took twice as long after a sync run in the same process.
+
+    ``fn``'s exception is raised here, with the run's traceback as its cause; a process that
+    dies without a result (killed, crashed) raises RuntimeError. On Ctrl-C or any error
+    here the run's process is terminated."""
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_send_result, args=(sender, fn, args))
+    process.start()
+    sender.close()  # the child holds the other copy: its exit ends recv() with EOFError
+    try:
+        ok, value, remote_traceback = receiver.recv()
+    except EOFError:
+        process.join()
+        raise RuntimeError(f"the run's process died without a result (exit code {process.exitcode})") from None
+    finally:
+        receiver.close()
+        if process.is_alive():
+            process.terminate()
+        process.join()
+    if not ok:
+        raise value from RuntimeError(f"in the run's process:\n{remote_traceback}")
+    return value
+
+
+def _send_result(sender, fn, args) -> None:
+    try:
+        result = (True, fn(*args), None)
+    except BaseException as error:  # noqa: BLE001 - raised again in the parent
+        result = (False, error, traceback.format_exc())
+    sender.send(result)
+    sender.close()
 
 
 def _time_split(result: dict) -> str:
@@ -272,8 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
         preset, config = bench_config(env_id, steps, args.seed, device, args.num_envs)
         defaults = DQNConfig.preset(preset).to_dict()
         overrides = {k: v for k, v in config.to_dict().items() if defaults[k] != v}
-        # Every system of this env runs with the preset's torch threads (0: all cores);
-        # fastdqn and SB3 both keep the count they find.
+        # Every system of this env runs with the preset's torch threads (0: all cores).
         threads = config.torch_threads or all_cores
         entry = {"preset": preset, "config_overrides": overrides, "config": config.to_dict(), "repeats": args.repeats,
                  "torch_threads": threads, "systems": {}}
