@@ -272,9 +272,9 @@ PRESETS: dict[str, dict] = {
     # updates). At 50k steps 12 of seeds 0-13 evaluate at 475 or more (10 greedy episodes),
     # seeds 5 and 13 at 321 and 227, on one torch thread or two (13 of 14 with the exploration
     # draws of an earlier version: which seeds end lower moves with every change of random
-    # stream). Each alternative tried
-    # (with that earlier stream) ended with more seeds below 475: a target copy every 80 or 128
-    # updates (7, 12), Adam 2e-3 (3), final epsilon 0.02 (2), 16 envs (2), (64, 64) hidden (4).
+    # stream). Each alternative tried (with that earlier stream) ended with more seeds below
+    # 475: a target copy every 80 or 128 updates (7, 12), Adam 2e-3 (3), final epsilon 0.02
+    # (2), 16 envs (2), (64, 64) hidden (4).
     # These are DQNConfig's defaults.
     "cartpole": {},
     # RL Zoo's Acrobot-v1 DQN settings (one-step returns). Seed 0 evaluates at -75 to -87 (10

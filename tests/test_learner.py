@@ -669,7 +669,6 @@ def test_graphed_act_matches_eager_on_cuda():
     assert torch.all((counts - 3200 / 6).abs() < 130), counts
 
 
-
 def test_optimizer_state_stuck_at_a_denormal_is_zeroed_every_sweep_interval():
     """A parameter whose gradient stays zero: Adam's moment planted at a denormal would only
     decay (0.9 a step), still denormal 32 steps later; the sweep sets it to 0."""
