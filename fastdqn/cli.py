@@ -16,7 +16,6 @@ import importlib
 import json
 import sys
 import textwrap
-import warnings
 
 BENCHMARKS = ("buffer", "learner", "train")
 
@@ -201,8 +200,6 @@ def _bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # envpool's classic-control spaces trip a harmless gymnasium dtype warning on every env made.
-    warnings.filterwarnings("ignore", message=r".*precision lowered by casting to float32", category=UserWarning)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -319,9 +320,14 @@ class _EnvpoolVecEnv(VecEnv):
             kwargs["max_episode_steps"] = max_episode_steps
         self._pool = envpool.make_gymnasium(env_id, **kwargs)
         try:
-            _check_discrete(env_id, self._pool.action_space)
-            super().__init__(env_id, "envpool", mode, num_envs, batch_size, atari,
-                             self._pool.observation_space, self._pool.action_space)
+            # envpool builds its spaces on first use; the classic-control ones trip a harmless
+            # gymnasium dtype warning.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*precision lowered by casting to float32",
+                                        category=UserWarning)
+                observation_space, action_space = self._pool.observation_space, self._pool.action_space
+            _check_discrete(env_id, action_space)
+            super().__init__(env_id, "envpool", mode, num_envs, batch_size, atari, observation_space, action_space)
             self._layout = _EnvpoolLayout.of(self._pool, atari is not None)
         except BaseException:
             self._pool.close()

@@ -201,8 +201,6 @@ def run_system(system: str, env_id: str, config, eval_episodes: int, torch_threa
     """One run of ``system`` in this process, with ``torch_threads`` torch threads."""
     import torch
 
-    # As the CLI does (a spawned process starts with the default filters).
-    warnings.filterwarnings("ignore", message=r".*precision lowered by casting to float32", category=UserWarning)
     torch.set_num_threads(torch_threads)
     runner = {"envpool_raw": run_envpool_raw, "sync": run_sync, "async": run_async, "sb3": run_sb3}[system]
     return runner(env_id, config, eval_episodes)
