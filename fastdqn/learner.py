@@ -223,6 +223,11 @@ class Learner:
                                                       double_dqn=self.double_dqn)
                              if manual else self._autograd_td_gradient)
         self._act_q_values = manual_mlp.MLPForward(self.actor_network, num_envs) if manual else self.actor_network
+        # Updates and acting need no autograd, but only the manual MLP path is free of it:
+        # there, on CPU, inference mode also skips autograd's per-op bookkeeping (version
+        # counters, view tracking), 9% of a CartPole update. Its tensors never leave the
+        # learner. CUDA keeps no_grad: a replayed graph has no per-op cost to save.
+        self._no_autograd = torch.inference_mode if manual and device.type == "cpu" else torch.no_grad
         # The capturable optimizers keep their step count on the device; plain eager CUDA keeps
         # the faster default path, which is what "eager PyTorch" means in the benchmarks. On CPU
         # the fused Adam kernel saves most of the optimizer's per-tensor overhead.
@@ -312,7 +317,7 @@ class Learner:
         frame_layout = field("frames") is not None
         names = (_FRAME_BATCH_FIELDS if frame_layout else _BATCH_FIELDS) + (("weights",) if self.prioritized else ())
         values = [field(name) for name in names]
-        with torch.no_grad():  # the autograd path turns grad mode on where it needs it
+        with self._no_autograd():  # the autograd path turns grad mode on where it needs it
             if self.device.type == "cpu":  # nothing to stage: the step reads the batch where it is
                 step = self._train_step_on_frames if frame_layout else self._train_step
                 step(self._cpu_batch(names, values))
@@ -320,10 +325,10 @@ class Learner:
                 sources = self._checked_batch(names, values)
                 self._copy_inputs([(getattr(self, "_" + name), value) for name, value in sources.items()],
                                   then=self._frame_update_step if frame_layout else self._update_step)
-        self.num_updates += 1
-        self._metric_updates += 1
-        if self.device.type == "cpu" and self.num_updates % DENORMAL_SWEEP_INTERVAL == 0:
-            self._zero_denormal_state()
+            self.num_updates += 1
+            self._metric_updates += 1
+            if self.device.type == "cpu" and self.num_updates % DENORMAL_SWEEP_INTERVAL == 0:
+                self._zero_denormal_state()
 
     def _zero_denormal_state(self) -> None:
         """Sets the optimizer state's denormal values (see DENORMAL_SWEEP_INTERVAL) to zero."""
@@ -412,7 +417,11 @@ class Learner:
             # max_norm / (norm + eps) as torch computes it (reciprocal, then product), without
             # the Python-level __rtruediv__ that a scalar divided by a tensor goes through.
             self._flat_grad.mul_((grad_norm + 1e-6).reciprocal_().mul_(self.max_grad_norm).clamp_(max=1.0))
-        self._optimizer_step()
+        if self.optimizer.state:
+            self._optimizer_step()
+        else:  # the first step creates the optimizer's state: as ordinary tensors, which
+            with torch.inference_mode(False):  # checkpoints and sweeps may touch in any mode
+                self.optimizer.step()
         self._update_count.add_(1)
         if self.cuda_graph:  # branch-free inside the graph: a lerp of weight tau when due, else 0
             weight = self._tau * (self._update_count % self.target_update_interval == 0)
@@ -429,9 +438,6 @@ class Learner:
         a small MLP costs several times the kernel itself: the same two calls torch's step
         makes, on the optimizer's own state, so its state_dict (and checkpoints) are the same."""
         if self._adam_tensors is None:
-            if not self.optimizer.state:  # the first step creates the state
-                self.optimizer.step()
-                return
             states = [self.optimizer.state[p] for p in self._params]
             # All parameters step together, so they share one step count: one increment a step.
             step = states[0]["step"]
@@ -529,7 +535,7 @@ class Learner:
         return isinstance(self._act_step, _GraphedStep) and self._act_step.graph is not None
 
     def _act_on(self, obs: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with self._no_autograd():
             return self._act_out.copy_(self._epsilon_greedy(self._act_q_values(obs), *self._act_draw_rows))
 
     def _epsilon_greedy(self, q_values: torch.Tensor, explore_draws: torch.Tensor,

@@ -699,3 +699,18 @@ def test_optimizer_state_stuck_at_a_denormal_is_zeroed_every_sweep_interval():
     assert torch.all(state["exp_avg"] == 0)
     linear_state = learner.optimizer.state[learner.q_network.linear.weight]["exp_avg"]
     assert linear_state.abs().max() > 1e-6 and not torch.equal(linear_state, linear_weight)  # Adam's, not swept
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop"])
+def test_optimizer_state_of_the_manual_path_is_ordinary_tensors(optimizer):
+    """The manual MLP path updates in inference mode on CPU; the optimizer state its first
+    step creates must still be ordinary tensors, which user code (or a sweep, or a loaded
+    checkpoint) can change in place outside that mode."""
+    learner = make_learner(make_net(), optimizer=optimizer)
+    assert learner.manual_gradient
+    learner.update(make_batch(np.random.default_rng(0)))
+    tensors = [value for state in learner.optimizer.state.values() for value in state.values()
+               if isinstance(value, torch.Tensor)]
+    assert tensors
+    for tensor in tensors:
+        tensor.mul_(1.0)  # raises for an inference tensor outside inference mode
