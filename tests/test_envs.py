@@ -384,6 +384,25 @@ def test_protocols_configure_envpool(protocol, mode, expected):
         assert ("sign-clipped rewards" in description) == (mode == "train")
 
 
+@pytest.mark.parametrize("env_id, num_threads, expected", [("CartPole-v1", None, 1), ("Acrobot-v1", None, 1),
+                                                           ("CartPole-v1", 2, 2), ("Breakout-v5", None, 0)])
+def test_envpool_worker_threads(env_id, num_threads, expected):
+    """One worker for classic control unless told otherwise; envpool's own default (0) for Atari."""
+    with make_env(env_id, 4, num_threads=num_threads) as env:
+        assert env._pool.config["num_threads"] == expected
+
+
+def test_worker_threads_do_not_change_the_steps():
+    rng = np.random.default_rng(0)
+    actions = rng.integers(2, size=(300, 8))
+    with make_env("CartPole-v1", 8, seed=3) as one, make_env("CartPole-v1", 8, seed=3, num_threads=2) as two:
+        np.testing.assert_array_equal(one.reset(), two.reset())
+        for step_actions in actions:
+            a, b = one.step(step_actions), two.step(step_actions)
+            for field in ("obs", "next_obs", "rewards", "terminated", "truncated"):
+                np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+
+
 @pytest.mark.parametrize("protocol, mode, sticky, episodic_life", [("cleanrl", "train", 0.0, True),
                                                                     ("cleanrl", "eval", 0.0, True),
                                                                     ("machado", "train", 0.25, False)])
