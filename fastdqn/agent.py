@@ -100,7 +100,7 @@ class DQN:
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / self.run_name
         self.progress, self.tensorboard = progress, tensorboard
         if config.torch_threads:
-            torch.set_num_threads(config.torch_threads)
+            torch.set_num_threads(config.effective_torch_threads)
 
         random.seed(config.seed)
         torch.manual_seed(config.seed)
@@ -228,7 +228,7 @@ class DQN:
         if self._batch is None:
             self._batch, self._sample = self._sampling()
         if c.torch_threads:  # OpenMP's thread count is per thread: set it in whichever thread learns
-            torch.set_num_threads(c.torch_threads)
+            torch.set_num_threads(c.effective_torch_threads)
         logger = RunLogger(self.run_dir, self._config_record(total), total_steps=total,
                            start_step=self.env_steps, wall_time_offset=self.wall_time, resume=self.env_steps > 0,
                            tensorboard=self.tensorboard, progress=self.progress)

@@ -1,6 +1,7 @@
 """The synchronous training engine (fastdqn.agent.DQN) and its config."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -224,6 +225,26 @@ def test_config_validation_and_overrides():
         DQNConfig.preset("pong")
     assert DQNConfig.from_dict(config.to_dict()) == config
     assert set(DQNConfig.field_docs()) == set(config.to_dict())
+
+
+@pytest.fixture
+def torch_threads_restored():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_torch_threads_are_capped_at_the_cores_the_process_may_use(monkeypatch, torch_threads_restored):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert DQNConfig(torch_threads=2).effective_torch_threads == 1
+    assert DQNConfig(torch_threads=0).effective_torch_threads == 0  # torch's default stays
+    DQN("CartPole-v1", DQNConfig(torch_threads=2), progress=False, tensorboard=False)
+    assert torch.get_num_threads() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert DQNConfig(torch_threads=2).effective_torch_threads == 2
+    assert DQNConfig(torch_threads=8).effective_torch_threads == 4
 
 
 def test_presets_follow_env():

@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
         defaults = DQNConfig.preset(preset).to_dict()
         overrides = {k: v for k, v in config.to_dict().items() if defaults[k] != v}
         # Every system of this env runs with the preset's torch threads (0: all cores).
-        threads = config.torch_threads or all_cores
+        threads = config.effective_torch_threads or all_cores
         entry = {"preset": preset, "config_overrides": overrides, "config": config.to_dict(), "repeats": args.repeats,
                  "torch_threads": threads, "systems": {}}
         eval_episodes = args.eval_episodes if args.eval_episodes is not None else (0 if preset == "atari" else 10)
