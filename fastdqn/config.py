@@ -35,10 +35,9 @@ class DQNConfig:
     sync on CPU (where the two threads would share a few cores)."""
     torch_threads: int = 2
     """CPU threads torch may use, at most one per core this process may run on (0 leaves
-    torch's default). On a 2-core Xeon a CartPole run of 50k steps took 16% less time on two
-    threads than on one (3.7 s against 4.4 s, 8 interleaved runs, the same results); confined
-    to one core, two threads took 3.5-3.6 s against 2.9-3.2 s for one. More threads were not
-    tried."""
+    torch's default). On a 2-core Xeon a CartPole run of 50k steps took 3.0-3.3 s on two
+    threads against 3.9 s on one (3 interleaved runs each, the same results); confined to one
+    core, two threads took 3.5-3.6 s against 2.9-3.2 s for one. More threads were not tried."""
 
     # --- environment ---------------------------------------------------------
     protocol: str = "cleanrl"

@@ -224,9 +224,11 @@ class Learner:
                              if manual else self._autograd_td_gradient)
         self._act_q_values = manual_mlp.MLPForward(self.actor_network, num_envs) if manual else self.actor_network
         # Updates and acting need no autograd, but only the manual MLP path is free of it:
-        # there, on CPU, inference mode also skips autograd's per-op bookkeeping (version
-        # counters, view tracking), 9% of a CartPole update. Its tensors never leave the
-        # learner. CUDA keeps no_grad: a replayed graph has no per-op cost to save.
+        # there, on CPU, inference mode skips autograd's dispatch on every op, and the
+        # temporaries it creates are inference tensors, without version counters or view
+        # metadata: 9% of a CartPole update. The inference tensors that persist (_host_batch,
+        # MLPForward.input) are used only inside update and act. CUDA keeps no_grad: graph
+        # replays have no per-op cost, and eager CUDA with inference mode is unmeasured.
         self._no_autograd = torch.inference_mode if manual and device.type == "cpu" else torch.no_grad
         # The capturable optimizers keep their step count on the device; plain eager CUDA keeps
         # the faster default path, which is what "eager PyTorch" means in the benchmarks. On CPU

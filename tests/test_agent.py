@@ -239,7 +239,7 @@ def test_torch_threads_are_capped_at_the_cores_the_process_may_use(monkeypatch, 
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     assert DQNConfig(torch_threads=2).effective_torch_threads == 1
     assert DQNConfig(torch_threads=0).effective_torch_threads == 0  # torch's default stays
-    DQN("CartPole-v1", DQNConfig(torch_threads=2), progress=False, tensorboard=False)
+    DQN("CartPole-v1", DQNConfig(torch_threads=2), progress=False, tensorboard=False).close()
     assert torch.get_num_threads() == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
