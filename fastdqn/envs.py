@@ -601,13 +601,10 @@ def _gymnasium_ids() -> list[str]:
 
 
 def _envpool_module(env_id: str) -> str:
+    """The envpool module that registers ``env_id``: "envpool.atari", "envpool.classic_control", ..."""
     from envpool.registration import registry
 
     return registry.specs[env_id][0]
-
-
-def _is_envpool_atari(env_id: str) -> bool:
-    return _envpool_module(env_id) == "envpool.atari"
 
 
 def _is_gymnasium_atari(env_id: str) -> bool:
@@ -689,8 +686,9 @@ def make_env(
             raise ValueError("num_threads is an envpool setting; this env runs on gymnasium")
         atari = atari_protocol if _is_gymnasium_atari(env_id) else None
         return _GymnasiumVecEnv(env_id, num_envs, seed, mode, atari, max_episode_steps)
-    atari = atari_protocol if _is_envpool_atari(env_id) else None
-    if num_threads is None and _envpool_module(env_id) in _ONE_THREAD_ENVPOOL_MODULES:
+    module = _envpool_module(env_id)
+    atari = atari_protocol if module == "envpool.atari" else None
+    if num_threads is None and module in _ONE_THREAD_ENVPOOL_MODULES:
         num_threads = 1
     return _EnvpoolVecEnv(env_id, num_envs, seed, mode, batch_size, atari, num_threads, max_episode_steps)
 
