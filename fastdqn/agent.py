@@ -94,6 +94,11 @@ class DQN:
         self.device = resolve_device(config.device)
         self.pipeline = config.pipeline if config.pipeline != "auto" else \
             ("async" if self.device.type == "cuda" else "sync")
+        self.actor = config.actor if config.actor != "auto" else ("thread" if self.device.type == "cuda" else "process")
+        if self.pipeline == "async" and self.actor == "process" and self.device.type != "cpu":
+            raise ValueError(f"actor 'process' runs on CPU only (CUDA does not survive a fork), got device "
+                             f"{self.device}; use actor 'thread'")
+        threaded = self.pipeline == "async" and self.actor == "thread"
         self.pipeline_report: dict | None = None  # throughput and replay ratio of the last async learn()
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
         self.run_name = f"{env_id.replace('/', '-')}__dqn__seed{config.seed}__{stamp}"
@@ -108,7 +113,7 @@ class DQN:
         self.env = self._make_train_env(step=0)
         self.obs_shape, self.num_actions = tuple(self.env.obs_shape), self.env.num_actions
         acting_batch = config.num_envs
-        if self.pipeline == "async":  # it acts on envpool's async batches: the action graph's static batch
+        if threaded:  # it acts on envpool's async batches: the action graph's static batch
             from fastdqn.pipeline import env_batch_size
 
             acting_batch = env_batch_size(config.num_envs, self.env)
@@ -122,7 +127,7 @@ class DQN:
             target_update_interval=config.target_update_interval, tau=config.tau,
             max_grad_norm=config.max_grad_norm or None, prioritized=config.prioritized,
             cuda_graph={"auto": "auto", "on": True, "off": False}[config.cuda_graph],
-            actor_copy=self.pipeline == "async", seed=int(self.np_rng.integers(2**63)))
+            actor_copy=threaded, seed=int(self.np_rng.integers(2**63)))
         self.q_network = self.learner.q_network
         self.buffer = None  # made on the first learn(): acting and evaluating need no replay
         self._batch = self._sample = None
@@ -233,7 +238,7 @@ class DQN:
                            start_step=self.env_steps, wall_time_offset=self.wall_time, resume=self.env_steps > 0,
                            tensorboard=self.tensorboard, progress=self.progress)
         try:
-            if self.pipeline == "async":
+            if self.pipeline == "async" and self.actor == "thread":
                 from fastdqn.pipeline import AsyncPipeline
 
                 pipeline = AsyncPipeline(self)
@@ -242,6 +247,15 @@ class DQN:
                 finally:
                     self.pipeline_report = pipeline.report()
                     self._obs = None  # the pipeline stepped its own envs
+            elif self.pipeline == "async":
+                from fastdqn.actor_process import ActorProcess
+
+                actor = ActorProcess(self, total)
+                try:
+                    with actor:
+                        self._loop(total, logger, actor.steps())
+                finally:
+                    self.pipeline_report = actor.report()
             else:
                 self._loop(total, logger)
         finally:
@@ -250,26 +264,19 @@ class DQN:
         self._unfinished_total_steps = None
         return self
 
-    def _loop(self, total: int, logger: RunLogger) -> None:
-        c, env, learner = self.config, self.env, self.learner
-        n = c.num_envs
-        obs = env.reset() if self._obs is None else self._obs
+    def _loop(self, total: int, logger: RunLogger, steps=None) -> None:
+        """Store each vector step of ``steps`` (``_acted_steps``, or an actor process's), run
+        the updates due, log, evaluate and checkpoint. What ``steps`` yields is consumed before
+        it asks for the next one, so a producer may reuse its arrays."""
+        c, learner = self.config, self.learner
         step = self.env_steps
         updates_done = learner.num_updates
         returns_since_log: list[float] = []
         lengths_since_log: list[float] = []
         next_log, next_eval, next_ckpt = self.next_boundaries(step)
-        while step < total:
-            epsilon = self.epsilon(step, total)
-            if step < c.learning_starts:
-                actions = self.np_rng.integers(self.num_actions, size=n)
-            else:
-                actions = learner.act(obs, epsilon).cpu().numpy()
-            result = env.step(actions)
-            step += n
-            cut = step >= next_ckpt or step >= total
+        for obs, actions, result, epsilon, cut in (self._acted_steps(total) if steps is None else steps):
+            step += len(actions)
             self._store(obs, actions, result, cut)
-            obs = result.obs
             if len(result.episode_returns):
                 returns_since_log.extend(result.episode_returns.tolist())
                 lengths_since_log.extend(result.episode_lengths.tolist())
@@ -287,14 +294,37 @@ class DQN:
             if cut:
                 next_ckpt = next_boundary(step, c.checkpoint_interval)
                 self.env_steps, self.wall_time = step, logger.wall_time()
-                self.env.close()
-                self.env = env = self._make_train_env(step)
-                obs = env.reset()
                 logger.flush()
                 self.save_checkpoint()
-        self.env_steps, self._obs = step, obs
+        self.env_steps = step
         if self._final_evaluation_due(step, logger):
             self._evaluate_and_log(logger, step)
+
+    def _acted_steps(self, total: int):
+        """Act on this agent's envs and step them up to ``total``: yields (obs acted on, actions,
+        StepResult, epsilon, cut) per vector step. A cut (a checkpoint's step or the end) is
+        stored as a truncation; the envs then restart from a seed derived from the step."""
+        c, learner = self.config, self.learner
+        obs = self.env.reset() if self._obs is None else self._obs
+        step = self.env_steps
+        next_ckpt = next_boundary(step, c.checkpoint_interval)
+        while step < total:
+            epsilon = self.epsilon(step, total)
+            if step < c.learning_starts:
+                actions = self.np_rng.integers(self.num_actions, size=c.num_envs)
+            else:
+                actions = learner.act(obs, epsilon).cpu().numpy()
+            result = self.env.step(actions)
+            step += c.num_envs
+            cut = step >= next_ckpt or step >= total
+            yield obs, actions, result, epsilon, cut
+            obs = result.obs
+            if cut:
+                next_ckpt = next_boundary(step, c.checkpoint_interval)
+                self.env.close()
+                self.env = self._make_train_env(step)
+                obs = self.env.reset()
+        self._obs = obs
 
     def _log(self, logger, step, epsilon, returns, lengths) -> None:
         self.episodes += len(returns)

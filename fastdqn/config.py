@@ -30,9 +30,14 @@ class DQNConfig:
     cuda_graph: str = "auto"
     """Capture the update and action selection as CUDA graphs: "auto" (on CUDA), "on" or "off"."""
     pipeline: str = "auto"
-    """"sync": act, step the envs and learn in turn (exactly reproducible); "async": an actor and
-    a learner thread overlap at the same replay ratio (fastdqn.pipeline); "auto": async on CUDA,
-    sync on CPU (where the two threads would share a few cores)."""
+    """"sync": act, step the envs and learn in turn (exactly reproducible); "async": the actor
+    and the learner overlap at the same replay ratio (see ``actor``); "auto": async on CUDA,
+    sync on CPU."""
+    actor: str = "auto"
+    """Where the async pipeline acts: "thread" (a second thread; fastdqn.pipeline), "process" (a
+    forked process acting with weights one round of updates old, deterministic; CPU only, since
+    two threads share Python's GIL; fastdqn.actor_process) or "auto" (process on CPU, thread on
+    CUDA). Unused by the sync pipeline."""
     torch_threads: int = 2
     """CPU threads torch may use, at most one per core this process may run on (0 leaves
     torch's default). On a 2-core Xeon a CartPole run of 50k steps took 3.0-3.3 s on two
@@ -161,7 +166,7 @@ class DQNConfig:
         choices = {"device": ("auto", "cpu", "cuda"), "cuda_graph": ("auto", "on", "off"),
                    "protocol": ("cleanrl", "machado"), "backend": ("auto", "envpool", "gymnasium"),
                    "optimizer": ("adam", "rmsprop"), "loss": ("huber", "mse"),
-                   "pipeline": ("sync", "async", "auto")}
+                   "pipeline": ("sync", "async", "auto"), "actor": ("auto", "thread", "process")}
         for name, allowed in choices.items():
             value = getattr(self, name)
             if value not in allowed and not (name == "device" and value.startswith("cuda:")):

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from fastdqn import manual_mlp
 
-__all__ = ["Learner"]
+__all__ = ["Learner", "network_tensors"]
 
 _BATCH_FIELDS = ("obs", "actions", "rewards", "next_obs", "discounts")
 _FRAME_BATCH_FIELDS = ("frames", "next_offset", "actions", "rewards", "discounts")
@@ -65,6 +65,11 @@ def _field_getter(batch):
     if isinstance(batch, Mapping):
         return batch.get
     return lambda name: getattr(batch, name, None)
+
+
+def network_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """A network's parameters and buffers, detached: what a copy of it must hold to act alike."""
+    return [t.detach() for t in module.parameters()] + [t.detach() for t in module.buffers()]
 
 
 class _GraphedStep:
@@ -552,9 +557,7 @@ class Learner:
         and on the current stream, so a captured action graph stays valid."""
         if self.actor_network is self.q_network:
             return
-        torch._foreach_copy_(list(self.actor_network.parameters()), list(self.q_network.parameters()))
-        for actor_buffer, buffer in zip(self.actor_network.buffers(), self.q_network.buffers()):
-            actor_buffer.copy_(buffer)
+        torch._foreach_copy_(network_tensors(self.actor_network), network_tensors(self.q_network))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

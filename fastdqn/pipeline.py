@@ -47,6 +47,7 @@ import torch
 
 from fastdqn.agent import env_seed, next_boundary
 from fastdqn.envs import make_env
+from fastdqn.learner import network_tensors
 from fastdqn.rate_limiter import RateLimiter
 
 __all__ = ["ActorWeights", "AsyncPipeline", "Stopwatch", "env_batch_size"]
@@ -99,8 +100,8 @@ class ActorWeights:
         if learner.actor_network is learner.q_network:
             raise ValueError("the async pipeline acts with a copy of the online network: "
                              "build the Learner with actor_copy=True")
-        self._source = _tensors(learner.q_network)
-        self._actor = _tensors(learner.actor_network)
+        self._source = network_tensors(learner.q_network)
+        self._actor = network_tensors(learner.actor_network)
         self._back = [t.detach().clone() for t in self._source]
         self._cuda = learner.device.type == "cuda"
         self._lock = threading.Lock()
@@ -141,10 +142,6 @@ class ActorWeights:
                 torch._foreach_copy_(self._actor, self._back)
             self.taken = self.published
         return True
-
-
-def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
-    return [t.detach() for t in module.parameters()] + [t.detach() for t in module.buffers()]
 
 
 class _DeviceBatches:
@@ -587,7 +584,7 @@ class AsyncPipeline:
         wall = max(self._wall, 1e-9)
         learning_steps = max(limiter.steps - max(self.agent.config.learning_starts, self._start_steps), 0)
         return {
-            "env_steps": steps, "updates": updates, "wall_s": round(wall, 3),
+            "actor": "thread", "env_steps": steps, "updates": updates, "wall_s": round(wall, 3),
             "steps_per_s": round(steps / wall, 1), "updates_per_s": round(updates / wall, 1),
             "replay_ratio": round(updates / steps, 4) if steps else 0.0,
             "replay_ratio_after_learning_starts": round(updates / learning_steps, 4) if learning_steps else 0.0,

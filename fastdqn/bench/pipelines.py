@@ -9,9 +9,13 @@ returns the same figures as SB3's runner (env steps/s, updates/s, replay ratio) 
 - ``sync``: the synchronous engine, its env stepping, acting, sampling and updates timed by
   wrapping those calls. On CUDA an update's time is the host's: queueing the step and
   waiting for its batch's copy to the device (the copy is part of ``update``).
-- ``async``: the overlapped pipeline's own per-thread accounting (``AsyncPipeline.report``):
-  the actor's env, act, store and wait; the learner's sample (waiting for the prefetcher),
-  copy (queueing it on the copy stream), update and wait (for the rate limiter).
+- ``async``: the overlapped pipeline's own accounting. With the actor thread (CUDA,
+  ``AsyncPipeline.report``): the actor's env, act, store and wait; the learner's sample
+  (waiting for the prefetcher), copy (queueing it on the copy stream), update and wait (for
+  the rate limiter). With the actor process (CPU, ``ActorProcess.report``): the actor's env,
+  act, hand-off (writing the step to shared memory) and wait (for a slot, that is for the
+  weights it must act with); the learner's learn (storing, updates, logs), publish (weight
+  snapshots) and wait (for the actor's next step).
 
 ``gpu_busy`` is the mean of NVML's utilization (the fraction of time a kernel was running),
 sampled every 50 ms during learning; None where NVML is not available.
@@ -144,11 +148,15 @@ def run_async(env_id: str, config, eval_episodes: int) -> dict:
             wall = time.perf_counter() - start
         report = agent.pipeline_report
         result = dict(figures(agent.env_steps, agent.learner.num_updates, wall), gpu_busy=busy.fraction(),
-                      time_s=report["time_s"], max_owed_updates=report["max_owed_updates"],
-                      max_lag_updates=report["max_lag_updates"], env_batch=report["env_batch"])
+                      time_s=report["time_s"],
+                      **{key: report[key] for key in _ASYNC_DETAILS if key in report})
         _evaluate(agent, eval_episodes, result)
         agent.close()
     return result
+
+
+_ASYNC_DETAILS = ("actor", "policy_lag_steps", "max_lag_updates", "max_owed_updates", "env_batch")
+"""What the async run's report adds: where the actor ran, and how far it may run ahead."""
 
 
 def _evaluate(agent, episodes: int, result: dict) -> None:

@@ -1,0 +1,348 @@
+"""The async pipeline's actor in a forked process (``actor="process"``, the default on CPU).
+
+Two threads of one process share Python's GIL, and a CPU update or action selection of a
+small network is mostly Python and dispatch: an actor and a learner thread take turns more
+than they overlap (on 2 cores the threaded pipeline ran CartPole at 0.73x sync). Here the
+actor is a child process, forked when ``learn`` starts, and the calling process is the
+synchronous engine's loop (``DQN._loop``) with the acting and stepping taken out::
+
+    actor process (DQN._acted_steps)               learner (the calling process, DQN._loop)
+    take a ring slot: wait for the weights          take the next vector step from the ring
+      of step s - lag                               store it, run the updates due,
+    act on step s, step the envs                    log, evaluate, checkpoint;
+    write the step into the slot                    snapshot the weights if they changed,
+                                                    free the slot
+
+**Policy lag.** The actor acts at env step s with the weights the synchronous engine had at
+step ``max(s - lag, c)``, c being the last cut (checkpoint, start or end) at or before s;
+``lag`` defaults to one round of updates (``train_frequency`` steps, rounded up to whole
+vector steps), so the learner's round overlaps the actor's next round. The weights are a
+function of the step, not of timing, so a run is deterministic; with lag 0 it is the
+synchronous run bit for bit; and a run resumed from a checkpoint continues exactly as the
+uninterrupted one (at a cut the actor waits for the cut step's weights).
+
+**How the two processes meet.** Shared memory from torch (``share_memory_``), two
+semaphores, a pipe:
+
+- ``lag / num_envs + 1`` slot tokens. The actor takes one before each action (for the slot
+  that step will fill) and the learner gives one back once it has processed a step, so the
+  actor acts at step s only after the learner has processed step s - lag. At a cut the
+  actor takes every token (the learner has processed all it wrote) and gives back all but one.
+- ``filled`` counts the slots written and not yet taken by the learner.
+- Weight snapshots: after processing a step whose updates changed the weights, the learner
+  copies them into the oldest of K snapshots, stamped with the step, before giving back the
+  token. The actor loads the newest snapshot stamped at or before s - lag. The semaphores
+  order the memory between the processes, and K is large enough that the snapshot the actor
+  reads is never the one being written (see ``_snapshot_count``).
+- The pipe carries the actor's RNG states at every cut (a checkpoint then holds them, and so
+  resumes the actor's draws exactly), its time split, and its error if it fails.
+
+Shutdown: the learner (any error, Ctrl-C, the end) sets ``stop`` and joins the actor, killing
+it if it does not end in time. The actor ignores Ctrl-C (the learner stops it), dies with
+the learner's process (``PR_SET_PDEATHSIG``), and reports its own error through the pipe,
+which the learner raises as ``ActorProcessError`` with the actor's traceback.
+
+Fork: the child is forked while this process may hold threads (torch's OpenMP pool,
+TensorBoard's writer). It touches none of their state: it makes its own envs and runs torch on
+one thread, as PyTorch's own forked DataLoader workers do. CUDA does not survive a fork, so
+this actor is CPU only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import math
+import multiprocessing
+import os
+import signal
+import time
+import traceback
+import warnings
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from fastdqn.envs import StepResult
+from fastdqn.learner import network_tensors
+
+__all__ = ["ActorProcess", "ActorProcessError", "policy_lag_steps"]
+
+WAIT_S = 0.1
+"""How often a waiting process looks whether the other one is still there."""
+JOIN_TIMEOUT_S = 10.0
+"""How long stopping waits for the actor to finish its current step before killing it."""
+
+
+class ActorProcessError(RuntimeError):
+    """The actor process failed; the message holds its traceback."""
+
+
+def policy_lag_steps(config) -> int:
+    """Env steps the actor's weights trail the synchronous engine's: one round of updates
+    (``train_frequency``), rounded up to whole vector steps."""
+    return math.ceil(config.train_frequency / config.num_envs) * config.num_envs
+
+
+def learner_threads(config) -> int:
+    """Torch threads for the learner: the actor process keeps one core for itself."""
+    return max(1, min(config.effective_torch_threads or torch.get_num_threads(),
+                      len(os.sched_getaffinity(0)) - 1))
+
+
+class ActorProcess:
+    """Steps and acts for a ``DQN`` in a forked process; ``steps()`` feeds ``DQN._loop``.
+
+    Use it as a context manager around the loop: entering forks the actor, leaving stops it.
+    ``report()`` then gives the throughput, the replay ratio held and where each process's
+    time went.
+    """
+
+    def __init__(self, agent, total: int, policy_lag: int | None = None) -> None:
+        c = agent.config
+        lag = policy_lag_steps(c) if policy_lag is None else policy_lag
+        if isinstance(lag, bool) or not isinstance(lag, int) or lag < 0 or lag % c.num_envs:
+            raise ValueError(f"policy_lag must be a non-negative multiple of num_envs={c.num_envs}, got {lag!r}")
+        self.agent, self.total, self.policy_lag = agent, total, lag
+        self._tokens = lag // c.num_envs + 1  # also the ring's depth: a slot per token
+        context = multiprocessing.get_context("fork")
+        self._free, self._filled = context.Semaphore(self._tokens), context.Semaphore(0)
+        self._stop = context.Event()
+        self._receive, self._send = context.Pipe(duplex=False)
+        self._ring = _ring(self._tokens, c.num_envs, agent.obs_shape, agent.env.obs_dtype)
+        source = network_tensors(agent.learner.q_network)
+        self._snapshots = [[t.clone().share_memory_() for t in source] for _ in range(_snapshot_count(c, lag))]
+        self._stamps = torch.full((len(self._snapshots),), -1, dtype=torch.int64).share_memory_().numpy()
+        self._process = context.Process(target=self._actor_main, name="fastdqn-actor", daemon=True)
+        self._parent_pid = os.getpid()
+        self._start_steps, self._start_updates = agent.env_steps, agent.learner.num_updates
+        self._learner_seconds: dict[str, float] = defaultdict(float)
+        self._actor_seconds: dict[str, float] = {}
+        self._wall = 0.0
+
+    def __enter__(self) -> ActorProcess:
+        agent = self.agent
+        agent._obs = None  # the actor makes its own envs
+        self._previous_threads = torch.get_num_threads()
+        torch.set_num_threads(learner_threads(agent.config))
+        self._started = time.perf_counter()
+        # Ctrl-C is the learner's to handle: blocked until the child has ignored it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            with warnings.catch_warnings():  # Python 3.12+ warns of forking with threads: see the module doc
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self._process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        self._send.close()  # the child's end: a dead child then reads as EOF
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._process.join(JOIN_TIMEOUT_S)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._receive.close()
+        self._wall = time.perf_counter() - self._started
+        torch.set_num_threads(self._previous_threads)
+        agent = self.agent
+        agent.env.close()  # as the synchronous engine leaves it after a cut
+        agent.env = agent._make_train_env(agent.env_steps)
+
+    # ------------------------------------------------------------------ the learner's side
+    def steps(self):
+        """The actor's vector steps, as ``DQN._acted_steps`` yields them; after the loop has
+        processed each one, its weights go to the actor and its slot is freed."""
+        agent, learner, watch = self.agent, self.agent.learner, self._learner_seconds
+        step, slot = agent.env_steps, 0
+        snapshot_updates, oldest = learner.num_updates, 0
+        while step < self.total:
+            t = time.perf_counter()
+            while not self._filled.acquire(timeout=WAIT_S):
+                if not self._process.is_alive():
+                    raise ActorProcessError(self._actor_failure())
+            fields = {name: array[slot] for name, array in self._ring.items()}
+            episodes = int(fields["episodes"][0])
+            result = StepResult(**{name: fields[name] for name in _RESULT_FIELDS},
+                                **{name: fields[name][:episodes] for name in _EPISODE_FIELDS})
+            step += len(result.env_ids)
+            cut = bool(fields["cut"][0])
+            if cut:  # the actor's draws so far: the checkpoint about to be written holds them
+                message = json.loads(self._receive.recv_bytes())
+                agent.np_rng.bit_generator.state = message["np_rng"]
+                learner.act_rng.bit_generator.state = message["act_rng"]
+                self._actor_seconds = message["seconds"]
+            t = _lap(watch, "wait", t)
+            yield fields["acted_obs"], fields["actions"], result, float(fields["epsilon"][0]), cut
+            t = _lap(watch, "learn", t)
+            if learner.num_updates != snapshot_updates:
+                torch._foreach_copy_(self._snapshots[oldest], network_tensors(learner.q_network))
+                self._stamps[oldest] = step
+                oldest = (oldest + 1) % len(self._snapshots)
+                snapshot_updates = learner.num_updates
+                _lap(watch, "publish", t)
+            self._free.release()
+            slot = (slot + 1) % self._tokens
+
+    def _actor_failure(self) -> str:
+        with contextlib.suppress(EOFError, OSError):
+            while self._receive.poll():
+                message = json.loads(self._receive.recv_bytes())
+                if "error" in message:
+                    return f"the actor process failed:\n{message['error']}"
+        return f"the actor process ended unexpectedly (exit code {self._process.exitcode})"
+
+    # ------------------------------------------------------------------ the actor process
+    def _actor_main(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        _die_with_parent(self._parent_pid)
+        self._receive.close()
+        try:
+            self._act()
+        except _Stopped:
+            pass
+        except BaseException:  # noqa: BLE001 - reported to the learner, which raises it
+            self._send.send_bytes(json.dumps({"error": traceback.format_exc()}).encode())
+            raise SystemExit(1) from None
+
+    def _act(self) -> None:
+        agent, learner = self.agent, self.agent.learner
+        torch.set_num_threads(1)
+        seconds: dict[str, float] = defaultdict(float)
+        act = learner.act
+
+        def timed_act(*args):
+            start = time.perf_counter()
+            try:
+                return act(*args)
+            finally:
+                seconds["act"] += time.perf_counter() - start
+
+        learner.act = timed_act
+        # The forked copy of the learner's env has lost its worker threads (envpool): destroying
+        # it would wait for them forever. It is kept, and this process ends without destructors.
+        self._forked_env = agent.env
+        agent.env = agent._make_train_env(agent.env_steps)
+        steps = agent._acted_steps(self.total)
+        actor_tensors = network_tensors(learner.actor_network)
+        step, slot, loaded = agent.env_steps, 0, agent.env_steps
+        weights_from = step  # the step whose weights the actor may use at the earliest: the last cut
+        while True:
+            t = time.perf_counter()
+            self._take_token()
+            newest = self._newest_snapshot(max(step - self.policy_lag, weights_from))
+            if newest is not None and self._stamps[newest] > loaded:
+                with torch.no_grad():
+                    torch._foreach_copy_(actor_tensors, self._snapshots[newest])
+                loaded = int(self._stamps[newest])
+            t = _lap(seconds, "wait", t)
+            act_before = seconds["act"]
+            obs, actions, result, epsilon, cut = next(steps)
+            t = _lap(seconds, "env", t)
+            seconds["env"] -= seconds["act"] - act_before
+            step += len(actions)
+            fields = {name: array[slot] for name, array in self._ring.items()}
+            fields["acted_obs"][:] = obs
+            fields["actions"][:] = actions
+            for name in _RESULT_FIELDS:
+                fields[name][:] = getattr(result, name)
+            episodes = len(result.episode_returns)
+            for name in _EPISODE_FIELDS:
+                fields[name][:episodes] = getattr(result, name)
+            fields["episodes"][0], fields["epsilon"][0], fields["cut"][0] = episodes, epsilon, cut
+            slot = (slot + 1) % self._tokens
+            _lap(seconds, "hand-off", t)
+            if cut:
+                self._send.send_bytes(json.dumps({
+                    "np_rng": agent.np_rng.bit_generator.state, "act_rng": learner.act_rng.bit_generator.state,
+                    "seconds": {name: round(value, 3) for name, value in sorted(seconds.items())}}).encode())
+            self._filled.release()
+            if step >= self.total:
+                agent.env.close()
+                return
+            if cut:  # act after a cut with the cut step's weights: all slots processed
+                for _ in range(self._tokens):
+                    self._take_token()
+                for _ in range(self._tokens):
+                    self._free.release()
+                weights_from = step
+
+    def _take_token(self) -> None:
+        while not self._free.acquire(timeout=WAIT_S):
+            if self._stop.is_set():
+                raise _Stopped
+
+    def _newest_snapshot(self, step: int) -> int | None:
+        """The snapshot of the weights the learner had after processing ``step``; None if
+        they have not changed since the actor started."""
+        stamps = self._stamps.copy()
+        eligible = np.flatnonzero((stamps >= 0) & (stamps <= step))
+        return int(eligible[np.argmax(stamps[eligible])]) if eligible.size else None
+
+    # ------------------------------------------------------------------ report
+    def report(self) -> dict:
+        """Throughput, the replay ratio held and where each process's time went (seconds)."""
+        agent = self.agent
+        steps = agent.env_steps - self._start_steps
+        updates = agent.learner.num_updates - self._start_updates
+        wall = max(self._wall, 1e-9)
+        return {
+            "actor": "process", "env_steps": steps, "updates": updates, "wall_s": round(wall, 3),
+            "steps_per_s": round(steps / wall, 1), "updates_per_s": round(updates / wall, 1),
+            "replay_ratio": round(updates / steps, 4) if steps else 0.0,
+            "replay_ratio_target": agent.config.replay_ratio, "policy_lag_steps": self.policy_lag,
+            "num_envs": agent.config.num_envs,
+            "time_s": {"actor": self._actor_seconds,
+                       "learner": {name: round(value, 3) for name, value in sorted(self._learner_seconds.items())}},
+        }
+
+
+class _Stopped(Exception):
+    """The learner asked the actor to stop."""
+
+
+_RESULT_FIELDS = ("obs", "next_obs", "rewards", "terminated", "truncated", "valid", "env_ids")
+_EPISODE_FIELDS = ("episode_returns", "episode_lengths", "episode_env_ids")
+
+
+def _ring(depth: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype) -> dict[str, np.ndarray]:
+    """One slot per vector step in flight, each field in shared memory, as numpy arrays
+    (single values as arrays of one, so that a slot's field is a view)."""
+    spec = {"acted_obs": ((num_envs, *obs_shape), obs_dtype), "actions": ((num_envs,), np.int64),
+            "obs": ((num_envs, *obs_shape), obs_dtype), "next_obs": ((num_envs, *obs_shape), obs_dtype),
+            "rewards": ((num_envs,), np.float32), "terminated": ((num_envs,), np.bool_),
+            "truncated": ((num_envs,), np.bool_), "valid": ((num_envs,), np.bool_),
+            "env_ids": ((num_envs,), np.int32), "episode_returns": ((num_envs,), np.float64),
+            "episode_lengths": ((num_envs,), np.int64), "episode_env_ids": ((num_envs,), np.int32),
+            "episodes": ((1,), np.int64), "epsilon": ((1,), np.float64), "cut": ((1,), np.bool_)}
+    return {name: torch.from_numpy(np.zeros((depth, *shape), dtype)).share_memory_().numpy()
+            for name, (shape, dtype) in spec.items()}
+
+
+def _snapshot_count(config, lag: int) -> int:
+    """Weight snapshots to keep. While the actor loads the newest one stamped at or before s -
+    lag, the learner has processed at most step s, and the weights change at most once per
+    processed vector step and once per round (train_frequency steps): in those lag steps at most
+    ``changes`` newer snapshots appear. With the one the actor reads and the one being written,
+    round-robin never overwrites it."""
+    changes = min(lag // config.num_envs, lag // config.train_frequency + 1)
+    return changes + 2
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this process when its parent dies, even by SIGKILL (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _lap(seconds: dict[str, float], name: str, since: float) -> float:
+    now = time.perf_counter()
+    seconds[name] += now - since
+    return now

@@ -1,0 +1,314 @@
+"""The async pipeline with the actor in a forked process (CPU): exactness against reference
+runs, determinism, resume, errors from either process, Ctrl-C and a killed learner."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastdqn import actor_process
+from fastdqn.agent import DQN
+from fastdqn.config import DQNConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*Box (low|high)'s precision lowered.*")
+
+
+def small_config(**overrides) -> DQNConfig:
+    """Rounds of 4 updates every 32 steps of 4 envs: a policy lag of 32 steps, 8 vector steps."""
+    settings = dict(device="cpu", pipeline="async", actor="process", hidden_sizes=(16,), batch_size=16,
+                    buffer_size=4_000, learning_starts=200, num_envs=4, train_frequency=32, gradient_steps=4,
+                    target_update_interval=8, n_step=2, log_interval=400, eval_episodes=0, save_buffer=False,
+                    total_steps=2_000, exploration_fraction=0.5)
+    return DQNConfig(**{**settings, **overrides})
+
+
+def make_agent(run_dir, config) -> DQN:
+    return DQN("CartPole-v1", config, run_dir=run_dir, progress=False, tensorboard=False)
+
+
+def trained_state(agent: DQN) -> dict:
+    learner = agent.learner
+    return {"q": [p.detach().clone() for p in learner.q_network.parameters()],
+            "target": [p.detach().clone() for p in learner.target_network.parameters()],
+            "updates": learner.num_updates, "steps": agent.env_steps, "episodes": agent.episodes,
+            "np_rng": agent.np_rng.bit_generator.state, "act_rng": learner.act_rng.bit_generator.state}
+
+
+def assert_same_run(a: dict, b: dict) -> None:
+    assert a["updates"] == b["updates"] > 0 and a["steps"] == b["steps"] and a["episodes"] == b["episodes"]
+    assert a["np_rng"] == b["np_rng"] and a["act_rng"] == b["act_rng"]
+    for name in ("q", "target"):
+        for x, y in zip(a[name], b[name], strict=True):
+            assert torch.equal(x, y), name
+
+
+def no_actor_left() -> bool:
+    return not multiprocessing.active_children()
+
+
+class LaggedActing:
+    """A reference for the policy lag, in one process: the synchronous engine, acting at step s
+    with the online weights it had after step max(s - lag, the last cut), kept step by step."""
+
+    def __init__(self, agent: DQN, lag: int) -> None:
+        self.agent, self.lag = agent, lag
+        self.history = {agent.env_steps: self.weights()}
+        self.step = self.cut = agent.env_steps
+        acted_steps, act = agent._acted_steps, agent.learner.act
+        agent._acted_steps = lambda total: self.steps(acted_steps(total))
+        agent.learner.act = lambda obs, epsilon: self.act(act, obs, epsilon)
+
+    def weights(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.agent.learner.q_network.parameters()]
+
+    def steps(self, acted_steps):
+        for item in acted_steps:
+            self.step += len(item[1])
+            yield item  # the loop stores it and runs the updates due
+            self.history[self.step] = self.weights()
+            if item[-1]:
+                self.cut = self.step
+
+    def act(self, act, obs, epsilon):
+        target = max(self.step - self.lag, self.cut)
+        params = list(self.agent.learner.q_network.parameters())
+        current = self.weights()
+        with torch.no_grad():
+            for p, w in zip(params, self.history[target]):
+                p.copy_(w)
+            actions = act(obs, epsilon).clone()
+            for p, w in zip(params, current):
+                p.copy_(w)
+        return actions
+
+
+# ---------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("prioritized", [False, True])
+def test_with_no_policy_lag_the_run_is_the_sync_run_bit_for_bit(tmp_path, monkeypatch, prioritized):
+    """Lag 0: the actor acts at every step with the learner's newest weights, as sync does, and
+    draws the same random numbers. Two learn calls and a checkpoint in between."""
+    monkeypatch.setattr(actor_process, "policy_lag_steps", lambda config: 0)
+    states = {}
+    for pipeline in ("sync", "async"):
+        config = small_config(pipeline=pipeline, prioritized=prioritized, checkpoint_interval=600)
+        agent = make_agent(tmp_path / pipeline, config)
+        agent.learn(1_000)
+        agent.learn(2_000)
+        states[pipeline] = trained_state(agent)
+        if pipeline == "async":
+            assert agent.pipeline_report["policy_lag_steps"] == 0
+    assert_same_run(states["sync"], states["async"])
+    assert no_actor_left()
+
+
+def test_the_actor_acts_with_the_weights_of_one_round_ago(tmp_path):
+    """Against the one-process reference of the policy lag: a round of 32 steps behind, and
+    after a cut (here a checkpoint every 144 steps) the cut step's weights. Mostly greedy, with
+    weights that move fast, so that other weights would act differently."""
+    settings = dict(checkpoint_interval=144, learning_rate=0.02, exploration_fraction=0.1, end_epsilon=0.0)
+    config = small_config(**settings)
+    reference = make_agent(tmp_path / "reference", small_config(pipeline="sync", **settings))
+    LaggedActing(reference, lag=32)
+    reference.learn()
+    agent = make_agent(tmp_path / "process", config)
+    agent.learn()
+    assert agent.pipeline_report["policy_lag_steps"] == actor_process.policy_lag_steps(config) == 32
+    assert_same_run(trained_state(reference), trained_state(agent))
+    # And it is not the sync run: the lag changes what the actor does.
+    sync = make_agent(tmp_path / "sync", small_config(pipeline="sync", **settings))
+    sync.learn()
+    assert not all(torch.equal(a, b) for a, b in zip(sync.q_network.parameters(), agent.q_network.parameters()))
+
+
+def test_the_lag_rounds_up_to_whole_vector_steps():
+    assert actor_process.policy_lag_steps(small_config(train_frequency=4, num_envs=8)) == 8
+    assert actor_process.policy_lag_steps(small_config(train_frequency=10, num_envs=4)) == 12
+    assert actor_process.policy_lag_steps(DQNConfig()) == 256  # CartPole: one round of 32 vector steps
+
+
+def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(tmp_path):
+    # A checkpoint on a round's step: for a lag after it, the resumed actor can only act with
+    # the checkpoint's weights, and so must the uninterrupted one (see the test above).
+    config = small_config(checkpoint_interval=296, save_buffer=True, learning_rate=0.02, exploration_fraction=0.1,
+                          end_epsilon=0.0)
+    whole = make_agent(tmp_path / "whole", config)
+    whole.learn()
+    first = make_agent(tmp_path / "pieces", config)
+    save = first.save_checkpoint
+
+    def save_then_stop():  # the run is stopped right after its first checkpoint
+        save()
+        raise KeyboardInterrupt
+
+    first.save_checkpoint = save_then_stop
+    with pytest.raises(KeyboardInterrupt):
+        first.learn()
+    assert no_actor_left()
+    resumed = DQN.resume(tmp_path / "pieces", progress=False, tensorboard=False)
+    assert resumed.env_steps == 296
+    resumed.learn()
+    assert_same_run(trained_state(whole), trained_state(resumed))
+
+
+def test_the_report_holds_the_sync_schedule_and_where_the_time_went(tmp_path):
+    agent = make_agent(tmp_path, small_config())
+    threads = torch.get_num_threads()
+    agent.learn()
+    report = agent.pipeline_report
+    assert report["actor"] == "process" and report["env_steps"] == agent.env_steps == 2_000
+    assert report["updates"] == agent.learner.num_updates == agent.updates_due(2_000)
+    assert report["replay_ratio"] == pytest.approx(agent.learner.num_updates / 2_000, abs=1e-4)
+    assert set(report["time_s"]["actor"]) == {"act", "env", "hand-off", "wait"}
+    assert {"learn", "wait", "publish"} <= set(report["time_s"]["learner"])
+    assert torch.get_num_threads() == threads  # the learner's thread count is put back
+
+
+@pytest.mark.slow
+def test_async_pipeline_solves_cartpole_like_sync(tmp_path):
+    """The sync engine's bar (test_agent), with the same default preset, on the CPU's async pipeline."""
+    config = DQNConfig(device="cpu", save_buffer=False, pipeline="async", eval_episodes=0)
+    agent = make_agent(tmp_path, config)
+    agent.learn()
+    assert agent.pipeline_report["actor"] == "process"
+    result = agent.evaluate(10, epsilon=0.0, seed=12345)
+    assert result["mean_return"] >= 475, result
+
+
+# ---------------------------------------------------------------------------- errors and shutdown
+def test_an_actor_error_is_raised_with_its_traceback_and_the_actor_is_gone(tmp_path):
+    agent = make_agent(tmp_path, small_config())
+    act, calls = agent.learner.act, [0]
+
+    def failing_act(obs, epsilon):  # runs in the actor process, which forks with it
+        calls[0] += 1
+        if calls[0] == 30:
+            raise ValueError("boom in the actor")
+        return act(obs, epsilon)
+
+    agent.learner.act = failing_act
+    with pytest.raises(actor_process.ActorProcessError, match="(?s)failing_act.*ValueError: boom in the actor"):
+        agent.learn()
+    assert 0 < agent.learner.num_updates and no_actor_left()
+
+
+def test_a_learner_error_stops_the_actor(tmp_path):
+    agent = make_agent(tmp_path, small_config())
+    update, calls = agent.learner.update, [0]
+
+    def failing_update(batch):
+        calls[0] += 1
+        if calls[0] == 20:
+            raise RuntimeError("boom in the learner")
+        update(batch)
+
+    agent.learner.update = failing_update
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="boom in the learner"):
+        agent.learn()
+    assert time.monotonic() - start < 30 and no_actor_left()
+
+
+def test_process_actor_config_is_checked():
+    with pytest.raises(ValueError, match="actor must be one of auto, thread, process"):
+        DQNConfig(actor="fork")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
+def test_the_process_actor_refuses_cuda(tmp_path):
+    with pytest.raises(ValueError, match="CPU only"):
+        make_agent(tmp_path, small_config(device="cuda"))
+
+
+def _start_training(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "fastdqn.cli", "train", "--env", "CartPole-v1", "--pipeline", "async",
+               "--device", "cpu", "--total-steps", "1000000", "--run-dir", str(run_dir), "--no-progress",
+               "--no-tensorboard", "--set", "actor=process", "--set", "checkpoint_interval=2000",
+               "--set", "log_interval=500", "--set", "eval_interval=0"]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a terminal gives it
+    from fastdqn.checkpoint import list_checkpoints
+
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(run_dir / "checkpoints") and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert list_checkpoints(run_dir / "checkpoints"), "no checkpoint was written"
+    time.sleep(1.0)  # inside the next segment: both processes busy
+    return proc, run_dir
+
+
+def _processes_of(run_dir: Path) -> list[int]:
+    """Live processes whose command line names run_dir: the training process and its actor."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(run_dir).encode() in (entry / "cmdline").read_bytes() and \
+                        (entry / "stat").read_text().split()[2] != "Z":
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def _gone(run_dir: Path, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while _processes_of(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not _processes_of(run_dir)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_ctrl_c_ends_the_run_and_its_actor_cleanly(tmp_path):
+    from fastdqn.checkpoint import list_checkpoints, load_checkpoint
+
+    proc, run_dir = _start_training(tmp_path)
+    try:
+        assert len(_processes_of(run_dir)) == 2  # the learner and its actor
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the learner and its actor
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert "continue with: fastdqn train --resume" in stderr
+    assert _gone(run_dir, within=5)
+    assert load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])["counters"]["env_steps"] >= 2_000
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_the_actor_dies_with_a_killed_learner(tmp_path):
+    proc, run_dir = _start_training(tmp_path)
+    try:
+        assert len(_processes_of(run_dir)) == 2
+        proc.kill()
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _gone(run_dir, within=5)
+
+
+def test_episode_statistics_cross_the_process_boundary(tmp_path):
+    """Returns logged by the learner are the actor's episodes: the same as a lag-0 sync run's."""
+    from fastdqn.metrics import read_csv
+
+    rows = {}
+    for pipeline in ("sync", "async"):
+        agent = make_agent(tmp_path / pipeline, small_config(pipeline=pipeline, learning_starts=2_000))
+        agent.learn()  # random actions throughout: the lag does not matter
+        rows[pipeline] = [(r["step"], r["episodes"], r["episode_return"]) for r in
+                          read_csv(tmp_path / pipeline / "metrics.csv")]
+    assert rows["sync"] == rows["async"] and len(rows["sync"]) >= 5
+    assert np.isfinite([r[2] for r in rows["sync"]]).all()
