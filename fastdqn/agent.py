@@ -10,7 +10,10 @@ transitions and runs the updates that are due::
 
 Acting (``Learner.act``), learning (``Learner.update``) and environment stepping
 (``VecEnv.step``) are separate objects, so an overlapped actor/learner pipeline can drive
-the same pieces from two threads.
+the same pieces from two threads (``fastdqn.pipeline``). The loop itself is split the same
+way: ``_acted_steps`` acts and steps, ``_loop`` stores, learns, logs and checkpoints what it
+yields, so the actor process (``fastdqn.actor_process``) runs the first half and feeds the
+second from shared memory.
 
 Checkpoints cut the running episodes (stored as truncations, so the value of the cut
 state is still bootstrapped) and restart the environments from a seed derived from the
@@ -273,7 +276,7 @@ class DQN:
         updates_done = learner.num_updates
         returns_since_log: list[float] = []
         lengths_since_log: list[float] = []
-        next_log, next_eval, next_ckpt = self.next_boundaries(step)
+        next_log, next_eval, _ = self.next_boundaries(step)  # checkpoints come with cuts, from the source
         for obs, actions, result, epsilon, cut in (self._acted_steps(total) if steps is None else steps):
             step += len(actions)
             self._store(obs, actions, result, cut)
@@ -292,7 +295,6 @@ class DQN:
                 next_eval = next_boundary(step, c.eval_interval)
                 self._evaluate_and_log(logger, step)
             if cut:
-                next_ckpt = next_boundary(step, c.checkpoint_interval)
                 self.env_steps, self.wall_time = step, logger.wall_time()
                 logger.flush()
                 self.save_checkpoint()
