@@ -65,6 +65,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from fastdqn.config import usable_cores
 from fastdqn.envs import StepResult
 from fastdqn.learner import network_tensors
 
@@ -88,8 +89,7 @@ def policy_lag_steps(config) -> int:
 
 def learner_threads(config) -> int:
     """Torch threads for the learner: the actor process keeps one core for itself."""
-    return max(1, min(config.effective_torch_threads or torch.get_num_threads(),
-                      len(os.sched_getaffinity(0)) - 1))
+    return max(1, min(config.effective_torch_threads or torch.get_num_threads(), usable_cores() - 1))
 
 
 class ActorProcess:
@@ -295,7 +295,7 @@ class ActorProcess:
             "steps_per_s": round(steps / wall, 1), "updates_per_s": round(updates / wall, 1),
             "replay_ratio": round(updates / steps, 4) if steps else 0.0,
             "replay_ratio_target": agent.config.replay_ratio, "policy_lag_steps": self.policy_lag,
-            "num_envs": agent.config.num_envs,
+            "num_envs": agent.config.num_envs, "learner_torch_threads": learner_threads(agent.config),
             "time_s": {"actor": self._actor_seconds,
                        "learner": {name: round(value, 3) for name, value in sorted(self._learner_seconds.items())}},
         }

@@ -215,8 +215,7 @@ class DQNConfig:
     def effective_torch_threads(self) -> int:
         """torch_threads capped at the cores this process may run on (0 stays 0): OpenMP
         threads beyond the cores only wait on each other."""
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return min(self.torch_threads, cores)
+        return min(self.torch_threads, usable_cores())
 
     @staticmethod
     def field_docs() -> dict[str, str]:
@@ -277,6 +276,11 @@ def _field_docs() -> dict[str, str]:
 
 
 _FIELD_DOCS = _field_docs()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 PRESETS: dict[str, dict] = {
     # CartPole-v1, solved (greedy eval >= 475) within 50k steps at a low update cost: RL Zoo's

@@ -155,7 +155,8 @@ def run_async(env_id: str, config, eval_episodes: int) -> dict:
     return result
 
 
-_ASYNC_DETAILS = ("actor", "policy_lag_steps", "max_lag_updates", "max_owed_updates", "env_batch")
+_ASYNC_DETAILS = ("actor", "policy_lag_steps", "learner_torch_threads", "max_lag_updates", "max_owed_updates",
+                  "env_batch")
 """What the async run's report adds: where the actor ran, and how far it may run ahead."""
 
 

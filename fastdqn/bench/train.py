@@ -183,8 +183,11 @@ def to_markdown(report: dict) -> str:
                          f"{vs_sync} | {vs_sb3} |")
     lines.append("")
     for env_id, entry in report["envs"].items():
+        async_run = entry["systems"].get("async", {})
+        split = (f" (async: its learner {async_run['learner_torch_threads']}, its actor process 1)"
+                 if "learner_torch_threads" in async_run else "")
         lines.append(f"- {env_id}: preset `{entry['preset']}`, config {json.dumps(entry['config_overrides'])}; "
-                     f"both systems with {entry['torch_threads']} torch thread(s)")
+                     f"each system with {entry['torch_threads']} torch thread(s){split}")
         sb3_runs = entry["systems"].get("sb3", {}).get("runs_steps_per_s")
         for name, r in entry["systems"].items():
             if "runs_steps_per_s" in r:
