@@ -355,6 +355,7 @@ class DQN:
         return {"env_id": self.env_id, "run_name": self.run_name, "algorithm": "dqn",
                 "fastdqn_version": fastdqn.__version__, "device": str(self.device),
                 "backend": getattr(self.env, "backend", None), "protocol": self.config.protocol,
+                "pipeline": self.pipeline, "actor": self.actor if self.pipeline == "async" else None,
                 "learn_total_steps": total_steps, "config": self.config.to_dict()}
 
     # ------------------------------------------------------------------ acting

@@ -28,8 +28,9 @@ for the other. Here they run at once, in two threads that share the lock-free re
   never halfway into a lock the two threads share.
   Checkpoints are written only while the learner is paused and caught up.
 
-On CPU the same code runs with the two threads sharing the cores (torch releases the GIL
-inside its kernels); CUDA streams and events are simply absent there.
+On CPU the same code runs with ``actor="thread"`` (the tests run it so), the two threads
+sharing the cores and taking turns on the GIL; CUDA streams and events are simply absent
+there. The CPU's default async actor is a forked process instead (``fastdqn.actor_process``).
 """
 
 from __future__ import annotations

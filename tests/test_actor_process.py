@@ -160,9 +160,12 @@ def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(tmp_path):
 
 
 def test_the_report_holds_the_sync_schedule_and_where_the_time_went(tmp_path):
-    agent = make_agent(tmp_path, small_config())
+    from fastdqn.metrics import read_config
+
+    agent = make_agent(tmp_path, small_config(actor="auto"))
     threads = torch.get_num_threads()
     agent.learn()
+    assert {key: read_config(tmp_path)[key] for key in ("pipeline", "actor")} == {"pipeline": "async", "actor": "process"}
     report = agent.pipeline_report
     assert report["actor"] == "process" and report["env_steps"] == agent.env_steps == 2_000
     assert report["updates"] == agent.learner.num_updates == agent.updates_due(2_000)
