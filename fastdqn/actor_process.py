@@ -44,8 +44,9 @@ which the learner raises as ``ActorProcessError`` with the actor's traceback.
 
 Fork: the child is forked while this process may hold threads (torch's OpenMP pool,
 TensorBoard's writer). It touches none of their state: it makes its own envs and runs torch on
-one thread, as PyTorch's own forked DataLoader workers do. CUDA does not survive a fork, so
-this actor is CPU only.
+one thread, as PyTorch's own forked DataLoader workers do. It never reads the replay buffer,
+whose pages it does not get (``kept_from_forks``). CUDA does not survive a fork, so this
+actor is CPU only.
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ import contextlib
 import ctypes
 import json
 import math
+import mmap
 import multiprocessing
 import os
 import signal
+import sys
 import time
 import traceback
 import warnings
@@ -69,7 +72,7 @@ from fastdqn.config import usable_cores
 from fastdqn.envs import StepResult
 from fastdqn.learner import network_tensors
 
-__all__ = ["ActorProcess", "ActorProcessError", "policy_lag_steps"]
+__all__ = ["ActorProcess", "ActorProcessError", "kept_from_forks", "policy_lag_steps"]
 
 WAIT_S = 0.1
 """How often a waiting process looks whether the other one is still there."""
@@ -131,8 +134,8 @@ class ActorProcess:
         # Ctrl-C is the learner's to handle: blocked until the child has ignored it.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            with warnings.catch_warnings():  # Python 3.12+ warns of forking with threads: see the module doc
-                warnings.simplefilter("ignore", DeprecationWarning)
+            with warnings.catch_warnings(), kept_from_forks(agent.buffer._core.storage().values()):
+                warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12+ on forks with threads
                 self._process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
@@ -331,6 +334,37 @@ def _snapshot_count(config, lag: int) -> int:
     round-robin never overwrites it."""
     changes = min(lag // config.num_envs, lag // config.train_frequency + 1)
     return changes + 2
+
+
+@contextlib.contextmanager
+def kept_from_forks(arrays):
+    """Processes forked inside the block get none of the arrays' whole pages (Linux's
+    MADV_DONTFORK; elsewhere it does nothing). A child that never reads them then shares none
+    of those pages with this process, so this process's writes copy none: copy-on-write would
+    otherwise duplicate, page by page as the learner overwrites it, a replay buffer filled
+    before the fork (a resumed one, say)."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = mmap.PAGESIZE
+    ranges = []
+    for array in arrays:
+        start = -(-array.ctypes.data // page) * page
+        end = (array.ctypes.data + array.nbytes) // page * page
+        if end > start:
+            ranges.append((start, end - start))
+    for start, length in ranges:
+        madvise(start, length, _MADV_DONTFORK)
+    try:
+        yield
+    finally:
+        for start, length in ranges:
+            madvise(start, length, _MADV_DOFORK)
+
+
+_MADV_DONTFORK, _MADV_DOFORK = 10, 11  # <asm-generic/mman-common.h>
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -3,6 +3,7 @@ runs, determinism, resume, errors from either process, Ctrl-C and a killed learn
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -315,3 +316,43 @@ def test_episode_statistics_cross_the_process_boundary(tmp_path):
                           read_csv(tmp_path / pipeline / "metrics.csv")]
     assert rows["sync"] == rows["async"] and len(rows["sync"]) >= 5
     assert np.isfinite([r[2] for r in rows["sync"]]).all()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_DONTFORK is Linux's")
+@pytest.mark.parametrize("kept", [False, True])
+def test_a_forked_child_shares_no_pages_of_arrays_kept_from_forks(kept):
+    """Copy-on-write: while a forked child lives, every write of the parent to a page they share
+    faults and copies the page. Pages kept from the fork are the parent's alone."""
+    import resource
+
+    array = np.ones(64 << 20, np.uint8)  # 16k pages, all touched
+    context = multiprocessing.get_context("fork")
+    done = context.Event()
+    with actor_process.kept_from_forks([array]) if kept else contextlib.nullcontext():
+        child = context.Process(target=done.wait, args=(30,), daemon=True)
+        child.start()
+    try:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        array += 1
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    finally:
+        done.set()
+        child.join()
+    pages = array.nbytes // 4096
+    assert (faults < pages // 10) if kept else (faults > pages // 2), faults
+
+
+def test_the_actor_process_keeps_the_replay_buffer_from_its_fork(tmp_path, monkeypatch):
+    kept = []
+    real = actor_process.kept_from_forks
+
+    def recording(arrays):
+        arrays = list(arrays)
+        kept.append({a.ctypes.data for a in arrays})
+        return real(arrays)
+
+    monkeypatch.setattr(actor_process, "kept_from_forks", recording)
+    agent = make_agent(tmp_path, small_config(total_steps=400))
+    agent.learn()
+    storage = agent.buffer._core.storage()
+    assert kept == [{a.ctypes.data for a in storage.values()}]
