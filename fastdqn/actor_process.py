@@ -21,13 +21,13 @@ function of the step, not of timing, so a run is deterministic; with lag 0 it is
 synchronous run bit for bit; and a run resumed from a checkpoint continues exactly as the
 uninterrupted one (at a cut the actor waits for the cut step's weights).
 
-**How the two processes meet.** Shared memory from torch (``share_memory_``), two
+**How the two processes meet.** Anonymous shared memory (inherited by the fork), two
 semaphores, a pipe:
 
 - ``lag / num_envs + 1`` slot tokens. The actor takes one before each action (for the slot
   that step will fill) and the learner gives one back once it has processed a step, so the
   actor acts at step s only after the learner has processed step s - lag. At a cut the
-  actor takes every token (the learner has processed all it wrote) and gives back all but one.
+  actor takes every token (the learner has processed all it wrote), then gives them back.
 - ``filled`` counts the slots written and not yet taken by the learner.
 - Weight snapshots: after processing a step whose updates changed the weights, the learner
   copies them into the oldest of K snapshots, stamped with the step, before giving back the
@@ -78,6 +78,9 @@ WAIT_S = 0.1
 """How often a waiting process looks whether the other one is still there."""
 JOIN_TIMEOUT_S = 10.0
 """How long stopping waits for the actor to finish its current step before killing it."""
+MAX_ERROR_CHARS = 8_000
+"""The end of the actor's traceback that reaches the learner: with its JSON escapes it stays
+within a pipe's buffer (64 KiB), so the dying actor never blocks on sending it."""
 
 
 class ActorProcessError(RuntimeError):
@@ -116,8 +119,9 @@ class ActorProcess:
         self._receive, self._send = context.Pipe(duplex=False)
         self._ring = _ring(self._tokens, c.num_envs, agent.obs_shape, agent.env.obs_dtype)
         source = network_tensors(agent.learner.q_network)
-        self._snapshots = [[t.clone().share_memory_() for t in source] for _ in range(_snapshot_count(c, lag))]
-        self._stamps = torch.full((len(self._snapshots),), -1, dtype=torch.int64).share_memory_().numpy()
+        self._snapshots = [[_shared_zeros(t.shape, t.dtype) for t in source] for _ in range(_snapshot_count(c, lag))]
+        self._stamps = _shared_zeros((len(self._snapshots),), torch.int64).numpy()
+        self._stamps[:] = -1
         self._process = context.Process(target=self._actor_main, name="fastdqn-actor", daemon=True)
         self._parent_pid = os.getpid()
         self._start_steps, self._start_updates = agent.env_steps, agent.learner.num_updates
@@ -129,31 +133,39 @@ class ActorProcess:
         agent = self.agent
         agent._obs = None  # the actor makes its own envs
         self._previous_threads = torch.get_num_threads()
-        torch.set_num_threads(learner_threads(agent.config))
         self._started = time.perf_counter()
-        # Ctrl-C is the learner's to handle: blocked until the child has ignored it.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
-            with warnings.catch_warnings(), kept_from_forks(agent.buffer._core.storage().values()):
-                warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12+ on forks with threads
-                self._process.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        self._send.close()  # the child's end: a dead child then reads as EOF
+            torch.set_num_threads(learner_threads(agent.config))
+            # Ctrl-C is the learner's to handle: blocked (in this thread) until the child ignores it.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                with warnings.catch_warnings(), kept_from_forks(agent.buffer._core.storage().values()):
+                    warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12+ on forks with threads
+                    self._process.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            self._send.close()  # the child's end: a dead child then reads as EOF
+        except BaseException:  # a Ctrl-C (another thread may take the signal) or a failed fork
+            self.__exit__(*sys.exc_info())
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._process.join(JOIN_TIMEOUT_S)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
-        self._receive.close()
-        self._wall = time.perf_counter() - self._started
-        torch.set_num_threads(self._previous_threads)
-        agent = self.agent
-        agent.env.close()  # as the synchronous engine leaves it after a cut
-        agent.env = agent._make_train_env(agent.env_steps)
+        try:
+            self._stop.set()
+            if self._process.pid is not None:
+                self._process.join(JOIN_TIMEOUT_S)
+                if self._process.is_alive():
+                    self._process.kill()
+                    self._process.join()
+        finally:
+            self._receive.close()
+            self._send.close()
+            self._wall = time.perf_counter() - self._started
+            torch.set_num_threads(self._previous_threads)
+            agent = self.agent
+            agent.env.close()  # as the synchronous engine leaves it after a cut
+            agent.env = agent._make_train_env(agent.env_steps)
 
     # ------------------------------------------------------------------ the learner's side
     def steps(self):
@@ -209,7 +221,10 @@ class ActorProcess:
         except _Stopped:
             pass
         except BaseException:  # noqa: BLE001 - reported to the learner, which raises it
-            self._send.send_bytes(json.dumps({"error": traceback.format_exc()}).encode())
+            text = traceback.format_exc()
+            if len(text) > MAX_ERROR_CHARS:  # the learner reads it only once this process has ended
+                text = "[...]\n" + text[-MAX_ERROR_CHARS:]
+            self._send.send_bytes(json.dumps({"error": text}).encode())
             raise SystemExit(1) from None
 
     def _act(self) -> None:
@@ -322,18 +337,26 @@ def _ring(depth: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype) -> d
             "env_ids": ((num_envs,), np.int32), "episode_returns": ((num_envs,), np.float64),
             "episode_lengths": ((num_envs,), np.int64), "episode_env_ids": ((num_envs,), np.int32),
             "episodes": ((1,), np.int64), "epsilon": ((1,), np.float64), "cut": ((1,), np.bool_)}
-    return {name: torch.from_numpy(np.zeros((depth, *shape), dtype)).share_memory_().numpy()
+    return {name: _shared_zeros((depth, *shape), torch.from_numpy(np.zeros(0, dtype)).dtype).numpy()
             for name, (shape, dtype) in spec.items()}
 
 
+def _shared_zeros(shape, dtype: torch.dtype) -> torch.Tensor:
+    """Zeros in anonymous shared memory, which the forked actor shares (no /dev/shm, whose
+    size containers often limit)."""
+    count = math.prod(shape)
+    memory = mmap.mmap(-1, max(count * dtype.itemsize, 1))
+    return torch.frombuffer(memory, dtype=dtype, count=count).view(*shape)
+
+
 def _snapshot_count(config, lag: int) -> int:
-    """Weight snapshots to keep. While the actor loads the newest one stamped at or before s -
-    lag, the learner has processed at most step s, and the weights change at most once per
-    processed vector step and once per round (train_frequency steps): in those lag steps at most
-    ``changes`` newer snapshots appear. With the one the actor reads and the one being written,
-    round-robin never overwrites it."""
+    """Weight snapshots to keep. While the actor looks for the newest one stamped at or before
+    q >= s - lag, the learner has processed at most step s, and the weights change at most once
+    per processed vector step and once per round (train_frequency steps): at most ``changes``
+    snapshots stamped after q exist or are being written, and round-robin overwrites the
+    oldest, so with one more slot the one the actor needs is never overwritten."""
     changes = min(lag // config.num_envs, lag // config.train_frequency + 1)
-    return changes + 2
+    return changes + 1
 
 
 @contextlib.contextmanager

@@ -28,8 +28,10 @@ import datetime
 import importlib.util
 import io
 import math
+import multiprocessing
 import os
 import random
+import sys
 import warnings
 from pathlib import Path
 
@@ -97,10 +99,12 @@ class DQN:
         self.device = resolve_device(config.device)
         self.pipeline = config.pipeline if config.pipeline != "auto" else \
             ("async" if self.device.type == "cuda" else "sync")
-        self.actor = config.actor if config.actor != "auto" else ("thread" if self.device.type == "cuda" else "process")
-        if self.pipeline == "async" and self.actor == "process" and self.device.type != "cpu":
-            raise ValueError(f"actor 'process' runs on CPU only (CUDA does not survive a fork), got device "
-                             f"{self.device}; use actor 'thread'")
+        forks = "fork" in multiprocessing.get_all_start_methods() and sys.platform.startswith("linux")
+        self.actor = config.actor if config.actor != "auto" else \
+            ("process" if self.device.type == "cpu" and forks else "thread")
+        if self.pipeline == "async" and self.actor == "process" and (self.device.type != "cpu" or not forks):
+            raise ValueError(f"actor 'process' needs a CPU device and Linux's fork (CUDA does not survive a "
+                             f"fork), got device {self.device} on {sys.platform}; use actor 'thread'")
         threaded = self.pipeline == "async" and self.actor == "thread"
         self.pipeline_report: dict | None = None  # throughput and replay ratio of the last async learn()
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")

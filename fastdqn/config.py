@@ -35,9 +35,10 @@ class DQNConfig:
     sync on CPU."""
     actor: str = "auto"
     """Where the async pipeline acts: "thread" (a second thread; fastdqn.pipeline), "process" (a
-    forked process acting with weights one round of updates old, deterministic; CPU only, since
-    two threads share Python's GIL; fastdqn.actor_process) or "auto" (process on CPU, thread on
-    CUDA). Unused by the sync pipeline."""
+    forked process acting with weights one round of updates old, deterministic; CPU and Linux
+    only, as CUDA does not survive a fork; fastdqn.actor_process) or "auto" (process on a
+    Linux CPU, where two threads would take turns on Python's GIL; thread otherwise). Unused
+    by the sync pipeline."""
     torch_threads: int = 2
     """CPU threads torch may use, at most one per core this process may run on (0 leaves
     torch's default). On a 2-core Xeon a CartPole run of 50k steps took 3.0-3.3 s on two

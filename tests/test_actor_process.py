@@ -130,6 +130,42 @@ def test_the_actor_acts_with_the_weights_of_one_round_ago(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(sync.q_network.parameters(), agent.q_network.parameters()))
 
 
+@pytest.mark.parametrize("schedule", [
+    dict(num_envs=8, train_frequency=4, gradient_steps=1, checkpoint_interval=400),  # more envs than a round
+    dict(num_envs=3, train_frequency=7, gradient_steps=2, learning_starts=101, checkpoint_interval=300),  # uneven
+])
+def test_the_lag_holds_for_other_schedules(tmp_path, schedule):
+    settings = dict(learning_rate=0.02, exploration_fraction=0.1, end_epsilon=0.0, total_steps=1_200, **schedule)
+    reference = make_agent(tmp_path / "reference", small_config(pipeline="sync", **settings))
+    config = small_config(**settings)
+    LaggedActing(reference, lag=actor_process.policy_lag_steps(config))
+    reference.learn()
+    agent = make_agent(tmp_path / "process", config)
+    agent.learn()
+    assert_same_run(trained_state(reference), trained_state(agent))
+
+
+def test_a_slow_actor_still_finds_the_weights_it_needs(tmp_path, monkeypatch):
+    """The actor dawdles before it looks for its snapshot, so the learner runs as far ahead as
+    the tokens let it, writing snapshots all the while: the ring must still hold the one the
+    actor needs (with one snapshot fewer it does not)."""
+    newest = actor_process.ActorProcess._newest_snapshot
+
+    def slow_newest(self, step):  # runs in the actor process, forked with the patch
+        time.sleep(0.01)
+        return newest(self, step)
+
+    monkeypatch.setattr(actor_process.ActorProcess, "_newest_snapshot", slow_newest)
+    settings = dict(num_envs=8, train_frequency=4, gradient_steps=1, learning_rate=0.02, exploration_fraction=0.1,
+                    end_epsilon=0.0, total_steps=1_600)
+    reference = make_agent(tmp_path / "reference", small_config(pipeline="sync", **settings))
+    LaggedActing(reference, lag=8)
+    reference.learn()
+    agent = make_agent(tmp_path / "process", small_config(**settings))
+    agent.learn()
+    assert_same_run(trained_state(reference), trained_state(agent))
+
+
 def test_the_lag_rounds_up_to_whole_vector_steps():
     assert actor_process.policy_lag_steps(small_config(train_frequency=4, num_envs=8)) == 8
     assert actor_process.policy_lag_steps(small_config(train_frequency=10, num_envs=4)) == 12
@@ -204,7 +240,8 @@ def test_an_actor_error_is_raised_with_its_traceback_and_the_actor_is_gone(tmp_p
     assert 0 < agent.learner.num_updates and no_actor_left()
 
 
-def test_a_learner_error_stops_the_actor(tmp_path):
+def test_a_learner_error_stops_the_actor(tmp_path, monkeypatch):
+    monkeypatch.setattr(actor_process, "JOIN_TIMEOUT_S", 60.0)  # an actor that must be killed fails the test
     agent = make_agent(tmp_path, small_config())
     update, calls = agent.learner.update, [0]
 
@@ -221,6 +258,42 @@ def test_a_learner_error_stops_the_actor(tmp_path):
     assert time.monotonic() - start < 30 and no_actor_left()
 
 
+def test_a_long_actor_error_still_arrives(tmp_path):
+    """A traceback longer than a pipe holds: the actor sends its end, and does not block."""
+    agent = make_agent(tmp_path, small_config())
+    act, calls = agent.learner.act, [0]
+
+    def failing_act(obs, epsilon):
+        calls[0] += 1
+        if calls[0] == 30:
+            raise ValueError("x" * 200_000 + " the end")
+        return act(obs, epsilon)
+
+    agent.learner.act = failing_act
+    start = time.monotonic()
+    with pytest.raises(actor_process.ActorProcessError, match=r"(?s)\[\.\.\.\].*x the end"):
+        agent.learn()
+    assert time.monotonic() - start < 30 and no_actor_left()
+
+
+def test_an_interrupt_right_after_the_fork_stops_the_actor(tmp_path, monkeypatch):
+    """Ctrl-C may reach the learner while it starts the actor (another thread can take the
+    signal): the actor must not be left running, and torch's threads are put back."""
+    import contextlib as cl
+
+    @cl.contextmanager
+    def interrupted_after_the_fork(arrays):
+        yield
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(actor_process, "kept_from_forks", interrupted_after_the_fork)
+    agent = make_agent(tmp_path, small_config())
+    threads = torch.get_num_threads()
+    with pytest.raises(KeyboardInterrupt):
+        agent.learn()
+    assert no_actor_left() and torch.get_num_threads() == threads
+
+
 def test_process_actor_config_is_checked():
     with pytest.raises(ValueError, match="actor must be one of auto, thread, process"):
         DQNConfig(actor="fork")
@@ -229,7 +302,7 @@ def test_process_actor_config_is_checked():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.cuda
 def test_the_process_actor_refuses_cuda(tmp_path):
-    with pytest.raises(ValueError, match="CPU only"):
+    with pytest.raises(ValueError, match="needs a CPU device"):
         make_agent(tmp_path, small_config(device="cuda"))
 
 
@@ -280,7 +353,10 @@ def test_ctrl_c_ends_the_run_and_its_actor_cleanly(tmp_path):
     try:
         assert len(_processes_of(run_dir)) == 2  # the learner and its actor
         os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the learner and its actor
+        interrupted = time.monotonic()
         _, stderr = proc.communicate(timeout=60)
+        # Well within the learner's wait for its actor (JOIN_TIMEOUT_S), after which it would kill it.
+        assert time.monotonic() - interrupted < actor_process.JOIN_TIMEOUT_S / 2
     finally:
         if proc.poll() is None:
             proc.kill()
