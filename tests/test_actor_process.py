@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faults import failing_on_call
 
 from fastdqn import actor_process
 from fastdqn.agent import DQN
@@ -226,16 +227,9 @@ def test_async_pipeline_solves_cartpole_like_sync(tmp_path):
 # ---------------------------------------------------------------------------- errors and shutdown
 def test_an_actor_error_is_raised_with_its_traceback_and_the_actor_is_gone(tmp_path):
     agent = make_agent(tmp_path, small_config())
-    act, calls = agent.learner.act, [0]
-
-    def failing_act(obs, epsilon):  # runs in the actor process, which forks with it
-        calls[0] += 1
-        if calls[0] == 30:
-            raise ValueError("boom in the actor")
-        return act(obs, epsilon)
-
-    agent.learner.act = failing_act
-    with pytest.raises(actor_process.ActorProcessError, match="(?s)failing_act.*ValueError: boom in the actor"):
+    # Its 30th call, in the actor process, which forks with it.
+    agent.learner.act = failing_on_call(agent.learner.act, 30, ValueError("boom in the actor"))
+    with pytest.raises(actor_process.ActorProcessError, match="(?s)in failing.*ValueError: boom in the actor"):
         agent.learn()
     assert 0 < agent.learner.num_updates and no_actor_left()
 
@@ -243,15 +237,7 @@ def test_an_actor_error_is_raised_with_its_traceback_and_the_actor_is_gone(tmp_p
 def test_a_learner_error_stops_the_actor(tmp_path, monkeypatch):
     monkeypatch.setattr(actor_process, "JOIN_TIMEOUT_S", 60.0)  # an actor that must be killed fails the test
     agent = make_agent(tmp_path, small_config())
-    update, calls = agent.learner.update, [0]
-
-    def failing_update(batch):
-        calls[0] += 1
-        if calls[0] == 20:
-            raise RuntimeError("boom in the learner")
-        update(batch)
-
-    agent.learner.update = failing_update
+    agent.learner.update = failing_on_call(agent.learner.update, 20, RuntimeError("boom in the learner"))
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="boom in the learner"):
         agent.learn()
@@ -261,15 +247,7 @@ def test_a_learner_error_stops_the_actor(tmp_path, monkeypatch):
 def test_a_long_actor_error_still_arrives(tmp_path):
     """A traceback longer than a pipe holds: the actor sends its end, and does not block."""
     agent = make_agent(tmp_path, small_config())
-    act, calls = agent.learner.act, [0]
-
-    def failing_act(obs, epsilon):
-        calls[0] += 1
-        if calls[0] == 30:
-            raise ValueError("x" * 200_000 + " the end")
-        return act(obs, epsilon)
-
-    agent.learner.act = failing_act
+    agent.learner.act = failing_on_call(agent.learner.act, 30, ValueError("x" * 200_000 + " the end"))
     start = time.monotonic()
     with pytest.raises(actor_process.ActorProcessError, match=r"(?s)\[\.\.\.\].*x the end"):
         agent.learn()

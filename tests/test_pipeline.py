@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from faults import failing_on_call
 
 from fastdqn.rate_limiter import RateLimiter
 
@@ -360,33 +361,19 @@ def test_async_stores_exactly_what_sync_stores(tmp_path):
 
 def test_learner_error_reaches_the_caller_and_stops_both_threads(tmp_path):
     agent = make_agent(tmp_path, async_config())
-    update, calls = agent.learner.update, [0]
-
-    def failing_update(batch):
-        calls[0] += 1
-        if calls[0] == 20:
-            raise RuntimeError("boom in the learner")
-        update(batch)
-
-    agent.learner.update = failing_update
+    agent.learner.update = failing_on_call(agent.learner.update, 20, RuntimeError("boom in the learner"))
     error = finish_within(60, lambda: agent.learn(5_000))
     assert isinstance(error, RuntimeError) and "boom in the learner" in str(error)
-    assert any(frame.name == "failing_update" for frame in __import__("traceback").extract_tb(error.__traceback__))
+    # With the learner thread's traceback.
+    assert any(frame.name == "failing" for frame in __import__("traceback").extract_tb(error.__traceback__))
     assert agent.env_steps < 5_000 and not learner_threads()
 
 
 def test_actor_error_reaches_the_caller_and_stops_the_learner(tmp_path):
     agent = make_agent(tmp_path, async_config())
     agent.buffer = agent._make_buffer()
-    add, calls = agent.buffer.add, [0]
-
-    def failing_add(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 200:  # well after learning starts: the learner thread is busy
-            raise ValueError("boom in the actor")
-        add(*args, **kwargs)
-
-    agent.buffer.add = failing_add
+    # The 200th add, well after learning starts: the learner thread is busy.
+    agent.buffer.add = failing_on_call(agent.buffer.add, 200, ValueError("boom in the actor"))
     error = finish_within(60, lambda: agent.learn(5_000))
     assert isinstance(error, ValueError) and "boom in the actor" in str(error)
     assert agent.learner.num_updates > 0 and not learner_threads()
