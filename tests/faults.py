@@ -1,6 +1,11 @@
-"""Fault injection for the pipelines' error tests."""
+"""Faults for the pipelines' tests: a call that fails, a training run to interrupt."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 
 def failing_on_call(function, call: int, error: BaseException):
@@ -14,3 +19,34 @@ def failing_on_call(function, call: int, error: BaseException):
         return function(*args, **kwargs)
 
     return failing
+
+
+def start_training(tmp_path: Path, actor: str) -> tuple[subprocess.Popen, Path]:
+    """``fastdqn train`` with the async pipeline on CartPole, in its own process group (as a
+    terminal starts it), returned once it is a second past its first checkpoint (step 2000)."""
+    from fastdqn.checkpoint import list_checkpoints
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "fastdqn.cli", "train", "--env", "CartPole-v1", "--pipeline", "async",
+               "--device", "cpu", "--total-steps", "1000000", "--run-dir", str(run_dir), "--no-progress",
+               "--no-tensorboard", "--set", f"actor={actor}", "--set", "checkpoint_interval=2000",
+               "--set", "log_interval=500", "--set", "eval_interval=0"]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(run_dir / "checkpoints") and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    if not list_checkpoints(run_dir / "checkpoints"):
+        proc.kill()
+        raise AssertionError(f"no checkpoint was written: {proc.communicate()[1]}")
+    time.sleep(1.0)  # inside the next segment: actor and learner busy
+    return proc, run_dir
+
+
+def assert_stopped_by_ctrl_c(proc: subprocess.Popen, stderr: str, run_dir: Path) -> None:
+    """Exit status 130, the resume hint, and the periodic checkpoint intact."""
+    from fastdqn.checkpoint import list_checkpoints, load_checkpoint
+
+    assert proc.returncode == 130, stderr
+    assert "continue with: fastdqn train --resume" in stderr
+    assert load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])["counters"]["env_steps"] >= 2_000

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from faults import failing_on_call
+from faults import assert_stopped_by_ctrl_c, failing_on_call, start_training
 
 from fastdqn.rate_limiter import RateLimiter
 
@@ -478,33 +478,16 @@ def test_sigint_to_an_async_training_run_ends_it_cleanly(tmp_path):
     """A real Ctrl-C (SIGINT to the process) while both threads run: exit status 130, the resume
     hint, the periodic checkpoint intact, and nothing left hanging."""
     import signal
-    import subprocess
-    import sys
 
-    from fastdqn.checkpoint import list_checkpoints, load_checkpoint
-
-    run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "fastdqn.cli", "train", "--env", "CartPole-v1", "--pipeline", "async",
-               "--device", "cpu", "--total-steps", "1000000", "--run-dir", str(run_dir), "--no-progress",
-               "--no-tensorboard", "--set", "actor=thread", "--set", "checkpoint_interval=2000", "--set", "log_interval=500",
-               "--set", "eval_interval=0"]
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, run_dir = start_training(tmp_path, actor="thread")
     try:
-        deadline = time.monotonic() + 120
-        while not list_checkpoints(run_dir / "checkpoints") and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        assert list_checkpoints(run_dir / "checkpoints"), "no checkpoint was written"
-        time.sleep(1.0)  # well inside the next segment: both threads busy
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130, stderr
-    assert "continue with: fastdqn train --resume" in stderr
-    state = load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])
-    assert state["counters"]["env_steps"] >= 2_000
+    assert_stopped_by_ctrl_c(proc, stderr, run_dir)
 
 
 def test_prioritized_replay_in_the_pipeline_anneals_beta_and_updates_priorities(tmp_path):
