@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import subprocess
 import sys
 import time
@@ -32,7 +34,7 @@ def start_training(tmp_path: Path, actor: str) -> tuple[subprocess.Popen, Path]:
                "--no-tensorboard", "--set", f"actor={actor}", "--set", "checkpoint_interval=2000",
                "--set", "log_interval=500", "--set", "eval_interval=0"]
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
     deadline = time.monotonic() + 120
     while not list_checkpoints(run_dir / "checkpoints") and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -50,3 +52,18 @@ def assert_stopped_by_ctrl_c(proc: subprocess.Popen, stderr: str, run_dir: Path)
     assert proc.returncode == 130, stderr
     assert "continue with: fastdqn train --resume" in stderr
     assert load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])["counters"]["env_steps"] >= 2_000
+
+
+@contextlib.contextmanager
+def default_ctrl_c():
+    """Python's own SIGINT handler for the block. A suite started in the background by a
+    non-interactive shell inherits SIGINT ignored, and Ctrl-C tests would test nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # then Python installs its handler at start

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from faults import assert_stopped_by_ctrl_c, failing_on_call, start_training
+from faults import assert_stopped_by_ctrl_c, default_ctrl_c, failing_on_call, start_training
 
 from fastdqn.rate_limiter import RateLimiter
 
@@ -431,11 +431,12 @@ def test_ctrl_c_between_a_locks_acquire_and_its_with_block_leaves_no_lock_held(t
 
     monkeypatch.setattr(RateLimiter, "inserted", inserted_with_a_sigint_in_the_window)
     agent = make_agent(tmp_path, async_config())
-    handler = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        agent.learn(20_000)  # in the main thread: only it receives signals
+    with default_ctrl_c():
+        handler = signal.getsignal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            agent.learn(20_000)  # in the main thread: only it receives signals
+        assert signal.getsignal(signal.SIGINT) is handler
     assert fired and not learner_threads()
-    assert signal.getsignal(signal.SIGINT) is handler
     assert agent.pipeline_report["env_steps"] < 1_000  # stopped at once: ~50 updates are ~260 steps
 
 
@@ -468,7 +469,7 @@ def test_ctrl_c_between_the_actors_wait_check_and_its_wait_still_stops_the_run(t
         return due
 
     agent.updates_due = updates_due_with_a_sigint
-    with pytest.raises(KeyboardInterrupt), alarm_after(30):  # a hang would be in the main thread
+    with default_ctrl_c(), pytest.raises(KeyboardInterrupt), alarm_after(30):  # a hang would be in the main thread
         agent.learn(20_000)
     assert fired and not learner_threads()
     assert agent.pipeline_report["env_steps"] < fired[0] + 1_000
