@@ -117,7 +117,7 @@ class ActorProcess:
         self._free, self._filled = context.Semaphore(self._tokens), context.Semaphore(0)
         self._stop = context.Event()
         self._receive, self._send = context.Pipe(duplex=False)
-        self._ring = _ring(self._tokens, c.num_envs, agent.obs_shape, agent.env.obs_dtype)
+        self._slots = _ring(self._tokens, c.num_envs, agent.obs_shape, agent.env.obs_dtype)
         source = network_tensors(agent.learner.q_network)
         self._snapshots = [[_shared_zeros(t.shape, t.dtype) for t in source] for _ in range(_snapshot_count(c, lag))]
         self._stamps = _shared_zeros((len(self._snapshots),), torch.int64).numpy()
@@ -179,7 +179,7 @@ class ActorProcess:
             while not self._filled.acquire(timeout=WAIT_S):
                 if not self._process.is_alive():
                     raise ActorProcessError(self._actor_failure())
-            fields = {name: array[slot] for name, array in self._ring.items()}
+            fields = self._slots[slot]
             episodes = int(fields["episodes"][0])
             result = StepResult(**{name: fields[name] for name in _RESULT_FIELDS},
                                 **{name: fields[name][:episodes] for name in _EPISODE_FIELDS})
@@ -263,7 +263,7 @@ class ActorProcess:
             t = _lap(seconds, "env", t)
             seconds["env"] -= seconds["act"] - act_before
             step += len(actions)
-            fields = {name: array[slot] for name, array in self._ring.items()}
+            fields = self._slots[slot]
             fields["acted_obs"][:] = obs
             fields["actions"][:] = actions
             for name in _RESULT_FIELDS:
@@ -327,9 +327,9 @@ _RESULT_FIELDS = ("obs", "next_obs", "rewards", "terminated", "truncated", "vali
 _EPISODE_FIELDS = ("episode_returns", "episode_lengths", "episode_env_ids")
 
 
-def _ring(depth: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype) -> dict[str, np.ndarray]:
-    """One slot per vector step in flight, each field in shared memory, as numpy arrays
-    (single values as arrays of one, so that a slot's field is a view)."""
+def _ring(depth: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype) -> list[dict[str, np.ndarray]]:
+    """``depth`` slots, one per vector step in flight: each a dict of numpy views of shared
+    memory (single values as arrays of one, so that they are views too)."""
     spec = {"acted_obs": ((num_envs, *obs_shape), obs_dtype), "actions": ((num_envs,), np.int64),
             "obs": ((num_envs, *obs_shape), obs_dtype), "next_obs": ((num_envs, *obs_shape), obs_dtype),
             "rewards": ((num_envs,), np.float32), "terminated": ((num_envs,), np.bool_),
@@ -337,8 +337,9 @@ def _ring(depth: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype) -> d
             "env_ids": ((num_envs,), np.int32), "episode_returns": ((num_envs,), np.float64),
             "episode_lengths": ((num_envs,), np.int64), "episode_env_ids": ((num_envs,), np.int32),
             "episodes": ((1,), np.int64), "epsilon": ((1,), np.float64), "cut": ((1,), np.bool_)}
-    return {name: _shared_zeros((depth, *shape), torch.from_numpy(np.zeros(0, dtype)).dtype).numpy()
-            for name, (shape, dtype) in spec.items()}
+    fields = {name: _shared_zeros((depth, *shape), torch.from_numpy(np.zeros(0, dtype)).dtype).numpy()
+              for name, (shape, dtype) in spec.items()}
+    return [{name: array[slot] for name, array in fields.items()} for slot in range(depth)]
 
 
 def _shared_zeros(shape, dtype: torch.dtype) -> torch.Tensor:
