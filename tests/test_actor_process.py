@@ -111,6 +111,21 @@ def test_with_no_policy_lag_the_run_is_the_sync_run_bit_for_bit(tmp_path, monkey
     assert no_actor_left()
 
 
+@pytest.mark.parametrize("env_id, backend", [("CartPole-v1", "gymnasium"), ("Breakout-v5", "envpool")])
+def test_other_envs_cross_the_process_boundary_unchanged(tmp_path, monkeypatch, env_id, backend):
+    """The gymnasium fallback's envs, and Atari's uint8 frame stacks: with lag 0, still sync's run."""
+    monkeypatch.setattr(actor_process, "policy_lag_steps", lambda config: 0)
+    settings = dict(backend=backend, num_envs=2, total_steps=400, learning_starts=100, train_frequency=8,
+                    checkpoint_interval=200, batch_size=8, buffer_size=1_000)
+    states = {}
+    for pipeline in ("sync", "async"):
+        agent = DQN(env_id, small_config(pipeline=pipeline, **settings), run_dir=tmp_path / pipeline, progress=False,
+                    tensorboard=False)
+        agent.learn()
+        states[pipeline] = trained_state(agent)
+    assert_same_run(states["sync"], states["async"])
+
+
 def test_the_actor_acts_with_the_weights_of_one_round_ago(tmp_path):
     """Against the one-process reference of the policy lag: a round of 32 steps behind, and
     after a cut (here a checkpoint every 144 steps) the cut step's weights. Mostly greedy, with
