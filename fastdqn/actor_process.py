@@ -43,16 +43,18 @@ the learner's process (``PR_SET_PDEATHSIG``), and reports its own error through 
 which the learner raises as ``ActorProcessError`` with the actor's traceback.
 
 Fork: the child is forked while this process may hold threads (torch's OpenMP pool,
-TensorBoard's writer). It touches none of their state: it makes its own envs and runs torch on
-one thread, as PyTorch's own forked DataLoader workers do. It never reads the replay buffer,
-whose pages it does not get (``kept_from_forks``). CUDA does not survive a fork, so this
-actor is CPU only.
+TensorBoard's writer, envpool's workers). It touches none of their state: it makes its own
+envs, runs torch on one thread (as PyTorch's own forked DataLoader workers do), and never
+destroys what it inherited (no garbage collection of it, no destructors at exit). It never
+reads the replay buffer, whose pages it does not get (``kept_from_forks``). CUDA does not
+survive a fork, so this actor is CPU only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import json
 import math
 import mmap
@@ -63,7 +65,6 @@ import sys
 import time
 import traceback
 import warnings
-from collections import defaultdict
 
 import numpy as np
 import torch
@@ -71,6 +72,7 @@ import torch
 from fastdqn.config import usable_cores
 from fastdqn.envs import StepResult
 from fastdqn.learner import network_tensors
+from fastdqn.pipeline import Stopwatch
 
 __all__ = ["ActorProcess", "ActorProcessError", "kept_from_forks", "policy_lag_steps"]
 
@@ -118,15 +120,16 @@ class ActorProcess:
         self._stop = context.Event()
         self._receive, self._send = context.Pipe(duplex=False)
         self._slots = _ring(self._tokens, c.num_envs, agent.obs_shape, agent.env.obs_dtype)
-        source = network_tensors(agent.learner.q_network)
-        self._snapshots = [[_shared_zeros(t.shape, t.dtype) for t in source] for _ in range(_snapshot_count(c, lag))]
+        self._online = network_tensors(agent.learner.q_network)
+        self._snapshots = [[_shared_zeros(t.shape, t.dtype) for t in self._online]
+                           for _ in range(_snapshot_count(c, lag))]
         self._stamps = _shared_zeros((len(self._snapshots),), torch.int64).numpy()
         self._stamps[:] = -1
         self._process = context.Process(target=self._actor_main, name="fastdqn-actor", daemon=True)
         self._parent_pid = os.getpid()
         self._start_steps, self._start_updates = agent.env_steps, agent.learner.num_updates
-        self._learner_seconds: dict[str, float] = defaultdict(float)
-        self._actor_seconds: dict[str, float] = {}
+        self._learner_watch = Stopwatch()
+        self._actor_seconds: dict[str, float] = {}  # the actor's Stopwatch, as of its last cut
         self._wall = 0.0
 
     def __enter__(self) -> ActorProcess:
@@ -139,7 +142,8 @@ class ActorProcess:
             # Ctrl-C is the learner's to handle: blocked (in this thread) until the child ignores it.
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
-                with warnings.catch_warnings(), kept_from_forks(agent.buffer._core.storage().values()):
+                with warnings.catch_warnings(), kept_from_forks(agent.buffer._core.storage().values()), \
+                        _uncollected_by_the_child():
                     warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12+ on forks with threads
                     self._process.start()
             finally:
@@ -171,7 +175,7 @@ class ActorProcess:
     def steps(self):
         """The actor's vector steps, as ``DQN._acted_steps`` yields them; after the loop has
         processed each one, its weights go to the actor and its slot is freed."""
-        agent, learner, watch = self.agent, self.agent.learner, self._learner_seconds
+        agent, learner, watch = self.agent, self.agent.learner, self._learner_watch
         step, slot = agent.env_steps, 0
         snapshot_updates, oldest = learner.num_updates, 0
         while step < self.total:
@@ -190,15 +194,15 @@ class ActorProcess:
                 agent.np_rng.bit_generator.state = message["np_rng"]
                 learner.act_rng.bit_generator.state = message["act_rng"]
                 self._actor_seconds = message["seconds"]
-            t = _lap(watch, "wait", t)
+            t = watch.lap("wait", t)
             yield fields["acted_obs"], fields["actions"], result, float(fields["epsilon"][0]), cut
-            t = _lap(watch, "learn", t)
+            t = watch.lap("learn", t)
             if learner.num_updates != snapshot_updates:
-                torch._foreach_copy_(self._snapshots[oldest], network_tensors(learner.q_network))
+                torch._foreach_copy_(self._snapshots[oldest], self._online)
                 self._stamps[oldest] = step
                 oldest = (oldest + 1) % len(self._snapshots)
                 snapshot_updates = learner.num_updates
-                _lap(watch, "publish", t)
+                watch.lap("publish", t)
             self._free.release()
             slot = (slot + 1) % self._tokens
 
@@ -230,7 +234,7 @@ class ActorProcess:
     def _act(self) -> None:
         agent, learner = self.agent, self.agent.learner
         torch.set_num_threads(1)
-        seconds: dict[str, float] = defaultdict(float)
+        watch = Stopwatch()
         act = learner.act
 
         def timed_act(*args):
@@ -238,7 +242,7 @@ class ActorProcess:
             try:
                 return act(*args)
             finally:
-                seconds["act"] += time.perf_counter() - start
+                watch.lap("act", start)
 
         learner.act = timed_act
         # The forked copy of the learner's env has lost its worker threads (envpool): destroying
@@ -257,11 +261,11 @@ class ActorProcess:
                 with torch.no_grad():
                     torch._foreach_copy_(actor_tensors, self._snapshots[newest])
                 loaded = int(self._stamps[newest])
-            t = _lap(seconds, "wait", t)
-            act_before = seconds["act"]
+            t = watch.lap("wait", t)
+            act_before = watch.seconds["act"]
             obs, actions, result, epsilon, cut = next(steps)
-            t = _lap(seconds, "env", t)
-            seconds["env"] -= seconds["act"] - act_before
+            t = watch.lap("env", t)
+            watch.seconds["env"] -= watch.seconds["act"] - act_before  # the step's act is timed apart
             step += len(actions)
             fields = self._slots[slot]
             fields["acted_obs"][:] = obs
@@ -273,11 +277,11 @@ class ActorProcess:
                 fields[name][:episodes] = getattr(result, name)
             fields["episodes"][0], fields["epsilon"][0], fields["cut"][0] = episodes, epsilon, cut
             slot = (slot + 1) % self._tokens
-            _lap(seconds, "hand-off", t)
+            watch.lap("hand-off", t)
             if cut:
                 self._send.send_bytes(json.dumps({
                     "np_rng": agent.np_rng.bit_generator.state, "act_rng": learner.act_rng.bit_generator.state,
-                    "seconds": {name: round(value, 3) for name, value in sorted(seconds.items())}}).encode())
+                    "seconds": watch.rounded()}).encode())
             self._filled.release()
             if step >= self.total:
                 agent.env.close()
@@ -315,7 +319,7 @@ class ActorProcess:
             "replay_ratio_target": agent.config.replay_ratio, "policy_lag_steps": self.policy_lag,
             "num_envs": agent.config.num_envs, "learner_torch_threads": learner_threads(agent.config),
             "time_s": {"actor": self._actor_seconds,
-                       "learner": {name: round(value, 3) for name, value in sorted(self._learner_seconds.items())}},
+                       "learner": self._learner_watch.rounded()},
         }
 
 
@@ -391,6 +395,19 @@ def kept_from_forks(arrays):
 _MADV_DONTFORK, _MADV_DOFORK = 10, 11  # <asm-generic/mman-common.h>
 
 
+@contextlib.contextmanager
+def _uncollected_by_the_child():
+    """A process forked inside the block never garbage-collects the objects it inherits
+    (``gc.freeze``, for the child only: this process unfreezes them after). Among them may be
+    garbage not yet collected here, an envpool env in a reference cycle say: collected in the
+    child, it would join worker threads that the fork did not copy, and hang or abort."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _die_with_parent(parent_pid: int) -> None:
     """Have the kernel kill this process when its parent dies, even by SIGKILL (Linux)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -398,9 +415,3 @@ def _die_with_parent(parent_pid: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
-
-
-def _lap(seconds: dict[str, float], name: str, since: float) -> float:
-    now = time.perf_counter()
-    seconds[name] += now - since
-    return now

@@ -28,7 +28,6 @@ import datetime
 import importlib.util
 import io
 import math
-import multiprocessing
 import os
 import random
 import sys
@@ -99,10 +98,10 @@ class DQN:
         self.device = resolve_device(config.device)
         self.pipeline = config.pipeline if config.pipeline != "auto" else \
             ("async" if self.device.type == "cuda" else "sync")
-        forks = "fork" in multiprocessing.get_all_start_methods() and sys.platform.startswith("linux")
+        linux = sys.platform.startswith("linux")
         self.actor = config.actor if config.actor != "auto" else \
-            ("process" if self.device.type == "cpu" and forks else "thread")
-        if self.pipeline == "async" and self.actor == "process" and (self.device.type != "cpu" or not forks):
+            ("process" if self.device.type == "cpu" and linux else "thread")
+        if self.pipeline == "async" and self.actor == "process" and (self.device.type != "cpu" or not linux):
             raise ValueError(f"actor 'process' needs a CPU device and Linux's fork (CUDA does not survive a "
                              f"fork), got device {self.device} on {sys.platform}; use actor 'thread'")
         threaded = self.pipeline == "async" and self.actor == "thread"

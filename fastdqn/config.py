@@ -283,6 +283,7 @@ def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
+
 PRESETS: dict[str, dict] = {
     # CartPole-v1, solved (greedy eval >= 475) within 50k steps at a low update cost: RL Zoo's
     # CartPole DQN (Adam 2.3e-3, epsilon 1 -> 0.04 over 16% of the run) with a quarter of its

@@ -46,9 +46,10 @@ beta1 each step into the denormal range, where it sticks: 0.9 times the smallest
 rounds back to it (the second moment does the same by beta2, later). x86 CPUs compute on
 denormal operands ~100x slower: in a one-off profile of a CartPole run the fused Adam step
 took 126 µs instead of 22, and in two pairs of runs a run took 10% longer than with the
-denormals flushed. Such a value (< 1.2e-38) moves no weight, so the sweep sets it to 0. Flushing denormals in the CPU's float mode instead
-(torch.set_flush_denormal) reaches only the calling thread, not torch's worker threads, so
-what a run computes would depend on which thread ran what."""
+denormals flushed. Such a value (< 1.2e-38) moves no weight, so the sweep sets it to 0.
+Flushing denormals in the CPU's float mode instead (torch.set_flush_denormal) reaches only
+the calling thread, not torch's worker threads, so what a run computes would depend on
+which thread ran what."""
 
 
 def _torch_dtype(dtype) -> torch.dtype:

@@ -84,6 +84,10 @@ class Stopwatch:
         self.seconds[name] += now - since
         return now
 
+    def rounded(self) -> dict[str, float]:
+        """The seconds per activity, by name, to the millisecond (for reports)."""
+        return {name: round(value, 3) for name, value in sorted(self.seconds.items())}
+
 
 class ActorWeights:
     """Hands the learner's online weights to the actor's copy without tearing or stalls.
@@ -593,13 +597,9 @@ class AsyncPipeline:
             "max_lag_updates": self.max_lag, "max_owed_updates": limiter.max_owed,
             "num_envs": self.num_envs, "env_batch": self.env_batch,
             "actor_syncs": self.weights.taken,
-            "time_s": {"actor": _rounded(self.actor_watch.seconds), "learner": _rounded(self.learner_watch.seconds)},
+            "time_s": {"actor": self.actor_watch.rounded(), "learner": self.learner_watch.rounded()},
         }
 
     @staticmethod
     def _on(stream):
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-
-
-def _rounded(seconds: dict[str, float]) -> dict[str, float]:
-    return {name: round(value, 3) for name, value in sorted(seconds.items())}

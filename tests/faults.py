@@ -1,4 +1,4 @@
-"""Faults for the pipelines' tests: a call that fails, a training run to interrupt."""
+"""Faults for the pipelines' tests: a call that fails, a training run to interrupt, a time limit."""
 
 from __future__ import annotations
 
@@ -67,3 +67,20 @@ def default_ctrl_c():
 
 def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # then Python installs its handler at start
+
+
+@contextlib.contextmanager
+def alarm_after(seconds: float):
+    """Fail with TimeoutError if the block runs longer: for code that must run in the main
+    thread (only it receives signals), where a watching thread cannot be used."""
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from faults import assert_stopped_by_ctrl_c, failing_on_call, start_training
+from faults import alarm_after, assert_stopped_by_ctrl_c, failing_on_call, start_training
 
 from fastdqn import actor_process
 from fastdqn.agent import DQN
@@ -271,9 +271,7 @@ def test_a_long_actor_error_still_arrives(tmp_path):
 def test_an_interrupt_right_after_the_fork_stops_the_actor(tmp_path, monkeypatch):
     """Ctrl-C may reach the learner while it starts the actor (another thread can take the
     signal): the actor must not be left running, and torch's threads are put back."""
-    import contextlib as cl
-
-    @cl.contextmanager
+    @contextlib.contextmanager
     def interrupted_after_the_fork(arrays):
         yield
         raise KeyboardInterrupt
@@ -402,3 +400,33 @@ def test_the_actor_process_keeps_the_replay_buffer_from_its_fork(tmp_path, monke
     agent.learn()
     storage = agent.buffer._core.storage()
     assert kept == [{a.ctypes.data for a in storage.values()}]
+
+
+def test_the_actor_never_collects_what_it_inherits(tmp_path, monkeypatch):
+    """Garbage of the learner's process not yet collected when the actor forks (here an envpool
+    env in a reference cycle) is the actor's too. Collected there, the env would join worker
+    threads that the fork did not copy, and envpool aborts the actor."""
+    import gc
+
+    from fastdqn.envs import make_env
+
+    agent = make_agent(tmp_path, small_config())
+    act = agent.learner.act
+
+    def act_then_collect(obs, epsilon):  # in the actor
+        actions = act(obs, epsilon)
+        gc.collect()
+        return actions
+
+    agent.learner.act = act_then_collect
+    monkeypatch.setattr(actor_process, "JOIN_TIMEOUT_S", 1.0)  # a hung actor: killed soon after the alarm
+    gc.disable()
+    try:
+        garbage = {"env": make_env("CartPole-v1", 2, seed=0)}
+        garbage["itself"] = garbage
+        del garbage
+        with alarm_after(60):  # without the fix the actor hangs (or aborts) in the collection
+            agent.learn(600)
+    finally:
+        gc.enable()
+    assert agent.env_steps == 600 and no_actor_left()

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from faults import assert_stopped_by_ctrl_c, default_ctrl_c, failing_on_call, start_training
+from faults import alarm_after, assert_stopped_by_ctrl_c, default_ctrl_c, failing_on_call, start_training
 
 from fastdqn.rate_limiter import RateLimiter
 
@@ -163,8 +163,6 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 def on_stream(device: str):
     """The thread's own CUDA stream, as in the pipeline; nothing on CPU."""
-    import contextlib
-
     return torch.cuda.stream(torch.cuda.Stream()) if device == "cuda" else contextlib.nullcontext()
 
 
@@ -265,24 +263,6 @@ def finish_within(seconds: float, fn):
     thread.join(seconds)
     assert not thread.is_alive(), f"did not finish within {seconds} s"
     return outcome["error"]
-
-
-@contextlib.contextmanager
-def alarm_after(seconds: float):
-    """Fail with TimeoutError if the block runs longer: for code that must run in the main
-    thread (only it receives signals), where finish_within cannot be used."""
-    import signal
-
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def learner_threads() -> list[threading.Thread]:

@@ -212,8 +212,9 @@ def run_system(system: str, env_id: str, config, eval_episodes: int, torch_threa
 def in_fresh_process(fn, *args):
     """``fn(*args)`` in a new Python process, so that no run inherits another's threads,
     caches or allocator state. It matters: libgomp stops its idle workers spinning once it
-    manages more threads than there are cores, so on 2 cores an async run (two torch
-    threads in its learner) took twice as long after a sync run in the same process.
+    manages more threads than there are cores, so on 2 cores an async run with the actor
+    thread (two torch threads in its learner) took twice as long after a sync run in the
+    same process.
 
     ``fn``'s exception is raised here, with the run's traceback as its cause; a process that
     dies without a result (killed, crashed) raises RuntimeError. On Ctrl-C or any error
