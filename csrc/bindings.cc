@@ -177,6 +177,7 @@ PYBIND11_MODULE(_core, m) {
              }
              return py::array_t<int64_t>(static_cast<py::ssize_t>(v.size()), v.data());
            })
+      .def("end_episodes", &ReplayBuffer::EndEpisodes, py::call_guard<py::gil_scoped_release>())
       .def("size", &ReplayBuffer::Size)
       .def_property("beta", &ReplayBuffer::Beta, &ReplayBuffer::SetBeta)
       .def("priority_total", &ReplayBuffer::PriorityTotal)

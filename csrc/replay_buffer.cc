@@ -209,6 +209,21 @@ void ReplayBuffer::Add(const AddInput& in) {
   }
 }
 
+void ReplayBuffer::EndEpisodes() {
+  std::lock_guard<std::mutex> add_lock(add_mutex_);
+  std::unique_lock<std::mutex> tree_lock(tree_mutex_, std::defer_lock);
+  if (tree_) tree_lock.lock();
+  for (int64_t e = 0; e < config_.num_envs; ++e) {
+    Stream& st = streams_[e];
+    if (!st.episode_open) continue;
+    // An open episode holds at least one transition, the last slot written.
+    const int64_t last = st.end.load(std::memory_order_relaxed) - 1;
+    flags_[Row(e, last)] |= kTruncated;
+    st.episode_open = false;
+    if (tree_) PrioritizeCompleted(e, last, true);
+  }
+}
+
 void ReplayBuffer::InvalidateBefore(int64_t env, int64_t old_floor, int64_t new_floor) {
   for (int64_t q = old_floor; q < new_floor; ++q) tree_->Set(Row(env, q), 0.0);
 }

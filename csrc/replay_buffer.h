@@ -114,6 +114,11 @@ class ReplayBuffer {
   // Fills `out`; throws std::invalid_argument if no transition is valid. `beta` is the
   // importance-weight exponent of a prioritized buffer.
   void Sample(const BatchOutput& out, double beta);
+  // Ends every open episode at its last added transition, as a truncation: as if that
+  // transition had been added with truncated set. For envs that restart without the
+  // buffer seeing their episodes end (collection interrupted, envs reset by hand). It
+  // rewrites a published flag, so no Sample may run at the same time (Add may).
+  void EndEpisodes();
   // Ignores indices whose transition was overwritten or is no longer valid.
   void UpdatePriorities(const int64_t* indices, const double* priorities, int64_t count);
 

@@ -203,6 +203,15 @@ class ReplayBuffer:
             env_ids,
         )
 
+    def end_episodes(self) -> None:
+        """Ends every open episode at its last added step, as a truncation: as if that step
+        had been added with ``truncated=True`` (its n-step windows close and bootstrap there).
+        Call it when envs restart without their episodes' ends reaching the buffer, e.g.
+        after collection was interrupted or the envs were reset by hand; the next ``add``
+        of each env then starts a new episode. Not while another thread samples.
+        """
+        self._core.end_episodes()
+
     def _check_obs(self, name: str, value, rows: int) -> np.ndarray:
         array = np.asarray(value)
         if array.dtype != self.obs_dtype:

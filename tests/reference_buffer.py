@@ -57,6 +57,13 @@ class ReferenceBuffer:
         if terminated or truncated:
             self.episode[env] = None
 
+    def end_episodes(self):
+        """Every open episode ends at its last transition, now a truncation."""
+        for env, episode in enumerate(self.episode):
+            if episode:
+                episode[-1].truncated = True
+            self.episode[env] = None
+
     def __len__(self):
         return sum(sum(s is not None for s in slots[-self.slots_per_env:]) for slots in self.slots)
 

@@ -24,8 +24,9 @@ def start_stack(rng, k, frame_shape, dtype, values):
     return frames if k > 1 else frames[0]
 
 
-def play(buf, ref, rng, steps, values=256, p_end=0.1, p_skip=0.0, mirrors=()):
-    """Adds `steps` random steps of every env to both buffers (and to `mirrors`); yields after each."""
+def play(buf, ref, rng, steps, values=256, p_end=0.1, p_skip=0.0, mirrors=(), p_restart=0.0):
+    """Adds `steps` random steps of every env to both buffers (and to `mirrors`); yields after each.
+    With probability `p_restart` after a step, every env restarts and `end_episodes` ends its episode."""
     k, shape, dtype = buf.frame_stack, buf.frame_shape, buf.obs_dtype
     obs = [start_stack(rng, k, shape, dtype, values) for _ in range(buf.num_envs)]
     for _ in range(steps):
@@ -44,6 +45,10 @@ def play(buf, ref, rng, steps, values=256, p_end=0.1, p_skip=0.0, mirrors=()):
             ref.add(e, obs[e], actions[row], rewards[row], next_obs[row], terminated[row], truncated[row])
             ended = terminated[row] or truncated[row]
             obs[e] = start_stack(rng, k, shape, dtype, values) if ended else next_obs[row]
+        if rng.random() < p_restart:
+            for target in [buf, *mirrors, ref]:
+                target.end_episodes()
+            obs = [start_stack(rng, k, shape, dtype, values) for _ in range(buf.num_envs)]
         yield
 
 
@@ -68,6 +73,7 @@ configs = st.fixed_dictionaries({
     "values": st.sampled_from([2, 256]),
     "p_end": st.sampled_from([0.02, 0.2, 0.6]),
     "p_skip": st.sampled_from([0.0, 0.3]),
+    "p_restart": st.sampled_from([0.0, 0.1]),
     "steps": st.integers(1, 120),
     "gamma": st.sampled_from([0.0, 0.5, 0.99, 1.0]),
     "seed": st.integers(0, 2**32 - 1),
@@ -92,7 +98,7 @@ def make_buffers(c):
 def test_every_transition_matches_the_reference(c):
     buf, ref = make_buffers(c)
     rng = np.random.default_rng(c["seed"])
-    for _ in play(buf, ref, rng, c["steps"], c["values"], c["p_end"], c["p_skip"]):
+    for _ in play(buf, ref, rng, c["steps"], c["values"], c["p_end"], c["p_skip"], p_restart=c["p_restart"]):
         expected = ref.valid()
         assert len(buf) == len(ref)
         assert buf.valid_indices().tolist() == sorted(expected)
@@ -105,7 +111,8 @@ def test_every_transition_matches_the_reference(c):
 @given(configs)
 def test_samples_into_preallocated_and_shared_frame_layouts(c):
     buf, ref = make_buffers(c)
-    for _ in play(buf, ref, np.random.default_rng(c["seed"]), c["steps"], c["values"], c["p_end"], c["p_skip"]):
+    for _ in play(buf, ref, np.random.default_rng(c["seed"]), c["steps"], c["values"], c["p_end"], c["p_skip"],
+                  p_restart=c["p_restart"]):
         pass
     expected = ref.valid()
     if not expected:
