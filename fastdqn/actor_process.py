@@ -167,9 +167,7 @@ class ActorProcess:
             self._send.close()
             self._wall = time.perf_counter() - self._started
             torch.set_num_threads(self._previous_threads)
-            agent = self.agent
-            agent.env.close()  # as the synchronous engine leaves it after a cut
-            agent.env = agent._make_train_env(agent.env_steps)
+            self.agent._restart_env(self.agent.env_steps)  # as the synchronous engine leaves it after a cut
 
     # ------------------------------------------------------------------ the learner's side
     def steps(self):

@@ -264,6 +264,13 @@ class DQN:
                     self.pipeline_report = actor.report()
             else:
                 self._loop(total, logger)
+        except BaseException:
+            # Ctrl-C or an error: the agent stays usable, as after a cut at its last stored
+            # step, and the next learn() goes on from there.
+            self.buffer.end_episodes()
+            if self.pipeline == "sync":  # the async pipelines leave this agent's env unstepped
+                self._restart_env(self.env_steps)
+            raise
         finally:
             self.wall_time = logger.wall_time()
             logger.close()
@@ -283,6 +290,7 @@ class DQN:
         for obs, actions, result, epsilon, cut in (self._acted_steps(total) if steps is None else steps):
             step += len(actions)
             self._store(obs, actions, result, cut)
+            self.env_steps = step  # the steps stored, for an interrupted learn() to go on from
             if len(result.episode_returns):
                 returns_since_log.extend(result.episode_returns.tolist())
                 lengths_since_log.extend(result.episode_lengths.tolist())
@@ -298,10 +306,9 @@ class DQN:
                 next_eval = next_boundary(step, c.eval_interval)
                 self._evaluate_and_log(logger, step)
             if cut:
-                self.env_steps, self.wall_time = step, logger.wall_time()
+                self.wall_time = logger.wall_time()
                 logger.flush()
                 self.save_checkpoint()
-        self.env_steps = step
         if self._final_evaluation_due(step, logger):
             self._evaluate_and_log(logger, step)
 
@@ -326,10 +333,15 @@ class DQN:
             obs = result.obs
             if cut:
                 next_ckpt = next_boundary(step, c.checkpoint_interval)
-                self.env.close()
-                self.env = self._make_train_env(step)
+                self._restart_env(step)
                 obs = self.env.reset()
         self._obs = obs
+
+    def _restart_env(self, step: int) -> None:
+        """New training envs, seeded from ``step``, as at a cut; the next learn() resets them."""
+        self.env.close()
+        self.env = self._make_train_env(step)
+        self._obs = None
 
     def _log(self, logger, step, epsilon, returns, lengths) -> None:
         self.episodes += len(returns)

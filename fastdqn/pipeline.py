@@ -440,6 +440,7 @@ class AsyncPipeline:
                                          env_ids=rows)
                         t = watch.lap("store", t)
                     limiter.inserted(counted)
+                    agent.env_steps = step  # the steps stored, for an interrupted learn() to go on from
                     last_obs[ids] = result.obs
                     started[ids] = True
                     if len(result.episode_returns):
@@ -485,11 +486,10 @@ class AsyncPipeline:
                     agent._evaluate_and_log(logger, step)
                 if step >= next_ckpt or step >= total:
                     next_ckpt = next_boundary(step, c.checkpoint_interval)
-                    agent.env_steps, agent.wall_time = step, logger.wall_time()
+                    agent.wall_time = logger.wall_time()
                     logger.flush()
                     agent.save_checkpoint()
             watch.lap("checkpoint", t)
-        agent.env_steps = step
         if agent._final_evaluation_due(step, logger):
             with self._paused(catch_up=True):
                 agent._evaluate_and_log(logger, step)

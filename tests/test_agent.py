@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from faults import failing_on_call
 
 from fastdqn.agent import DQN, linear_schedule
 from fastdqn.config import DQNConfig, preset_for_env
@@ -125,6 +126,75 @@ def test_learn_without_a_total_goes_on_to_the_configs_after_a_finished_call(tmp_
     assert dqn.env_steps == 200 and dqn.scheduled_total_steps == 400
     dqn.learn()
     assert dqn.env_steps == 400
+
+
+def learned_state(dqn: DQN) -> dict:
+    """What a run learned and stored: networks, optimizer, counters, RNGs, the buffer's samples."""
+    buf = dqn.buffer
+    indices = buf.valid_indices()
+    return {"q": [p.detach().clone() for p in dqn.learner.q_network.parameters()],
+            "target": [p.detach().clone() for p in dqn.learner.target_network.parameters()],
+            "optimizer": dqn.learner.optimizer.state_dict(), "updates": dqn.learner.num_updates,
+            "steps": dqn.env_steps, "np_rng": dqn.np_rng.bit_generator.state,
+            "act_rng": dqn.learner.act_rng.bit_generator.state, "held": len(buf), "indices": indices,
+            "transitions": buf.get(indices).arrays()}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    for key in a:
+        if key == "optimizer":
+            for name, value in a[key]["state"].items():
+                for field, tensor in value.items():
+                    assert torch.equal(tensor, b[key]["state"][name][field]), (name, field)
+        elif key in ("q", "target"):
+            assert all(torch.equal(x, y) for x, y in zip(a[key], b[key])), key
+        elif key == "transitions":
+            for field, column in a[key].items():
+                np.testing.assert_array_equal(column, b[key][field], err_msg=field)
+        elif key == "indices":
+            np.testing.assert_array_equal(a[key], b[key])
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, RuntimeError])
+def test_an_interrupted_learn_goes_on_as_from_a_cut_at_its_last_stored_step(tmp_path, interruption):
+    """Ctrl-C or an error in learn(): learn() again goes on, and the run equals one whose
+    checkpoint cut falls on the last step stored before the interruption (n-step windows
+    close there as at a truncation; the envs restart from that step's seed)."""
+    config = tiny(eval_episodes=0, n_step=2, checkpoint_interval=10**6)
+    interrupted = agent(tmp_path / "interrupted", config=config)
+    # The 300th action, for step 662 to 664 (from learning_starts 64, two envs): 662 are stored.
+    interrupted.learner.act = failing_on_call(interrupted.learner.act, 300, interruption("stop"))
+    with pytest.raises(interruption, match="stop"):
+        interrupted.learn(1_000)
+    assert interrupted.env_steps == 662
+    del interrupted.learner.act
+    interrupted.learn()  # to the interrupted call's total
+    cut = agent(tmp_path / "cut", config=tiny(eval_episodes=0, n_step=2, checkpoint_interval=662))
+    cut.learn(1_000)
+    assert interrupted.env_steps == cut.env_steps == 1_000
+    assert_same_state(learned_state(interrupted), learned_state(cut))
+
+
+@pytest.mark.parametrize("pipeline,actor", [("sync", "auto"), ("async", "thread"), ("async", "process")])
+def test_learn_goes_on_after_an_error_in_an_update_in_every_pipeline(tmp_path, pipeline, actor):
+    """An update fails mid-round: nothing stored is lost, and learn() again runs to the total
+    with the updates due (those the failure skipped included)."""
+    dqn = agent(tmp_path, config=tiny(eval_episodes=0, n_step=2, pipeline=pipeline, actor=actor))
+    dqn.learner.update = failing_on_call(dqn.learner.update, 50, RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        dqn.learn(1_000)
+    stopped, held = dqn.env_steps, len(dqn.buffer)
+    stored = dqn.buffer.get(dqn.buffer.valid_indices())
+    assert 0 < stopped < 1_000 and held > 0
+    del dqn.learner.update
+    dqn.learn()
+    assert dqn.env_steps >= 1_000 and dqn.learner.num_updates == dqn.updates_due(dqn.env_steps)
+    assert len(dqn.buffer) > held  # the buffer (2,000 slots) has not wrapped: nothing was overwritten
+    kept = dqn.buffer.get(stored.indices)
+    for field, column in stored.arrays().items():
+        np.testing.assert_array_equal(column, kept.arrays()[field], err_msg=field)
 
 
 def test_prioritized_replay_anneals_beta_to_one(tmp_path):
