@@ -95,9 +95,10 @@ def policy_lag_steps(config) -> int:
     return math.ceil(config.train_frequency / config.num_envs) * config.num_envs
 
 
-def learner_threads(config) -> int:
-    """Torch threads for the learner: the actor process keeps one core for itself."""
-    return max(1, min(config.effective_torch_threads or torch.get_num_threads(), usable_cores() - 1))
+def learner_threads() -> int:
+    """Torch threads for the learner: the caller's (learn() set the config's torch_threads),
+    less the core that the actor process keeps for itself."""
+    return max(1, min(torch.get_num_threads(), usable_cores() - 1))
 
 
 class ActorProcess:
@@ -128,6 +129,7 @@ class ActorProcess:
         self._process = context.Process(target=self._actor_main, name="fastdqn-actor", daemon=True)
         self._parent_pid = os.getpid()
         self._start_steps, self._start_updates = agent.env_steps, agent.learner.num_updates
+        self._learner_threads = learner_threads()
         self._learner_watch = Stopwatch()
         self._actor_seconds: dict[str, float] = {}  # the actor's Stopwatch, as of its last cut
         self._wall = 0.0
@@ -138,7 +140,7 @@ class ActorProcess:
         self._previous_threads = torch.get_num_threads()
         self._started = time.perf_counter()
         try:
-            torch.set_num_threads(learner_threads(agent.config))
+            torch.set_num_threads(self._learner_threads)
             # Ctrl-C is the learner's to handle: blocked (in this thread) until the child ignores it.
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
@@ -315,7 +317,7 @@ class ActorProcess:
             "steps_per_s": round(steps / wall, 1), "updates_per_s": round(updates / wall, 1),
             "replay_ratio": round(updates / steps, 4) if steps else 0.0,
             "replay_ratio_target": agent.config.replay_ratio, "policy_lag_steps": self.policy_lag,
-            "num_envs": agent.config.num_envs, "learner_torch_threads": learner_threads(agent.config),
+            "num_envs": agent.config.num_envs, "learner_torch_threads": self._learner_threads,
             "time_s": {"actor": self._actor_seconds,
                        "learner": self._learner_watch.rounded()},
         }

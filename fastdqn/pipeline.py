@@ -333,8 +333,9 @@ class AsyncPipeline:
         self._total = total
         if self._cuda:  # the actor's and learner's streams start after all work queued so far
             torch.cuda.synchronize(learner.device)
-        # OpenMP's thread count is per thread: the learner thread takes the caller's setting.
-        self._torch_threads = c.effective_torch_threads or torch.get_num_threads()
+        # OpenMP's thread count is per thread: the learner thread takes the caller's setting
+        # (learn() set the config's torch_threads).
+        self._torch_threads = torch.get_num_threads()
         thread = threading.Thread(target=self._learner_thread, name="fastdqn-learner", daemon=True)
         start = time.perf_counter()
         error: BaseException | None = None

@@ -227,6 +227,22 @@ def test_the_report_holds_the_sync_schedule_and_where_the_time_went(tmp_path):
     assert torch.get_num_threads() == threads  # the learner's thread count is put back
 
 
+@pytest.mark.parametrize("torch_threads,cores,learner", [(8, 3, 2), (2, 2, 1), (1, 4, 1)])
+def test_the_learner_leaves_the_actor_a_core(tmp_path, monkeypatch, torch_threads_restored, torch_threads, cores,
+                                             learner):
+    from fastdqn import config
+
+    monkeypatch.setattr(config, "usable_cores", lambda: cores)
+    monkeypatch.setattr(actor_process, "usable_cores", lambda: cores)
+    agent = make_agent(tmp_path, small_config(torch_threads=torch_threads, total_steps=400))
+    seen = set()
+    update = agent.learner.update
+    agent.learner.update = lambda batch: (seen.add(torch.get_num_threads()), update(batch))
+    agent.learn()
+    assert seen == {learner} and agent.pipeline_report["learner_torch_threads"] == learner
+    assert torch.get_num_threads() == min(torch_threads, cores)  # the caller's setting, put back
+
+
 @pytest.mark.slow
 def test_async_pipeline_solves_cartpole_like_sync(tmp_path):
     """The sync engine's bar (test_agent), with the same default preset, on the CPU's async pipeline."""

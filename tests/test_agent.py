@@ -297,13 +297,6 @@ def test_config_validation_and_overrides():
     assert set(DQNConfig.field_docs()) == set(config.to_dict())
 
 
-@pytest.fixture
-def torch_threads_restored():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_torch_threads_are_capped_at_the_cores_the_process_may_use(monkeypatch, torch_threads_restored):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
