@@ -169,7 +169,7 @@ class ActorProcess:
             self._send.close()
             self._wall = time.perf_counter() - self._started
             torch.set_num_threads(self._previous_threads)
-            self.agent._restart_env(self.agent.env_steps)  # as the synchronous engine leaves it after a cut
+            self.agent.env.close()  # the sync engine restarts it from the last step, as after a cut
 
     # ------------------------------------------------------------------ the learner's side
     def steps(self):

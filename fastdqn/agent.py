@@ -266,10 +266,9 @@ class DQN:
                 self._loop(total, logger)
         except BaseException:
             # Ctrl-C or an error: the agent stays usable, as after a cut at its last stored
-            # step, and the next learn() goes on from there.
+            # step, and the next learn() goes on from there with new envs (see _acted_steps).
             self.buffer.end_episodes()
-            if self.pipeline == "sync":  # the async pipelines leave this agent's env unstepped
-                self._restart_env(self.env_steps)
+            self.env.close()
             raise
         finally:
             self.wall_time = logger.wall_time()
@@ -317,8 +316,11 @@ class DQN:
         StepResult, epsilon, cut) per vector step. A cut (a checkpoint's step or the end) is
         stored as a truncation; the envs then restart from a seed derived from the step."""
         c, learner = self.config, self.learner
-        obs = self.env.reset() if self._obs is None else self._obs
         step = self.env_steps
+        if self.env.closed:  # by an async or interrupted learn(), or a resume: restart as at a cut
+            self.env = self._make_train_env(step)
+            self._obs = None
+        obs = self.env.reset() if self._obs is None else self._obs
         next_ckpt = next_boundary(step, c.checkpoint_interval)
         while step < total:
             epsilon = self.epsilon(step, total)
@@ -333,15 +335,10 @@ class DQN:
             obs = result.obs
             if cut:
                 next_ckpt = next_boundary(step, c.checkpoint_interval)
-                self._restart_env(step)
+                self.env.close()
+                self.env = self._make_train_env(step)
                 obs = self.env.reset()
         self._obs = obs
-
-    def _restart_env(self, step: int) -> None:
-        """New training envs, seeded from ``step``, as at a cut; the next learn() resets them."""
-        self.env.close()
-        self.env = self._make_train_env(step)
-        self._obs = None
 
     def _log(self, logger, step, epsilon, returns, lengths) -> None:
         self.episodes += len(returns)
@@ -511,8 +508,7 @@ class DQN:
         if "rng" in state:
             ckpt.restore_rng(state["rng"], self.np_rng)
         if self.env_steps > 0:
-            self.env.close()
-            self.env = self._make_train_env(self.env_steps)
+            self.env.close()  # learn() restarts it from this step, as at the checkpoint's cut
         if load_buffer and "rng" in state and not state.get("buffer_path"):
             warnings.warn("this checkpoint holds no replay buffer (save_buffer=False): learning continues from an "
                           "empty buffer, not exactly as the run would have", stacklevel=3)

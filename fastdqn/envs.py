@@ -249,6 +249,10 @@ class VecEnv:
             self._closed = True
             self._close()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def __enter__(self) -> VecEnv:
         return self
 
