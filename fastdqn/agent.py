@@ -228,7 +228,10 @@ class DQN:
     def learn(self, total_steps: int | None = None) -> "DQN":
         """Train until ``total_steps`` environment steps (summed over envs) have been taken
         in this agent's life; returns self. Schedules (epsilon, PER beta) span total_steps.
-        The default is ``scheduled_total_steps``: an interrupted run goes on to its own total."""
+        The default is ``scheduled_total_steps``: an interrupted run goes on to its own total.
+        Stopped early (Ctrl-C, an error), it leaves the agent as a cut after its last stored
+        step would: ``env_steps`` counts the stored steps, the buffer's episodes end there as
+        truncations, and the next call restarts the envs and goes on."""
         c = self.config
         total = self.scheduled_total_steps if total_steps is None else total_steps
         if isinstance(total, bool) or not isinstance(total, int) or total < 1:
@@ -264,9 +267,7 @@ class DQN:
                     self.pipeline_report = actor.report()
             else:
                 self._loop(total, logger)
-        except BaseException:
-            # Ctrl-C or an error: the agent stays usable, as after a cut at its last stored
-            # step, and the next learn() goes on from there with new envs (see _acted_steps).
+        except BaseException:  # the next learn() makes new envs (see _acted_steps)
             self.buffer.end_episodes()
             self.env.close()
             raise
