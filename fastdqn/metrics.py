@@ -82,6 +82,27 @@ def _number(text: str):
         return text
 
 
+class ProgressPostfix:
+    """The progress bar's text after each metrics row (tqdm itself shows steps/s and the ETA).
+
+    A dash until there is a value: before the first episode ends, before the first update.
+    A row with no update since the one before (its loss is NaN in metrics.csv) keeps the
+    last loss shown, so that a NaN on the bar always means a diverged loss."""
+
+    def __init__(self) -> None:
+        self._loss = "-"
+        self._updates = None  # the previous row's update count
+
+    def __call__(self, row: dict) -> str:
+        loss, updates = row.get("loss", math.nan), row.get("updates")
+        if not math.isnan(loss) or (self._updates is not None and updates != self._updates):
+            self._loss = f"{loss:.3g}"
+        self._updates = updates
+        recent = row.get("episode_return_100", math.nan)
+        recent = "-" if math.isnan(recent) else f"{recent:.1f}"
+        return f"return {recent}, eps {row.get('epsilon', math.nan):.2f}, loss {self._loss}"
+
+
 class RunLogger:
     """Writes one run's files. Rows past ``resume_step`` (written after the checkpoint a
     resumed run restarts from) are dropped, so the CSVs read as one uninterrupted run."""
@@ -105,6 +126,7 @@ class RunLogger:
 
             self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step if resume else None)
         self._bar = None
+        self._postfix = ProgressPostfix()
         if progress:
             from tqdm import tqdm
 
@@ -140,10 +162,7 @@ class RunLogger:
         self._scalars("train", step, row)
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
-            recent = row.get("episode_return_100", math.nan)
-            # tqdm itself shows steps/s and the ETA.
-            self._bar.set_postfix_str(f"return {recent:.1f}, eps {row.get('epsilon', math.nan):.2f}, "
-                                      f"loss {row.get('loss', math.nan):.3g}", refresh=False)
+            self._bar.set_postfix_str(self._postfix(row), refresh=False)
 
     def log_eval(self, step: int, returns: list[float], protocol: str) -> dict:
         n = len(returns)

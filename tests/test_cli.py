@@ -1,6 +1,7 @@
 """The fastdqn command line: train, eval --json, plot, bench dispatch, and bad arguments."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -31,6 +32,42 @@ def test_train_writes_a_run_directory(run_dir):
     assert [r["step"] for r in read_csv(run_dir / "metrics.csv")] == [200.0, 400.0, 600.0]
     assert len(read_csv(run_dir / "eval.csv")) == 1
     assert (run_dir / "checkpoints" / "step-000000000600.pt").is_file()
+
+
+def test_the_progress_bar_shows_dashes_then_the_newest_loss_and_nan_only_when_it_is_one():
+    from fastdqn.metrics import ProgressPostfix
+
+    nan, postfix = math.nan, ProgressPostfix()
+    row = lambda updates, loss, recent=12.5: dict(updates=updates, loss=loss, episode_return_100=recent,  # noqa: E731
+                                                  epsilon=0.5)
+    assert postfix(row(0, nan, nan)) == "return -, eps 0.50, loss -"  # nothing yet
+    assert postfix(row(0, nan)) == "return 12.5, eps 0.50, loss -"
+    assert postfix(row(32, 0.25)) == "return 12.5, eps 0.50, loss 0.25"
+    assert postfix(row(32, nan)) == "return 12.5, eps 0.50, loss 0.25"  # no update since: the last loss
+    assert postfix(row(64, nan)) == "return 12.5, eps 0.50, loss nan"  # updates made, and a NaN loss
+    resumed = ProgressPostfix()
+    assert resumed(row(64, nan)) == "return 12.5, eps 0.50, loss -"  # no update since the resume
+
+
+def test_the_train_progress_bar_never_shows_nan_in_a_healthy_run(tmp_path, monkeypatch):
+    """With rows more often than rounds of updates (NaN losses in metrics.csv between them)."""
+    from fastdqn import metrics
+
+    shown = []
+
+    class Recorded(metrics.ProgressPostfix):
+        def __call__(self, row):
+            shown.append(super().__call__(row))
+            return shown[-1]
+
+    monkeypatch.setattr(metrics, "ProgressPostfix", Recorded)
+    argv = [a for a in QUICK if a != "--no-progress"]
+    assert main(["train", "--run-dir", str(tmp_path / "run"), *argv, "--set", "num_envs=1",
+                 "--set", "log_interval=5", "--set", "eval_episodes=0"]) == 0
+    losses = [row["loss"] for row in read_csv(tmp_path / "run" / "metrics.csv")]
+    assert len(shown) == len(losses) == 120 and np.isnan(losses).any() and not np.isnan(losses).all()
+    assert shown[0].startswith("return -,") and shown[0].endswith("loss -")
+    assert not any("nan" in text for text in shown), shown
 
 
 def test_eval_json_prints_exactly_one_object(run_dir, capsys):
