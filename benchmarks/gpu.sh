@@ -79,7 +79,7 @@ PONG_DIR=$(mktemp -d)/pong
 left=$(( BUDGET_S - $(elapsed) - 90 ))
 if [ "$left" -gt 60 ]; then
   step pong_train "$left" $PY -m fastdqn.cli train --env Pong-v5 --total-steps "$PONG_STEPS" --num-envs 16 \
-    --pipeline async --run-dir "$PONG_DIR" --no-progress --no-tensorboard --set checkpoint_interval=250000 \
+    --pipeline async --run-dir "$PONG_DIR" --no-tensorboard --set checkpoint_interval=250000 \
     --set eval_episodes=0 --set log_interval=50000 --set save_buffer=false
   step pong_eval 90 $PY -m fastdqn.cli eval "$PONG_DIR" --episodes 10 --json
   cp "$PONG_DIR/metrics.csv" "$OUT_DIR/pong-metrics-$SLUG.csv" 2>/dev/null

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", default=None, metavar="RUN_DIR",
                        help="continue this run from its newest checkpoint (only --total-steps and --device "
                             "may be changed)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (nor progress lines off a terminal)")
     train.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard events")
 
     ev = sub.add_parser("eval", help="evaluate a trained agent")

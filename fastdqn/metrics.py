@@ -1,4 +1,4 @@
-"""Run directories: config.json, metrics.csv, eval.csv, TensorBoard events, a progress bar.
+"""Run directories: config.json, metrics.csv, eval.csv, TensorBoard events; progress on screen.
 
 A run directory is everything a person needs to see what a run did::
 
@@ -19,6 +19,8 @@ import os
 import tempfile
 import time
 from pathlib import Path
+
+from fastdqn.progress import ProgressPostfix, make_progress
 
 METRIC_COLUMNS = ["step", "wall_time", "steps_per_s", "updates", "episodes", "episode_return",
                   "episode_return_100", "episode_length", "loss", "q_mean", "epsilon"]
@@ -82,27 +84,6 @@ def _number(text: str):
         return text
 
 
-class ProgressPostfix:
-    """The progress bar's text after each metrics row (tqdm itself shows steps/s and the ETA).
-
-    A dash until there is a value: before the first episode ends, before the first update.
-    A row with no update since the one before (its loss is NaN in metrics.csv) keeps the
-    last loss shown, so that a NaN on the bar always means a diverged loss."""
-
-    def __init__(self) -> None:
-        self._loss = "-"
-        self._updates = None  # the previous row's update count
-
-    def __call__(self, row: dict) -> str:
-        loss, updates = row.get("loss", math.nan), row.get("updates")
-        if not math.isnan(loss) or (self._updates is not None and updates != self._updates):
-            self._loss = f"{loss:.3g}"
-        self._updates = updates
-        recent = row.get("episode_return_100", math.nan)
-        recent = "-" if math.isnan(recent) else f"{recent:.1f}"
-        return f"return {recent}, eps {row.get('epsilon', math.nan):.2f}, loss {self._loss}"
-
-
 class RunLogger:
     """Writes one run's files. Rows past ``resume_step`` (written after the checkpoint a
     resumed run restarts from) are dropped, so the CSVs read as one uninterrupted run."""
@@ -125,13 +106,9 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step if resume else None)
-        self._bar = None
+        self._progress = make_progress(total_steps, start_step, config_record.get("env_id", "train")) \
+            if progress else None
         self._postfix = ProgressPostfix()
-        if progress:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", unit_scale=True,
-                             dynamic_ncols=True, desc=config_record.get("env_id", "train"))
 
     def _open_csv(self, name: str, columns: list[str], resume: bool, start_step: int):
         """The CSV open for appending, and the rows kept from before a resume."""
@@ -160,9 +137,8 @@ class RunLogger:
         self._last_step, self._last_time = step, now
         self._write(self._metrics, row)
         self._scalars("train", step, row)
-        if self._bar is not None:
-            self._bar.update(step - self._bar.n)
-            self._bar.set_postfix_str(self._postfix(row), refresh=False)
+        if self._progress is not None:
+            self._progress.show(step, self._postfix(row))
 
     def log_eval(self, step: int, returns: list[float], protocol: str) -> dict:
         n = len(returns)
@@ -173,13 +149,13 @@ class RunLogger:
         self._write(self._eval, row)
         self.last_eval_step = step
         self._scalars("eval", step, {"mean_return": mean, "std_return": std})
-        if self._bar is not None:
-            self._bar.write(f"eval @ {step}: mean return {mean:.1f} +- {std:.1f} over {n} episodes ({protocol})")
+        if self._progress is not None:
+            self._progress.write(f"eval @ {step}: mean return {mean:.1f} +- {std:.1f} over {n} episodes ({protocol})")
         return row
 
     def message(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.write(text)
+        if self._progress is not None:
+            self._progress.write(text)
 
     def _write(self, handle, row: dict) -> None:
         f, writer = handle
@@ -207,8 +183,8 @@ class RunLogger:
             f.close()
         if self._tb is not None:
             self._tb.close()
-        if self._bar is not None:
-            self._bar.close()
+        if self._progress is not None:
+            self._progress.close()
 
 
 def _cell(value):

@@ -1,5 +1,6 @@
 """The fastdqn command line: train, eval --json, plot, bench dispatch, and bad arguments."""
 
+import io
 import json
 import math
 import subprocess
@@ -35,7 +36,7 @@ def test_train_writes_a_run_directory(run_dir):
 
 
 def test_the_progress_bar_shows_dashes_then_the_newest_loss_and_nan_only_when_it_is_one():
-    from fastdqn.metrics import ProgressPostfix
+    from fastdqn.progress import ProgressPostfix
 
     nan, postfix = math.nan, ProgressPostfix()
     row = lambda updates, loss, recent=12.5: dict(updates=updates, loss=loss, episode_return_100=recent,  # noqa: E731
@@ -68,6 +69,33 @@ def test_the_train_progress_bar_never_shows_nan_in_a_healthy_run(tmp_path, monke
     assert len(shown) == len(losses) == 120 and np.isnan(losses).any() and not np.isnan(losses).all()
     assert shown[0].startswith("return -,") and shown[0].endswith("loss -")
     assert not any("nan" in text for text in shown), shown
+
+
+def test_progress_lines_come_every_interval_and_at_the_end_with_the_recent_rate():
+    from fastdqn.progress import ProgressLines
+
+    now, out = [100.0], io.StringIO()
+    lines = ProgressLines(10_000, 2_000, "Pong-v5", interval_s=10.0, file=out, clock=lambda: now[0])
+    for step, t in [(3_000, 104.0), (4_000, 110.0), (5_000, 115.0), (6_000, 120.0), (10_000, 121.0)]:
+        now[0] = t
+        lines.show(step, "return -, eps 0.50, loss -")
+    lines.write("eval @ 10000: mean return 3.0")
+    assert out.getvalue().splitlines() == [
+        # 2,000 steps in the 10 s since the start; 6,000 to go at 200 steps/s.
+        "Pong-v5: 4,000/10,000 steps (40%), 200 steps/s, ETA 0:00:30, return -, eps 0.50, loss -",
+        "Pong-v5: 6,000/10,000 steps (60%), 200 steps/s, ETA 0:00:20, return -, eps 0.50, loss -",
+        "Pong-v5: 10,000/10,000 steps (100%), 4,000 steps/s, ETA 0:00:00, return -, eps 0.50, loss -",  # the end
+        "eval @ 10000: mean return 3.0"]
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_terminal_gets_the_bar_and_anything_else_lines(monkeypatch, terminal):
+    from fastdqn.progress import ProgressBar, ProgressLines, make_progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    progress = make_progress(100, 0, "CartPole-v1")
+    progress.close()
+    assert type(progress) is (ProgressBar if terminal else ProgressLines)
 
 
 def test_eval_json_prints_exactly_one_object(run_dir, capsys):

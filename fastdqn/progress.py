@@ -1,0 +1,93 @@
+"""What a training run shows while it runs: a tqdm bar on a terminal, plain periodic lines
+elsewhere (a log file, a batch job, CI), where the bar's redraws would pile up."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Callable, TextIO
+
+LINE_INTERVAL_S = 10.0
+"""Seconds between two progress lines when stderr is not a terminal."""
+
+
+class ProgressPostfix:
+    """The text after the steps, ETA and rate, from each metrics row.
+
+    A dash until there is a value: before the first episode ends, before the first update.
+    A row with no update since the one before (its loss is NaN in metrics.csv) keeps the
+    last loss shown, so that a NaN on screen always means a diverged loss."""
+
+    def __init__(self) -> None:
+        self._loss = "-"
+        self._updates = None  # the previous row's update count
+
+    def __call__(self, row: dict) -> str:
+        loss, updates = row.get("loss", math.nan), row.get("updates")
+        if not math.isnan(loss) or (self._updates is not None and updates != self._updates):
+            self._loss = f"{loss:.3g}"
+        self._updates = updates
+        recent = row.get("episode_return_100", math.nan)
+        recent = "-" if math.isnan(recent) else f"{recent:.1f}"
+        return f"return {recent}, eps {row.get('epsilon', math.nan):.2f}, loss {self._loss}"
+
+
+class ProgressBar:
+    """tqdm's bar: steps, rate and ETA, then the postfix."""
+
+    def __init__(self, total_steps: int, start_step: int, name: str) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm(total=total_steps, initial=start_step, unit="step", unit_scale=True, dynamic_ncols=True,
+                          desc=name)
+
+    def show(self, step: int, text: str) -> None:
+        self._tqdm.update(step - self._tqdm.n)
+        self._tqdm.set_postfix_str(text, refresh=False)
+
+    def write(self, text: str) -> None:
+        self._tqdm.write(text)
+
+    def close(self) -> None:
+        self._tqdm.close()
+
+
+class ProgressLines:
+    """One line every ``interval_s`` seconds and one at the end, e.g.
+    ``Pong-v5: 1,200,000/10,000,000 steps (12%), 8,123 steps/s, ETA 0:18:03, return -3.2, ...``
+    (the rate since the previous line)."""
+
+    def __init__(self, total_steps: int, start_step: int, name: str, *, interval_s: float = LINE_INTERVAL_S,
+                 file: TextIO | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.total_steps, self.name, self.interval_s = total_steps, name, interval_s
+        self._file = file if file is not None else sys.stderr
+        self._clock = clock
+        self._last_step, self._last_time = start_step, clock()
+
+    def show(self, step: int, text: str) -> None:
+        now = self._clock()
+        if now - self._last_time < self.interval_s and step < self.total_steps:
+            return
+        rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+        eta = _clock_time((self.total_steps - step) / rate) if rate > 0 and step < self.total_steps else "0:00:00"
+        self._last_step, self._last_time = step, now
+        self.write(f"{self.name}: {step:,}/{self.total_steps:,} steps ({100 * step / self.total_steps:.0f}%), "
+                   f"{rate:,.0f} steps/s, ETA {eta}, {text}")
+
+    def write(self, text: str) -> None:
+        print(text, file=self._file, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def make_progress(total_steps: int, start_step: int, name: str) -> ProgressBar | ProgressLines:
+    """A bar on a terminal, lines anywhere else."""
+    kind = ProgressBar if sys.stderr.isatty() else ProgressLines
+    return kind(total_steps, start_step, name)
+
+
+def _clock_time(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
