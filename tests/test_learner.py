@@ -573,6 +573,30 @@ def test_learner_trains_the_nature_cnn_on_uint8_frames():
     assert learner.act(batch["obs"][:2], 0.0).shape == (2,)
 
 
+@pytest.mark.parametrize("interval,tau", [(3, 1.0), (1, 0.05), (4, 0.5)])
+def test_the_graph_safe_target_update_equals_the_eager_one_on_cpu(interval, tau):
+    """The branch-free target update that a CUDA graph holds (a lerp of weight tau or 0 every
+    update, counted on the device), run eagerly on CPU against the eager rule (the host counts)."""
+    torch.manual_seed(0)
+    net = build_q_network((4,), 2, hidden_sizes=(16,))
+    learners = [Learner(copy.deepcopy(net), obs_shape=(4,), obs_dtype=np.float32, batch_size=8, num_envs=2,
+                        device="cpu", target_update_interval=interval, tau=tau, lr=1e-2) for _ in range(2)]
+    learners[1].cuda_graph = True  # the graph's code path, not captured: nothing is on CPU
+    rng = np.random.default_rng(3)
+    for update in range(10):
+        batch = {"obs": rng.normal(size=(8, 4)).astype(np.float32), "actions": rng.integers(0, 2, 8),
+                 "rewards": rng.normal(size=8).astype(np.float32), "next_obs": rng.normal(size=(8, 4)).astype(np.float32),
+                 "discounts": np.full(8, 0.9, np.float32)}
+        before = params(learners[0].target_network)
+        for learner in learners:
+            learner.update(batch)
+        eager, graph_safe = (params(learner.target_network) for learner in learners)
+        for a, b in zip(eager, graph_safe):
+            assert torch.equal(a, b), update
+        moved = any(not torch.equal(a, b) for a, b in zip(before, eager))
+        assert moved == ((update + 1) % interval == 0), update  # the eager rule updates when due, only then
+
+
 # ---------------------------------------------------------------------------------------- CUDA
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
