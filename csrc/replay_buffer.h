@@ -36,7 +36,13 @@
 // meanwhile, q < begin - slots_per_env_ + k, is discarded and drawn again, so no torn
 // frame is ever returned (a seqlock, per sample). The sum tree of a prioritized buffer
 // is the only shared mutable structure on the sampling side; a mutex guards it for the
-// index draws and leaf updates, never for copying frames.
+// index draws and leaf updates, never for copying frames. EndEpisodes() is the one write
+// to a published slot: it adds the truncated bit to an episode's last flag byte. A
+// sampler that reads the byte before sees that transition's n-step windows incomplete (not
+// valid); after, ended there; a window that was complete already gives the same sample
+// either way (a truncation bootstraps as a step that goes on does). A prioritized buffer
+// sets the bit and the windows' priorities under the tree lock, so no draw can pick a
+// window before its bit is visible.
 #pragma once
 
 #include <atomic>
@@ -116,8 +122,8 @@ class ReplayBuffer {
   void Sample(const BatchOutput& out, double beta);
   // Ends every open episode at its last added transition, as a truncation: as if that
   // transition had been added with truncated set. For envs that restart without the
-  // buffer seeing their episodes end (collection interrupted, envs reset by hand). It
-  // rewrites a published flag, so no Sample may run at the same time (Add may).
+  // buffer seeing their episodes end (collection interrupted, envs reset by hand). An
+  // adder, under `add_mutex_`; samplers may run meanwhile (see Concurrency above).
   void EndEpisodes();
   // Ignores indices whose transition was overwritten or is no longer valid.
   void UpdatePriorities(const int64_t* indices, const double* priorities, int64_t count);

@@ -208,7 +208,7 @@ class ReplayBuffer:
         had been added with ``truncated=True`` (its n-step windows close and bootstrap there).
         Call it when envs restart without their episodes' ends reaching the buffer, e.g.
         after collection was interrupted or the envs were reset by hand; the next ``add``
-        of each env then starts a new episode. Not while another thread samples.
+        of each env then starts a new episode. Other threads may sample meanwhile.
         """
         self._core.end_episodes()
 

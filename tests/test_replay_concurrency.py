@@ -1,4 +1,4 @@
-"""One thread adds while others sample: no torn frame, no stack across episodes."""
+"""One thread adds (and ends episodes) while others sample: no torn frame, no stack across episodes."""
 
 import threading
 import time
@@ -8,7 +8,7 @@ import pytest
 
 from fastdqn import PrioritizedReplayBuffer, ReplayBuffer
 
-K, FRAME_BYTES, NUM_ENVS = 4, 4096, 2
+K, FRAME_BYTES, NUM_ENVS, N_STEP, GAMMA = 4, 4096, 2, 3, 0.5
 
 
 def frame(ids):
@@ -26,13 +26,23 @@ def check_frames(frames):
     return ids
 
 
-def check_batch(batch):
-    obs, nxt = check_frames(batch.obs), check_frames(batch.next_obs)
-    steps = np.diff(obs, axis=1)
+def check_stacks(ids):
+    steps = np.diff(ids, axis=1)
     assert np.isin(steps, [0, 1]).all(), "a stack skips frames or crosses an episode"
     assert (np.diff(steps, axis=1) >= 0).all(), "padding after the episode's first frame"
-    np.testing.assert_array_equal(nxt[:, :-1], obs[:, 1:])
-    np.testing.assert_array_equal(nxt[:, -1], obs[:, -1] + 1)
+
+
+def check_batch(batch):
+    obs, nxt = check_frames(batch.obs), check_frames(batch.next_obs)
+    check_stacks(obs)
+    check_stacks(nxt)
+    # Every reward is 1: an m-step return is 2 - 2**(1 - m) with gamma 0.5.
+    steps = 1 - np.log2(2 - batch.rewards.astype(np.float64))
+    m = np.round(steps).astype(np.int64)
+    np.testing.assert_allclose(steps, m, atol=1e-6)
+    assert ((1 <= m) & (m <= N_STEP)).all()
+    np.testing.assert_array_equal(nxt[:, -1], obs[:, -1] + m)  # m frames later, in the same episode
+    np.testing.assert_allclose(batch.discounts, np.where(batch.terminated > 0, 0.0, GAMMA ** m))
     np.testing.assert_array_equal(batch.actions, obs[:, -1])  # the adder stores the newest frame id as action
 
 
@@ -48,6 +58,9 @@ def adder(buf, stop, laps):
         ended = rng.random(NUM_ENVS) < 0.05
         buf.add(obs, obs[:, -1, :4].copy().view(np.uint32)[:, 0].astype(np.int64), np.ones(NUM_ENVS, np.float32), nxt,
                 ended, np.zeros(NUM_ENVS, bool))
+        if rng.random() < 0.02:  # every env restarts mid-episode: the buffer ends their episodes
+            buf.end_episodes()
+            ended[:] = True
         counter[ended] += 1
         restart = frame(np.repeat(counter[:, None], K, axis=1))
         obs = np.where(ended[:, None, None], restart, nxt)
@@ -105,13 +118,15 @@ def prefetching(counts):
 
 
 def test_add_while_sampling_never_tears():
-    buf = ReplayBuffer(64 * NUM_ENVS, (K, FRAME_BYTES), frame_stack=K, num_envs=NUM_ENVS, seed=0)
+    buf = ReplayBuffer(64 * NUM_ENVS, (K, FRAME_BYTES), frame_stack=K, num_envs=NUM_ENVS, n_step=N_STEP, gamma=GAMMA,
+                       seed=0)
     plain, prefetched = [], []
     run(buf, [sampler(plain), prefetching(prefetched)], [plain, prefetched])
 
 
 def test_prioritized_add_sample_and_update_concurrently():
-    buf = PrioritizedReplayBuffer(64 * NUM_ENVS, (K, FRAME_BYTES), frame_stack=K, num_envs=NUM_ENVS, seed=0)
+    buf = PrioritizedReplayBuffer(64 * NUM_ENVS, (K, FRAME_BYTES), frame_stack=K, num_envs=NUM_ENVS, n_step=N_STEP,
+                                  gamma=GAMMA, seed=0)
     counts, updates = [], []
 
     def updater(buf, stop):
