@@ -177,7 +177,19 @@ PYBIND11_MODULE(_core, m) {
              }
              return py::array_t<int64_t>(static_cast<py::ssize_t>(v.size()), v.data());
            })
-      .def("end_episodes", &ReplayBuffer::EndEpisodes, py::call_guard<py::gil_scoped_release>())
+      .def(
+          "end_episodes",
+          [](ReplayBuffer& self, const py::object& env_ids) {
+            const int64_t* ids = nullptr;
+            int64_t count = 0;
+            if (!env_ids.is_none()) {
+              count = py::reinterpret_borrow<py::array>(env_ids).size();
+              ids = Data<int64_t>(env_ids, "env_ids", count, 'i', false);
+            }
+            py::gil_scoped_release release;
+            self.EndEpisodes(ids, count);
+          },
+          py::arg("env_ids"))
       .def("size", &ReplayBuffer::Size)
       .def_property("beta", &ReplayBuffer::Beta, &ReplayBuffer::SetBeta)
       .def("priority_total", &ReplayBuffer::PriorityTotal)

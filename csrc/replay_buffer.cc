@@ -209,11 +209,18 @@ void ReplayBuffer::Add(const AddInput& in) {
   }
 }
 
-void ReplayBuffer::EndEpisodes() {
+void ReplayBuffer::EndEpisodes(const int64_t* env_ids, int64_t count) {
+  if (env_ids == nullptr) count = config_.num_envs;
+  for (int64_t i = 0; env_ids != nullptr && i < count; ++i) {
+    if (env_ids[i] < 0 || env_ids[i] >= config_.num_envs) {
+      throw std::invalid_argument("env_ids[" + Str(i) + "]=" + Str(env_ids[i]) + " is not in [0, num_envs)");
+    }
+  }
   std::lock_guard<std::mutex> add_lock(add_mutex_);
   std::unique_lock<std::mutex> tree_lock(tree_mutex_, std::defer_lock);
   if (tree_) tree_lock.lock();
-  for (int64_t e = 0; e < config_.num_envs; ++e) {
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t e = env_ids != nullptr ? env_ids[i] : i;
     Stream& st = streams_[e];
     if (!st.episode_open) continue;
     // An open episode holds at least one transition, the last slot written.

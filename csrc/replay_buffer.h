@@ -124,7 +124,9 @@ class ReplayBuffer {
   // transition had been added with truncated set. For envs that restart without the
   // buffer seeing their episodes end (collection interrupted, envs reset by hand). An
   // adder, under `add_mutex_`; samplers may run meanwhile (see Concurrency above).
-  void EndEpisodes();
+  // `env_ids` (count of them) picks the envs; nullptr: all. Throws std::invalid_argument
+  // before any change if an id is out of range.
+  void EndEpisodes(const int64_t* env_ids, int64_t count);
   // Ignores indices whose transition was overwritten or is no longer valid.
   void UpdatePriorities(const int64_t* indices, const double* priorities, int64_t count);
 

@@ -183,16 +183,8 @@ class ReplayBuffer:
         never add the step that only resets. ``env_ids`` (distinct ints) adds rows for those
         envs only, e.g. the envs an async envpool ``recv`` returned.
         """
-        if env_ids is None:
-            rows = self.num_envs
-        else:
-            env_ids = np.asarray(env_ids)
-            if env_ids.dtype.kind not in "iu" or env_ids.ndim != 1:
-                raise TypeError(f"env_ids must be a 1-D int array, got {env_ids.dtype} with shape {env_ids.shape}")
-            rows = len(env_ids)
-            if rows > self.num_envs or rows and (env_ids.min() < 0 or env_ids.max() >= self.num_envs):
-                raise ValueError(f"env_ids must be distinct ids in [0, {self.num_envs}), got {env_ids}")
-            env_ids = np.ascontiguousarray(env_ids, dtype=np.int64)
+        env_ids = self._env_ids(env_ids, distinct=True)
+        rows = self.num_envs if env_ids is None else len(env_ids)
         self._core.add(
             self._check_obs("obs", obs, rows),
             _column("actions", actions, rows, self.action_dtype, "biu" if self.action_dtype.kind in "biu" else "biuf"),
@@ -203,14 +195,28 @@ class ReplayBuffer:
             env_ids,
         )
 
-    def end_episodes(self) -> None:
+    def end_episodes(self, env_ids=None) -> None:
         """Ends every open episode at its last added step, as a truncation: as if that step
         had been added with ``truncated=True`` (its n-step windows close and bootstrap there).
         Call it when envs restart without their episodes' ends reaching the buffer, e.g.
         after collection was interrupted or the envs were reset by hand; the next ``add``
-        of each env then starts a new episode. Other threads may sample meanwhile.
+        of each env then starts a new episode. ``env_ids`` (ints) ends only those envs'
+        episodes. Other threads may sample meanwhile.
         """
-        self._core.end_episodes()
+        self._core.end_episodes(self._env_ids(env_ids, distinct=False))
+
+    def _env_ids(self, env_ids, distinct: bool) -> np.ndarray | None:
+        """``env_ids`` as a contiguous int64 array (None stays None), checked against num_envs."""
+        if env_ids is None:
+            return None
+        env_ids = np.asarray(env_ids)
+        if env_ids.dtype.kind not in "iu" or env_ids.ndim != 1:
+            raise TypeError(f"env_ids must be a 1-D int array, got {env_ids.dtype} with shape {env_ids.shape}")
+        if len(env_ids) and (env_ids.min() < 0 or env_ids.max() >= self.num_envs) \
+                or distinct and len(env_ids) > self.num_envs:
+            raise ValueError(f"env_ids must be {'distinct ' if distinct else ''}ids in [0, {self.num_envs}), "
+                             f"got {env_ids}")
+        return np.ascontiguousarray(env_ids, dtype=np.int64)
 
     def _check_obs(self, name: str, value, rows: int) -> np.ndarray:
         array = np.asarray(value)

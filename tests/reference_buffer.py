@@ -57,11 +57,11 @@ class ReferenceBuffer:
         if terminated or truncated:
             self.episode[env] = None
 
-    def end_episodes(self):
-        """Every open episode ends at its last transition, now a truncation."""
-        for env, episode in enumerate(self.episode):
-            if episode:
-                episode[-1].truncated = True
+    def end_episodes(self, envs=None):
+        """Each open episode (of ``envs``, default all) ends at its last transition, now a truncation."""
+        for env in range(self.num_envs) if envs is None else envs:
+            if self.episode[env]:
+                self.episode[env][-1].truncated = True
             self.episode[env] = None
 
     def __len__(self):

@@ -26,7 +26,7 @@ def start_stack(rng, k, frame_shape, dtype, values):
 
 def play(buf, ref, rng, steps, values=256, p_end=0.1, p_skip=0.0, mirrors=(), p_restart=0.0):
     """Adds `steps` random steps of every env to both buffers (and to `mirrors`); yields after each.
-    With probability `p_restart` after a step, every env restarts and `end_episodes` ends its episode."""
+    With probability `p_restart` after a step, all envs or some restart, and `end_episodes` ends their episodes."""
     k, shape, dtype = buf.frame_stack, buf.frame_shape, buf.obs_dtype
     obs = [start_stack(rng, k, shape, dtype, values) for _ in range(buf.num_envs)]
     for _ in range(steps):
@@ -46,9 +46,12 @@ def play(buf, ref, rng, steps, values=256, p_end=0.1, p_skip=0.0, mirrors=(), p_
             ended = terminated[row] or truncated[row]
             obs[e] = start_stack(rng, k, shape, dtype, values) if ended else next_obs[row]
         if rng.random() < p_restart:
-            for target in [buf, *mirrors, ref]:
-                target.end_episodes()
-            obs = [start_stack(rng, k, shape, dtype, values) for _ in range(buf.num_envs)]
+            some = np.flatnonzero(rng.random(buf.num_envs) < 0.5) if rng.random() < 0.5 else None
+            for target in [buf, *mirrors]:
+                target.end_episodes(some)
+            ref.end_episodes(some)
+            for e in range(buf.num_envs) if some is None else some:
+                obs[e] = start_stack(rng, k, shape, dtype, values)
         yield
 
 

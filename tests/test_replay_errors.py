@@ -101,6 +101,21 @@ def test_bad_env_ids(env_ids, error, match):
     assert_same(before, snapshot(buf))
 
 
+@pytest.mark.parametrize(("env_ids", "error"), [
+    ([0, 2], ValueError), ([-1], ValueError), ([0.0], TypeError), ([[0, 1]], TypeError)])
+def test_bad_env_ids_to_end_episodes(env_ids, error):
+    buf = make()
+    buf.add(**step())  # both envs' episodes open
+    before = snapshot(buf)
+    with pytest.raises(error, match="env_ids"):
+        buf.end_episodes(np.array(env_ids))
+    assert_same(before, snapshot(buf))
+    with pytest.raises(ValueError, match="env_ids"):  # past the Python checks, the core's own
+        buf._core.end_episodes(np.array([0, 5], np.int64))
+    assert_same(before, snapshot(buf))
+    buf.add(**step(value=2))  # the episodes still go on
+
+
 def test_sampling_errors():
     buf = make()
     with pytest.raises(ValueError, match="empty"):
