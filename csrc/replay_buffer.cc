@@ -203,8 +203,12 @@ void ReplayBuffer::Add(const AddInput& in) {
   if (tree_) {
     std::lock_guard<std::mutex> tree_lock(tree_mutex_);
     for (int64_t r = 0; r < in.rows; ++r) {
+      // The new transition completes the n-step window of the one n-1 before it, or, when
+      // the episode ends here, of every transition of the episode still waiting for one.
       const Stream& st = streams_[envs[r]];
-      PrioritizeCompleted(envs[r], st.end.load(std::memory_order_relaxed) - 1, !st.episode_open);
+      const int64_t last = st.end.load(std::memory_order_relaxed) - 1;
+      const int64_t first = last - config_.n_step + 1;
+      PrioritizeCompleted(envs[r], first, st.episode_open ? first : last);
     }
   }
 }
@@ -227,7 +231,8 @@ void ReplayBuffer::EndEpisodes(const int64_t* env_ids, int64_t count) {
     const int64_t last = st.end.load(std::memory_order_relaxed) - 1;
     flags_[Row(e, last)] |= kTruncated;
     st.episode_open = false;
-    if (tree_) PrioritizeCompleted(e, last, true);
+    // Windows that reach `last` complete now; the one that ends there already had.
+    if (tree_) PrioritizeCompleted(e, last - config_.n_step + 2, last);
   }
 }
 
@@ -235,13 +240,9 @@ void ReplayBuffer::InvalidateBefore(int64_t env, int64_t old_floor, int64_t new_
   for (int64_t q = old_floor; q < new_floor; ++q) tree_->Set(Row(env, q), 0.0);
 }
 
-void ReplayBuffer::PrioritizeCompleted(int64_t env, int64_t last_seq, bool episode_ended) {
-  // Adding transition `last_seq` completes the n-step window of the transition n-1
-  // before it, or, when the episode ends here, of every open window in the episode.
-  const int64_t first = std::max(streams_[env].episode_first_seq, last_seq - config_.n_step + 1);
-  const int64_t last = episode_ended ? last_seq : last_seq - config_.n_step + 1;
+void ReplayBuffer::PrioritizeCompleted(int64_t env, int64_t first, int64_t last) {
   const double leaf = std::pow(max_priority_, config_.alpha);
-  for (int64_t q = first; q <= last; ++q) tree_->Set(Row(env, q), leaf);
+  for (int64_t q = std::max(streams_[env].episode_first_seq, first); q <= last; ++q) tree_->Set(Row(env, q), leaf);
 }
 
 bool ReplayBuffer::Resolve(Pick* pick, int64_t end) const {

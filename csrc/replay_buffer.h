@@ -176,7 +176,9 @@ class ReplayBuffer {
                        int64_t count, bool stratified, double beta, float* weights);
 
   void InvalidateBefore(int64_t env, int64_t old_floor, int64_t new_floor);
-  void PrioritizeCompleted(int64_t env, int64_t last_seq, bool episode_ended);
+  // Gives the transitions [first, last] of env's current (or just ended) episode, whose
+  // n-step windows just completed, the largest priority seen. Under tree_mutex_.
+  void PrioritizeCompleted(int64_t env, int64_t first, int64_t last);
 
   BufferConfig config_;
   int64_t slots_per_env_;

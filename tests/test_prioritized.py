@@ -95,7 +95,7 @@ def test_tree_total_equals_its_leaves_after_random_operations(seed, alpha):
     ref = ReferenceBuffer(40, 2, 1, 3, 0.99)
     priority = {}  # index -> priority + eps, the naive model of the tree
     largest = 1.0
-    for _ in play(buf, ref, rng, 200, p_end=0.2, p_restart=0.05):
+    for _ in play(buf, ref, rng, 200, p_end=0.2, p_restart=0.1):
         valid = set(ref.valid())
         priority = {i: priority.get(i, largest) for i in valid}
         if valid and rng.random() < 0.3:

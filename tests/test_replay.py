@@ -26,10 +26,20 @@ def start_stack(rng, k, frame_shape, dtype, values):
 
 def play(buf, ref, rng, steps, values=256, p_end=0.1, p_skip=0.0, mirrors=(), p_restart=0.0):
     """Adds `steps` random steps of every env to both buffers (and to `mirrors`); yields after each.
-    With probability `p_restart` after a step, all envs or some restart, and `end_episodes` ends their episodes."""
+    With probability `p_restart` a step is instead a restart of all envs or some, whose episodes
+    `end_episodes` ends."""
     k, shape, dtype = buf.frame_stack, buf.frame_shape, buf.obs_dtype
     obs = [start_stack(rng, k, shape, dtype, values) for _ in range(buf.num_envs)]
     for _ in range(steps):
+        if rng.random() < p_restart:
+            some = np.flatnonzero(rng.random(buf.num_envs) < 0.5) if rng.random() < 0.5 else None
+            for target in [buf, *mirrors]:
+                target.end_episodes(some)
+            ref.end_episodes(some)
+            for e in range(buf.num_envs) if some is None else some:
+                obs[e] = start_stack(rng, k, shape, dtype, values)
+            yield
+            continue
         envs = np.flatnonzero(rng.random(buf.num_envs) >= p_skip)
         frames = rng.integers(0, values, (len(envs), *shape)).astype(dtype)
         next_obs = np.stack([np.concatenate([obs[e][1:], f[None]]) if k > 1 else f for e, f in zip(envs, frames)]) \
@@ -45,13 +55,6 @@ def play(buf, ref, rng, steps, values=256, p_end=0.1, p_skip=0.0, mirrors=(), p_
             ref.add(e, obs[e], actions[row], rewards[row], next_obs[row], terminated[row], truncated[row])
             ended = terminated[row] or truncated[row]
             obs[e] = start_stack(rng, k, shape, dtype, values) if ended else next_obs[row]
-        if rng.random() < p_restart:
-            some = np.flatnonzero(rng.random(buf.num_envs) < 0.5) if rng.random() < 0.5 else None
-            for target in [buf, *mirrors]:
-                target.end_episodes(some)
-            ref.end_episodes(some)
-            for e in range(buf.num_envs) if some is None else some:
-                obs[e] = start_stack(rng, k, shape, dtype, values)
         yield
 
 
