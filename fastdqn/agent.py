@@ -167,7 +167,7 @@ class DQN:
         """What learn() trains to by default: the total of a learn() call that was interrupted
         before it (in this process, or in the run a checkpoint came from), else the config's."""
         unfinished = self._unfinished_total_steps
-        return unfinished if unfinished is not None and unfinished > self.env_steps else self.config.total_steps
+        return unfinished if unfinished is not None and unfinished >= self.env_steps else self.config.total_steps
 
     def epsilon(self, step: int, total_steps: int) -> float:
         """Exploration at ``step`` of a run to ``total_steps``: linear over its first fraction."""
@@ -247,7 +247,9 @@ class DQN:
                            start_step=self.env_steps, wall_time_offset=self.wall_time, resume=self.env_steps > 0,
                            tensorboard=self.tensorboard, progress=self.progress)
         try:
-            if self.pipeline == "async" and self.actor == "thread":
+            if self.env_steps >= total:
+                self._finish_stepped_run(total, logger)
+            elif self.pipeline == "async" and self.actor == "thread":
                 from fastdqn.pipeline import AsyncPipeline
 
                 pipeline = AsyncPipeline(self)
@@ -267,9 +269,12 @@ class DQN:
                     self.pipeline_report = actor.report()
             else:
                 self._loop(total, logger)
-        except BaseException:  # the next learn() makes new envs (see _acted_steps)
-            self.buffer.end_episodes()
-            self.env.close()
+        except BaseException as error:
+            try:  # the next learn() makes new envs (see _acted_steps)
+                self.buffer.end_episodes()
+                self.env.close()
+            except Exception as cleanup:  # noqa: BLE001 - the first error is the one to show
+                error.add_note(f"then ending the buffer's episodes and closing the envs failed: {cleanup!r}")
             raise
         finally:
             self.wall_time = logger.wall_time()
@@ -309,6 +314,23 @@ class DQN:
                 self.wall_time = logger.wall_time()
                 logger.flush()
                 self.save_checkpoint()
+        if self._final_evaluation_due(step, logger):
+            self._evaluate_and_log(logger, step)
+
+    def _finish_stepped_run(self, total: int, logger: RunLogger) -> None:
+        """What the end of a run to ``total`` still owes once every env step is stored (an
+        earlier call was stopped after its last step): the updates due, the final metrics row
+        and checkpoint, the final evaluation. Nothing, for a run that got them."""
+        step = self.env_steps
+        owed = self.updates_due(step) - self.learner.num_updates
+        if owed > 0:
+            self._train(owed, self.per_beta(step, total))
+        if logger.last_log_step != step:
+            self._log(logger, step, self.epsilon(step, total), [], [])
+        if not ckpt.checkpoint_path(ckpt.checkpoint_dir(self.run_dir), step).is_file():
+            self.wall_time = logger.wall_time()
+            logger.flush()
+            self.save_checkpoint()
         if self._final_evaluation_due(step, logger):
             self._evaluate_and_log(logger, step)
 

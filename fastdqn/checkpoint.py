@@ -38,21 +38,24 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
+    """Where the checkpoint of ``step`` is (or would be) in ``directory``."""
+    return Path(directory) / f"step-{step:012d}.pt"
+
+
 def save_checkpoint(directory: str | os.PathLike, step: int, state: dict, buffer=None, keep: int = 1) -> Path:
     """Write ``state`` (plain data and tensors) and ``buffer`` as the checkpoint for ``step``;
     keep the newest ``keep`` checkpoints. Returns the .pt path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    stem = f"step-{step:012d}"
+    path = checkpoint_path(directory, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
     state = dict(state, format=FORMAT, version=VERSION, step=step, buffer_file=None)
     if buffer is not None:
-        state["buffer_file"] = f"{stem}.replay"
-        _save_buffer_atomically(buffer, directory / state["buffer_file"])
+        state["buffer_file"] = path.with_suffix(".replay").name
+        _save_buffer_atomically(buffer, path.with_suffix(".replay"))
     data = io.BytesIO()
     torch.save(state, data)
-    path = directory / f"{stem}.pt"
     atomic_write_bytes(path, data.getvalue())
-    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+    for old in list_checkpoints(path.parent)[:-keep] if keep > 0 else []:
         _remove_pair(old)
     return path
 

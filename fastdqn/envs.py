@@ -189,6 +189,7 @@ class VecEnv:
         """Reset every env (sync mode) and return the first observations, shape (num_envs, *obs_shape)."""
         if self.batch_size != self.num_envs:
             raise RuntimeError("reset() is for sync mode; this env is async (batch_size < num_envs): use async_reset()")
+        self._check_open()
         obs = self._reset()
         self._begin(resetting=False)
         return obs
@@ -202,11 +203,13 @@ class VecEnv:
 
     def async_reset(self) -> None:
         """Start every env resetting; each env's reset comes back from `recv` as a row with valid=False."""
+        self._check_open()
         self._async_reset()
         self._begin(resetting=True)
 
     def send(self, actions: Any, env_ids: Any = None) -> None:
         """Queue `actions` for `env_ids` (default: all envs, in order); collect the results with `recv`."""
+        self._check_open()
         if not self._started:
             raise RuntimeError("call reset() (sync) or async_reset() (async) before stepping")
         actions = np.asarray(actions)
@@ -252,6 +255,11 @@ class VecEnv:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this env is closed (a DQN agent closes its training envs after an interrupted or "
+                               "async learn() and on load; the next learn() makes new ones)")
 
     def __enter__(self) -> VecEnv:
         return self

@@ -94,7 +94,9 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.run_dir / "config.json", config_record)
-        self._metrics, _ = self._open_csv("metrics.csv", METRIC_COLUMNS, resume, start_step)
+        self._metrics, logged = self._open_csv("metrics.csv", METRIC_COLUMNS, resume, start_step)
+        self.last_log_step: int | None = int(float(logged[-1]["step"])) if logged else None
+        """The step of the newest metrics row, one written before a resume included."""
         self._eval, evaluations = self._open_csv("eval.csv", EVAL_COLUMNS, resume, start_step)
         self.last_eval_step: int | None = int(float(evaluations[-1]["step"])) if evaluations else None
         """The step of the newest evaluation row, one written before a resume included."""
@@ -135,6 +137,7 @@ class RunLogger:
         row = dict(row, step=step, wall_time=round(self.wall_time(), 3),
                    steps_per_s=round((step - self._last_step) / max(now - self._last_time, 1e-9), 1))
         self._last_step, self._last_time = step, now
+        self.last_log_step = step
         self._write(self._metrics, row)
         self._scalars("train", step, row)
         if self._progress is not None:

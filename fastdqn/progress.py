@@ -1,5 +1,5 @@
-"""What a training run shows while it runs: a tqdm bar on a terminal, plain periodic lines
-elsewhere (a log file, a batch job, CI), where the bar's redraws would pile up."""
+"""What a training run shows while it runs: a tqdm bar on a terminal or in a notebook, plain
+periodic lines elsewhere (a log file, a batch job, CI), where the bar's redraws would pile up."""
 
 from __future__ import annotations
 
@@ -63,12 +63,15 @@ class ProgressLines:
         self.total_steps, self.name, self.interval_s = total_steps, name, interval_s
         self._file = file if file is not None else sys.stderr
         self._clock = clock
-        self._last_step, self._last_time = start_step, clock()
+        self._start_step, self._start_time = start_step, clock()
+        self._last_step, self._last_time = self._start_step, self._start_time
 
     def show(self, step: int, text: str) -> None:
         now = self._clock()
         if now - self._last_time < self.interval_s and step < self.total_steps:
             return
+        if now - self._last_time < 1.0:  # the end, right after a line: the rate since the start
+            self._last_step, self._last_time = self._start_step, self._start_time
         rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
         eta = _clock_time((self.total_steps - step) / rate) if rate > 0 and step < self.total_steps else "0:00:00"
         self._last_step, self._last_time = step, now
@@ -83,9 +86,11 @@ class ProgressLines:
 
 
 def make_progress(total_steps: int, start_step: int, name: str) -> ProgressBar | ProgressLines:
-    """A bar on a terminal, lines anywhere else."""
-    kind = ProgressBar if sys.stderr.isatty() else ProgressLines
-    return kind(total_steps, start_step, name)
+    """A bar on a terminal or in a Jupyter notebook (which redraws it in place), lines
+    anywhere else."""
+    stream = sys.stderr
+    interactive = stream is not None and (stream.isatty() or type(stream).__module__.startswith("ipykernel"))
+    return (ProgressBar if interactive else ProgressLines)(total_steps, start_step, name)
 
 
 def _clock_time(seconds: float) -> str:

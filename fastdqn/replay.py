@@ -210,6 +210,8 @@ class ReplayBuffer:
         if env_ids is None:
             return None
         env_ids = np.asarray(env_ids)
+        if env_ids.size == 0:  # [] is float to numpy
+            env_ids = env_ids.astype(np.int64)
         if env_ids.dtype.kind not in "iu" or env_ids.ndim != 1:
             raise TypeError(f"env_ids must be a 1-D int array, got {env_ids.dtype} with shape {env_ids.shape}")
         if len(env_ids) and (env_ids.min() < 0 or env_ids.max() >= self.num_envs) \

@@ -197,6 +197,41 @@ def test_learn_goes_on_after_an_error_in_an_update_in_every_pipeline(tmp_path, p
         np.testing.assert_array_equal(column, kept.arrays()[field], err_msg=field)
 
 
+def test_a_failure_while_cleaning_up_a_stopped_learn_does_not_hide_why_it_stopped(tmp_path):
+    dqn = agent(tmp_path, config=tiny(eval_episodes=0))
+    dqn.learner.act = failing_on_call(dqn.learner.act, 10, KeyboardInterrupt())
+    dqn.buffer = dqn._make_buffer()
+    dqn.buffer.end_episodes = failing_on_call(dqn.buffer.end_episodes, 1, OSError("disk gone"))
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        dqn.learn(1_000)
+    assert any("disk gone" in note for note in stopped.value.__notes__)
+
+
+@pytest.mark.parametrize("stopped_in", ["update", "save_checkpoint", "evaluate"])
+def test_a_learn_stopped_after_its_last_step_finishes_the_runs_end_next_time(tmp_path, stopped_in):
+    """Stopped in the last round of updates, the final checkpoint or the final evaluation:
+    learn() again goes to the same total (not the config's), owes nothing at the end, and
+    leaves one metrics row, one checkpoint and one evaluation at the last step."""
+    from fastdqn.checkpoint import latest_checkpoint, load_checkpoint
+
+    dqn = agent(tmp_path, config=tiny(total_steps=5_000, checkpoint_interval=10**6, eval_interval=10**6))
+    target = dqn.learner if stopped_in == "update" else dqn
+    due = dqn.updates_due(400)  # the last one is made at step 400
+    setattr(target, stopped_in, failing_on_call(getattr(target, stopped_in), due if stopped_in == "update" else 1,
+                                                KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        dqn.learn(400)
+    assert dqn.env_steps == 400 and dqn.scheduled_total_steps == 400
+    delattr(target, stopped_in)
+    dqn.learn()
+    assert dqn.env_steps == 400 and dqn.learner.num_updates == due
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["counters"]["env_steps"] == 400
+    assert [row["step"] for row in read_csv(tmp_path / "run" / "metrics.csv")][-2:] == [300, 400]
+    assert [row["step"] for row in read_csv(tmp_path / "run" / "eval.csv")] == [400]
+    dqn.learn(400)  # a finished run: nothing more
+    assert len(read_csv(tmp_path / "run" / "eval.csv")) == 1 and dqn.learner.num_updates == due
+
+
 def test_prioritized_replay_anneals_beta_to_one(tmp_path):
     dqn = agent(tmp_path, config=tiny(prioritized=True, per_beta=0.4, num_envs=4, learning_starts=100,
                                       train_frequency=4, gradient_steps=1, eval_episodes=0))

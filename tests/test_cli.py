@@ -86,16 +86,36 @@ def test_progress_lines_come_every_interval_and_at_the_end_with_the_recent_rate(
         "Pong-v5: 6,000/10,000 steps (60%), 200 steps/s, ETA 0:00:20, return -, eps 0.50, loss -",
         "Pong-v5: 10,000/10,000 steps (100%), 4,000 steps/s, ETA 0:00:00, return -, eps 0.50, loss -",  # the end
         "eval @ 10000: mean return 3.0"]
+    now[0], out = 100.0, io.StringIO()
+    lines = ProgressLines(10_000, 0, "Pong-v5", interval_s=10.0, file=out, clock=lambda: now[0])
+    for step, t in [(5_000, 131.0), (10_000, 131.5)]:  # the end half a second after a line: the run's rate
+        now[0] = t
+        lines.show(step, "x")
+    assert out.getvalue().splitlines()[-1] == "Pong-v5: 10,000/10,000 steps (100%), 317 steps/s, ETA 0:00:00, x"
 
 
-@pytest.mark.parametrize("terminal", [True, False])
-def test_a_terminal_gets_the_bar_and_anything_else_lines(monkeypatch, terminal):
+class NotebookStream(io.StringIO):
+    """What Jupyter puts in sys.stderr: not a terminal, but it redraws a bar in place."""
+
+
+NotebookStream.__module__ = "ipykernel.iostream"
+
+
+@pytest.mark.parametrize(("stderr", "bar"), [("terminal", True), ("notebook", True), ("file", False), (None, False)])
+def test_a_terminal_or_notebook_gets_the_bar_and_anything_else_lines(monkeypatch, stderr, bar):
     from fastdqn.progress import ProgressBar, ProgressLines, make_progress
 
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    if stderr == "terminal":
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    elif stderr == "notebook":
+        monkeypatch.setattr(sys, "stderr", NotebookStream())
+    elif stderr == "file":
+        monkeypatch.setattr(sys, "stderr", io.StringIO())
+    else:
+        monkeypatch.setattr(sys, "stderr", None)  # pythonw
     progress = make_progress(100, 0, "CartPole-v1")
     progress.close()
-    assert type(progress) is (ProgressBar if terminal else ProgressLines)
+    assert type(progress) is (ProgressBar if bar else ProgressLines)
 
 
 def test_eval_json_prints_exactly_one_object(run_dir, capsys):

@@ -487,3 +487,13 @@ def test_bad_actions(backend):
         with pytest.raises(ValueError, match=r"\[0, 2\)"):
             env.step(np.array([0, 2]))
         assert env.step(np.array([0, 1])).valid.all()  # the refused calls changed nothing
+
+
+def test_a_closed_env_refuses_to_step_or_reset():
+    env = make_env("CartPole-v1", 2, 0)
+    env.reset()
+    env.close()
+    assert env.closed
+    for call in (env.reset, lambda: env.step(np.zeros(2, np.int64)), env.async_reset):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()

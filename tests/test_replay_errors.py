@@ -116,6 +116,14 @@ def test_bad_env_ids_to_end_episodes(env_ids, error):
     buf.add(**step(value=2))  # the episodes still go on
 
 
+def test_no_env_ids_end_no_episodes():
+    buf = make()
+    buf.add(**step())
+    before = snapshot(buf)
+    buf.end_episodes([])  # numpy makes [] a float array; it is accepted as no ids
+    assert_same(before, snapshot(buf))
+
+
 def test_sampling_errors():
     buf = make()
     with pytest.raises(ValueError, match="empty"):
