@@ -36,6 +36,12 @@ T* Data(const py::object& obj, const std::string& name, int64_t items, char kind
   return static_cast<T*>(writable ? a.mutable_data() : const_cast<void*>(a.data()));
 }
 
+// The number of items of `obj`, a numpy array (checked).
+int64_t Items(const py::object& obj, const std::string& name) {
+  if (!py::isinstance<py::array>(obj)) throw py::type_error(name + " must be a numpy array");
+  return py::reinterpret_borrow<py::array>(obj).size();
+}
+
 BatchOutput ParseOutput(const ReplayBuffer& buffer, const py::dict& out, int64_t batch) {
   const BufferConfig& c = buffer.Config();
   auto field = [&](const char* key) -> py::object { return out.contains(key) ? py::object(out[key]) : py::object(py::none()); };
@@ -122,7 +128,7 @@ PYBIND11_MODULE(_core, m) {
             if (env_ids.is_none()) {
               in.rows = c.num_envs;
             } else {
-              in.rows = py::reinterpret_borrow<py::array>(env_ids).size();
+              in.rows = Items(env_ids, "env_ids");
               in.env_ids = Data<int64_t>(env_ids, "env_ids", in.rows, 'i', false);
             }
             if (in.rows > c.num_envs) throw py::value_error("more rows than num_envs");
@@ -183,7 +189,7 @@ PYBIND11_MODULE(_core, m) {
             const int64_t* ids = nullptr;
             int64_t count = 0;
             if (!env_ids.is_none()) {
-              count = py::reinterpret_borrow<py::array>(env_ids).size();
+              count = Items(env_ids, "env_ids");
               ids = Data<int64_t>(env_ids, "env_ids", count, 'i', false);
             }
             py::gil_scoped_release release;

@@ -112,6 +112,8 @@ def test_bad_env_ids_to_end_episodes(env_ids, error):
     assert_same(before, snapshot(buf))
     with pytest.raises(ValueError, match="env_ids"):  # past the Python checks, the core's own
         buf._core.end_episodes(np.array([0, 5], np.int64))
+    with pytest.raises(TypeError, match="env_ids must be a numpy array"):
+        buf._core.end_episodes([0])
     assert_same(before, snapshot(buf))
     buf.add(**step(value=2))  # the episodes still go on
 
