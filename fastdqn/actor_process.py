@@ -34,8 +34,11 @@ semaphores, a pipe:
   token. The actor loads the newest snapshot stamped at or before s - lag. The semaphores
   order the memory between the processes, and K is large enough that the snapshot the actor
   reads is never the one being written (see ``_snapshot_count``).
-- The pipe carries the actor's RNG states at every cut (a checkpoint then holds them, and so
-  resumes the actor's draws exactly), its time split, and its error if it fails.
+- Each slot also carries the actor's RNG states after its step. The learner takes them at
+  every cut (a checkpoint then holds them, and so resumes the actor's draws exactly) and,
+  when it is stopped, those of the last step it stored: a stopped ``learn()`` called again
+  goes on exactly as from a cut there.
+- The pipe carries the actor's time split at every cut, and its error if it fails.
 
 Shutdown: the learner (any error, Ctrl-C, the end) sets ``stop`` and joins the actor, killing
 it if it does not end in time. The actor ignores Ctrl-C (the learner stops it), dies with
@@ -132,6 +135,9 @@ class ActorProcess:
         self._learner_threads = learner_threads()
         self._learner_watch = Stopwatch()
         self._actor_seconds: dict[str, float] = {}  # the actor's Stopwatch, as of its last cut
+        # step -> the actor's RNG words after that step: of the slot in hand, and of the last
+        # one processed (a copy: a freed slot is overwritten).
+        self._rng_at: dict[int, np.ndarray] = {}
         self._wall = 0.0
 
     def __enter__(self) -> ActorProcess:
@@ -157,6 +163,9 @@ class ActorProcess:
         return self
 
     def __exit__(self, *exc) -> None:
+        if exc[0] is not None and self.agent.env_steps in self._rng_at:
+            # Stopped: the draws the actor made up to the last step stored, as a cut there has.
+            self._take_rng(self.agent.env_steps)
         try:
             self._stop.set()
             if self._process.pid is not None:
@@ -189,14 +198,14 @@ class ActorProcess:
                                 **{name: fields[name][:episodes] for name in _EPISODE_FIELDS})
             step += len(result.env_ids)
             cut = bool(fields["cut"][0])
+            self._rng_at = {step: fields["rng"], **self._rng_at}
             if cut:  # the actor's draws so far: the checkpoint about to be written holds them
-                message = json.loads(self._receive.recv_bytes())
-                agent.np_rng.bit_generator.state = message["np_rng"]
-                learner.act_rng.bit_generator.state = message["act_rng"]
-                self._actor_seconds = message["seconds"]
+                self._take_rng(step)
+                self._actor_seconds = json.loads(self._receive.recv_bytes())["seconds"]
             t = watch.lap("wait", t)
             yield fields["acted_obs"], fields["actions"], result, float(fields["epsilon"][0]), cut
             t = watch.lap("learn", t)
+            self._rng_at = {step: fields["rng"].copy()}  # before the slot is freed and overwritten
             if learner.num_updates != snapshot_updates:
                 torch._foreach_copy_(self._snapshots[oldest], self._online)
                 self._stamps[oldest] = step
@@ -205,6 +214,12 @@ class ActorProcess:
                 watch.lap("publish", t)
             self._free.release()
             slot = (slot + 1) % self._tokens
+
+    def _take_rng(self, step: int) -> None:
+        """The learner's random generators take the states the actor's had after ``step``."""
+        words = self._rng_at[step]
+        self.agent.np_rng.bit_generator.state = _rng_state(words[:_RNG_WORDS])
+        self.agent.learner.act_rng.bit_generator.state = _rng_state(words[_RNG_WORDS:])
 
     def _actor_failure(self) -> str:
         with contextlib.suppress(EOFError, OSError):
@@ -276,12 +291,11 @@ class ActorProcess:
             for name in _EPISODE_FIELDS:
                 fields[name][:episodes] = getattr(result, name)
             fields["episodes"][0], fields["epsilon"][0], fields["cut"][0] = episodes, epsilon, cut
+            fields["rng"][:] = _rng_words(agent.np_rng) + _rng_words(learner.act_rng)
             slot = (slot + 1) % self._tokens
             watch.lap("hand-off", t)
             if cut:
-                self._send.send_bytes(json.dumps({
-                    "np_rng": agent.np_rng.bit_generator.state, "act_rng": learner.act_rng.bit_generator.state,
-                    "seconds": watch.rounded()}).encode())
+                self._send.send_bytes(json.dumps({"seconds": watch.rounded()}).encode())
             self._filled.release()
             if step >= self.total:
                 agent.env.close()
@@ -340,10 +354,28 @@ def _ring(depth: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype) -> l
             "truncated": ((num_envs,), np.bool_), "valid": ((num_envs,), np.bool_),
             "env_ids": ((num_envs,), np.int32), "episode_returns": ((num_envs,), np.float64),
             "episode_lengths": ((num_envs,), np.int64), "episode_env_ids": ((num_envs,), np.int32),
-            "episodes": ((1,), np.int64), "epsilon": ((1,), np.float64), "cut": ((1,), np.bool_)}
+            "episodes": ((1,), np.int64), "epsilon": ((1,), np.float64), "cut": ((1,), np.bool_),
+            "rng": ((2 * _RNG_WORDS,), np.uint64)}
     fields = {name: _shared_zeros((depth, *shape), torch.from_numpy(np.zeros(0, dtype)).dtype).numpy()
               for name, (shape, dtype) in spec.items()}
     return [{name: array[slot] for name, array in fields.items()} for slot in range(depth)]
+
+
+_RNG_WORDS = 6
+"""uint64 words of a PCG64 generator's state: state and increment (128 bits each), has_uint32, uinteger."""
+
+
+def _rng_words(generator: np.random.Generator) -> list[int]:
+    state = generator.bit_generator.state
+    state_128, inc_128 = state["state"]["state"], state["state"]["inc"]
+    return [state_128 >> 64, state_128 & (2**64 - 1), inc_128 >> 64, inc_128 & (2**64 - 1),
+            state["has_uint32"], state["uinteger"]]
+
+
+def _rng_state(words: np.ndarray) -> dict:
+    high, low, inc_high, inc_low, has_uint32, uinteger = (int(w) for w in words)
+    return {"bit_generator": "PCG64", "state": {"state": high << 64 | low, "inc": inc_high << 64 | inc_low},
+            "has_uint32": has_uint32, "uinteger": uinteger}
 
 
 def _shared_zeros(shape, dtype: torch.dtype) -> torch.Tensor:

@@ -4,6 +4,7 @@ runs, determinism, resume, errors from either process, Ctrl-C and a killed learn
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import multiprocessing
 import os
 import signal
@@ -209,6 +210,27 @@ def test_a_resumed_run_continues_exactly_as_the_uninterrupted_one(tmp_path):
     assert resumed.env_steps == 296
     resumed.learn()
     assert_same_run(trained_state(whole), trained_state(resumed))
+
+
+@pytest.mark.parametrize(("method", "call"), [("_log", 2), ("_store", 201)])
+def test_a_stopped_learn_goes_on_exactly_as_from_a_cut_at_its_last_stored_step(tmp_path, method, call):
+    """Stopped in its loop, right after step 800 (writing that step's metrics row, or storing
+    the next), learn() again in the same process equals a run whose checkpoint cut falls on
+    step 800, RNG states included: the actor's draws reach the learner with every step."""
+    config = small_config(total_steps=1_500, checkpoint_interval=10**6, exploration_fraction=0.8, end_epsilon=0.1)
+    cut = make_agent(tmp_path / "cut", dataclasses.replace(config, checkpoint_interval=800))
+    cut.learn()
+    stopped = make_agent(tmp_path / "stopped", config)
+    # Rows at 400 and 800; 4 envs store 4 steps a call.
+    setattr(stopped, method, failing_on_call(getattr(stopped, method), call, KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        stopped.learn()
+    assert stopped.env_steps == 800 and no_actor_left()
+    delattr(stopped, method)
+    stopped.learn()
+    a, b = trained_state(cut), trained_state(stopped)
+    assert a.pop("episodes") >= b.pop("episodes")  # a stopped row's episodes were never counted
+    assert_same_run(a | {"episodes": 0}, b | {"episodes": 0})
 
 
 def test_the_report_holds_the_sync_schedule_and_where_the_time_went(tmp_path):
