@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from faults import failing_on_call
 
 from fastdqn.cli import main
 from fastdqn.metrics import read_csv
@@ -116,6 +117,25 @@ def test_a_terminal_or_notebook_gets_the_bar_and_anything_else_lines(monkeypatch
     progress = make_progress(100, 0, "CartPole-v1")
     progress.close()
     assert type(progress) is (ProgressBar if bar else ProgressLines)
+
+
+@pytest.mark.filterwarnings("ignore:this checkpoint holds no replay buffer")
+def test_a_run_stopped_in_its_final_evaluation_is_finished_by_resume(tmp_path, monkeypatch, capsys):
+    """The Ctrl-C message says to resume; that must work when only the final evaluation is left."""
+    from fastdqn.agent import DQN
+
+    path = tmp_path / "run"
+    evaluate = DQN._evaluate_and_log
+    monkeypatch.setattr(DQN, "_evaluate_and_log", failing_on_call(evaluate, 1, KeyboardInterrupt()))
+    argv = [*QUICK, "--set", "eval_interval=0"]
+    assert main(["train", "--run-dir", str(path), *argv]) == 130
+    assert "continue with: fastdqn train --resume" in capsys.readouterr().err
+    assert not (path / "eval.csv").read_text().strip().count("\n")  # its header only
+    monkeypatch.setattr(DQN, "_evaluate_and_log", evaluate)
+    assert main(["train", "--resume", str(path), "--no-progress", "--no-tensorboard"]) == 0
+    assert [row["step"] for row in read_csv(path / "eval.csv")] == [600]
+    assert main(["train", "--resume", str(path), "--no-progress", "--no-tensorboard"]) == 2  # nothing left
+    assert "already has 600 steps" in capsys.readouterr().err
 
 
 def test_eval_json_prints_exactly_one_object(run_dir, capsys):
