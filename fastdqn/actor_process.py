@@ -187,6 +187,7 @@ class ActorProcess:
         agent, learner, watch = self.agent, self.agent.learner, self._learner_watch
         step, slot = agent.env_steps, 0
         snapshot_updates, oldest = learner.num_updates, 0
+        self._rng_at = {step: np.array(_rng_words(agent.np_rng) + _rng_words(learner.act_rng), np.uint64)}
         while step < self.total:
             t = time.perf_counter()
             while not self._filled.acquire(timeout=WAIT_S):

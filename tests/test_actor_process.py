@@ -233,6 +233,19 @@ def test_a_stopped_learn_goes_on_exactly_as_from_a_cut_at_its_last_stored_step(t
     assert_same_run(a | {"episodes": 0}, b | {"episodes": 0})
 
 
+def test_stopped_in_a_first_step_that_is_a_cut_the_generators_stay_at_the_last_stored_step(tmp_path):
+    """The cut step's RNG states reach the learner before the step is stored: stopped in
+    between, it must give them back (those of the step it started from)."""
+    agent = make_agent(tmp_path, small_config(total_steps=800))
+    agent.learn()
+    before = (agent.np_rng.bit_generator.state, agent.learner.act_rng.bit_generator.state)
+    agent._store = failing_on_call(agent._store, 1, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        agent.learn(804)  # one vector step: the end, a cut
+    assert agent.env_steps == 800 and no_actor_left()
+    assert (agent.np_rng.bit_generator.state, agent.learner.act_rng.bit_generator.state) == before
+
+
 def test_the_report_holds_the_sync_schedule_and_where_the_time_went(tmp_path):
     from fastdqn.metrics import read_config
 
