@@ -143,6 +143,8 @@ class DQN:
         self.wall_time = 0.0
         self.recent_returns: collections.deque[float] = collections.deque(maxlen=100)
         self._unfinished_total_steps: int | None = None  # of a learn() call interrupted here or in the run
+        # The step last stored when the sync engine drew for the next one, and the generators' states then.
+        self._rng_after_step: tuple[int, dict, dict] = (-1, {}, {})
 
     # ------------------------------------------------------------------ pieces
     def _make_train_env(self, step: int):
@@ -273,6 +275,9 @@ class DQN:
             try:  # the next learn() makes new envs (see _acted_steps)
                 self.buffer.end_episodes()
                 self.env.close()
+                step, np_state, act_state = self._rng_after_step
+                if self.pipeline == "sync" and step == self.env_steps:  # draws for a step not stored
+                    self.np_rng.bit_generator.state, self.learner.act_rng.bit_generator.state = np_state, act_state
             except Exception as cleanup:  # noqa: BLE001 - the first error is the one to show
                 error.add_note(f"then ending the buffer's episodes and closing the envs failed: {cleanup!r}")
             raise
@@ -346,6 +351,8 @@ class DQN:
         obs = self.env.reset() if self._obs is None else self._obs
         next_ckpt = next_boundary(step, c.checkpoint_interval)
         while step < total:
+            # The draws of a step not yet stored are taken back if learn() stops (see learn).
+            self._rng_after_step = (step, self.np_rng.bit_generator.state, learner.act_rng.bit_generator.state)
             epsilon = self.epsilon(step, total)
             if step < c.learning_starts:
                 actions = self.np_rng.integers(self.num_actions, size=c.num_envs)

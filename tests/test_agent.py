@@ -157,19 +157,22 @@ def assert_same_state(a: dict, b: dict) -> None:
             assert a[key] == b[key], key
 
 
-@pytest.mark.parametrize("interruption", [KeyboardInterrupt, RuntimeError])
-def test_an_interrupted_learn_goes_on_as_from_a_cut_at_its_last_stored_step(tmp_path, interruption):
-    """Ctrl-C or an error in learn(): learn() again goes on, and the run equals one whose
-    checkpoint cut falls on the last step stored before the interruption (n-step windows
-    close there as at a truncation; the envs restart from that step's seed)."""
+@pytest.mark.parametrize(("interruption", "stopped_in"), [(KeyboardInterrupt, "act"), (RuntimeError, "act"),
+                                                         (KeyboardInterrupt, "env.step")])
+def test_an_interrupted_learn_goes_on_as_from_a_cut_at_its_last_stored_step(tmp_path, interruption, stopped_in):
+    """Ctrl-C or an error in learn(), before or after the next step's random draws: learn()
+    again goes on, and the run equals one whose checkpoint cut falls on the last step stored
+    (n-step windows close there as at a truncation; the envs restart from that step's seed;
+    the draws for the step not stored are taken back)."""
     config = tiny(eval_episodes=0, n_step=2, checkpoint_interval=10**6)
     interrupted = agent(tmp_path / "interrupted", config=config)
-    # The 300th action, for step 662 to 664 (from learning_starts 64, two envs): 662 are stored.
-    interrupted.learner.act = failing_on_call(interrupted.learner.act, 300, interruption("stop"))
+    # The step from 662 to 664 (two envs): its 300th action from learning_starts 64, its 332nd env step.
+    target, name = (interrupted.learner, "act") if stopped_in == "act" else (interrupted.env, "step")
+    setattr(target, name, failing_on_call(getattr(target, name), 300 if name == "act" else 332, interruption("stop")))
     with pytest.raises(interruption, match="stop"):
         interrupted.learn(1_000)
     assert interrupted.env_steps == 662
-    del interrupted.learner.act
+    delattr(target, name)
     interrupted.learn()  # to the interrupted call's total
     cut = agent(tmp_path / "cut", config=tiny(eval_episodes=0, n_step=2, checkpoint_interval=662))
     cut.learn(1_000)
