@@ -107,7 +107,8 @@ class RunLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step if resume else None)
+            # As in the CSVs, what was logged after the step resumed from is dropped; that step's own stays.
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1 if resume else None)
         self._progress = make_progress(total_steps, start_step, config_record.get("env_id", "train")) \
             if progress else None
         self._postfix = ProgressPostfix()

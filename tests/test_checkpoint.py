@@ -180,3 +180,33 @@ def test_bad_paths_are_named(tmp_path):
         ckpt.load_checkpoint(garbage)
     with pytest.raises(ValueError, match="not a fastdqn run directory"):
         DQN.resume(tmp_path)
+
+
+def test_tensorboard_after_a_resume_reads_as_one_run_like_the_csvs(tmp_path):
+    """A run checkpointed at 400 goes on to 600 and loses that part (killed before its next
+    checkpoint, say); resumed from 400 to 800, TensorBoard has every step's scalars once,
+    as the CSVs do: the lost part's dropped, the resumed step's own kept."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = DQNConfig(hidden_sizes=(16,), batch_size=16, buffer_size=2_000, learning_starts=64, num_envs=2,
+                       log_interval=100, eval_interval=200, eval_episodes=1, n_step=1)
+    run = tmp_path / "run"
+    agent = DQN("CartPole-v1", config, run_dir=run, progress=False, tensorboard=True)
+    agent.learn(400)
+    shutil.copytree(run / "checkpoints", tmp_path / "at-400")
+    agent.learn(600)
+    agent.close()
+    shutil.rmtree(run / "checkpoints")
+    shutil.copytree(tmp_path / "at-400", run / "checkpoints")
+    resumed = DQN.resume(run, progress=False, tensorboard=True)
+    assert resumed.env_steps == 400
+    resumed.learn(800)
+    resumed.close()
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    train = [event.step for event in events.Scalars("train/updates")]
+    evals = [event.step for event in events.Scalars("eval/mean_return")]
+    assert train == [row["step"] for row in read_csv(run / "metrics.csv")] == list(range(100, 900, 100))
+    assert evals == [row["step"] for row in read_csv(run / "eval.csv")] == [200, 400, 600, 800]
