@@ -41,7 +41,7 @@ from fastdqn import checkpoint as ckpt
 from fastdqn.config import DQNConfig, preset_for_env
 from fastdqn.envs import make_env
 from fastdqn.learner import Learner
-from fastdqn.metrics import RunLogger, atomic_write_bytes, read_config
+from fastdqn.metrics import RunLogger, atomic_write_bytes, read_config, read_csv
 from fastdqn.networks import build_q_network
 
 
@@ -165,6 +165,12 @@ class DQN:
         return ReplayBuffer(c.buffer_size, self.obs_shape, **kwargs)
 
     @property
+    def unfinished_total_steps(self) -> int | None:
+        """The total of a learn() call that stopped before it ended (in this process, or in the
+        run a checkpoint came from); None if there is none."""
+        return self._unfinished_total_steps
+
+    @property
     def scheduled_total_steps(self) -> int:
         """What learn() trains to by default: the total of a learn() call that was interrupted
         before it (in this process, or in the run a checkpoint came from), else the config's."""
@@ -238,6 +244,7 @@ class DQN:
         total = self.scheduled_total_steps if total_steps is None else total_steps
         if isinstance(total, bool) or not isinstance(total, int) or total < 1:
             raise ValueError(f"total_steps must be a positive int, got {total!r}")
+        stopped_at_its_end = self._unfinished_total_steps is not None and self._unfinished_total_steps <= self.env_steps
         self._unfinished_total_steps = total
         if self.buffer is None:
             self.buffer = self._make_buffer()
@@ -249,8 +256,8 @@ class DQN:
                            start_step=self.env_steps, wall_time_offset=self.wall_time, resume=self.env_steps > 0,
                            tensorboard=self.tensorboard, progress=self.progress)
         try:
-            if self.env_steps >= total:
-                self._finish_stepped_run(total, logger)
+            if self.env_steps >= total:  # no step to take
+                self._finish_run(total, logger, stopped_at_its_end)
             elif self.pipeline == "async" and self.actor == "thread":
                 from fastdqn.pipeline import AsyncPipeline
 
@@ -322,20 +329,21 @@ class DQN:
         if self._final_evaluation_due(step, logger):
             self._evaluate_and_log(logger, step)
 
-    def _finish_stepped_run(self, total: int, logger: RunLogger) -> None:
-        """What the end of a run to ``total`` still owes once every env step is stored (an
-        earlier call was stopped after its last step): the updates due, the final metrics row
-        and checkpoint, the final evaluation. Nothing, for a run that got them."""
+    def _finish_run(self, total: int, logger: RunLogger, stopped_at_its_end: bool) -> None:
+        """learn() with every env step taken: what the run's end still owes. After a call that
+        stopped once it had stored its last step, the updates due, the last metrics row and
+        the checkpoint; in any case the final evaluation, if it is not made yet."""
         step = self.env_steps
-        owed = self.updates_due(step) - self.learner.num_updates
-        if owed > 0:
-            self._train(owed, self.per_beta(step, total))
-        if logger.last_log_step != step:
-            self._log(logger, step, self.epsilon(step, total), [], [])
-        if not ckpt.checkpoint_path(ckpt.checkpoint_dir(self.run_dir), step).is_file():
-            self.wall_time = logger.wall_time()
-            logger.flush()
-            self.save_checkpoint()
+        if stopped_at_its_end:
+            owed = self.updates_due(step) - self.learner.num_updates
+            if owed > 0:
+                self._train(owed, self.per_beta(step, total))
+            if logger.last_log_step != step:
+                self._log(logger, step, self.epsilon(step, total), [], [])
+            if not ckpt.checkpoint_path(ckpt.checkpoint_dir(self.run_dir), step).is_file():
+                self.wall_time = logger.wall_time()
+                logger.flush()
+                self.save_checkpoint()
         if self._final_evaluation_due(step, logger):
             self._evaluate_and_log(logger, step)
 
@@ -380,6 +388,13 @@ class DQN:
             episode_return_100=float(np.mean(self.recent_returns)) if self.recent_returns else math.nan,
             episode_length=float(np.mean(lengths)) if lengths else math.nan,
             loss=metrics["loss"], q_mean=metrics["q_mean"], epsilon=epsilon))
+
+    def _final_evaluation_made(self) -> bool:
+        """Whether the run directory's eval.csv holds the evaluation at env_steps, or the run
+        makes none: then a checkpoint at a learn() call's total is from a call that ended."""
+        path = Path(self.run_dir) / "eval.csv"
+        return not self.config.eval_episodes or path.is_file() and any(
+            row["step"] == self.env_steps for row in read_csv(path))
 
     def _final_evaluation_due(self, step: int, logger: RunLogger) -> bool:
         """Whether a run ending at ``step`` still owes its final evaluation (not if one was made
@@ -534,6 +549,8 @@ class DQN:
         self.env_steps, self.episodes = int(counters["env_steps"]), int(counters["episodes"])
         self.wall_time = float(counters["wall_time"])
         self._unfinished_total_steps = counters.get("learn_total_steps")
+        if self._unfinished_total_steps == self.env_steps and self._final_evaluation_made():
+            self._unfinished_total_steps = None  # the call's last checkpoint, and it went on to the end
         self.recent_returns.extend(state.get("recent_returns", []))
         if "rng" in state:
             ckpt.restore_rng(state["rng"], self.np_rng)

@@ -129,7 +129,8 @@ def _train(args) -> int:
         agent = DQN.resume(args.resume, device=args.device, progress=not args.no_progress,
                            tensorboard=not args.no_tensorboard)
         total = args.total_steps or agent.scheduled_total_steps
-        if total < agent.env_steps or total == agent.env_steps and not _final_evaluation_missing(agent):
+        # At its total, a run has something left only if it was stopped there (in its final evaluation).
+        if total < agent.env_steps or total == agent.env_steps and agent.unfinished_total_steps != total:
             raise UsageError(f"fastdqn train: the run already has {agent.env_steps} steps; "
                              f"pass --total-steps above that to continue")
     else:
@@ -164,18 +165,6 @@ def _train(args) -> int:
         print(f"final eval: mean return {last['mean_return']:.1f} +- {last['std_return']:.1f} "
               f"over {int(last['episodes'])} episodes; run directory {agent.run_dir}", file=sys.stderr)
     return 0
-
-
-def _final_evaluation_missing(agent) -> bool:
-    """Whether a run that has taken its steps still owes its final evaluation (it was stopped
-    in it): --resume then makes it."""
-    from pathlib import Path
-
-    from fastdqn.metrics import read_csv
-
-    path = Path(agent.run_dir) / "eval.csv"
-    steps = [row["step"] for row in read_csv(path)] if path.is_file() else []
-    return bool(agent.config.eval_episodes) and (not steps or steps[-1] != agent.env_steps)
 
 
 def _eval(args) -> int:

@@ -200,6 +200,31 @@ def test_learn_goes_on_after_an_error_in_an_update_in_every_pipeline(tmp_path, p
         np.testing.assert_array_equal(column, kept.arrays()[field], err_msg=field)
 
 
+@pytest.mark.parametrize("eval_episodes", [0, 2])
+def test_a_finished_run_resumed_goes_on_to_the_configs_total_as_its_agent_would(tmp_path, eval_episodes):
+    """Its last checkpoint was written inside the learn() call (before the final evaluation);
+    resumed, the run still reads as finished, not as stopped at its end."""
+    dqn = agent(tmp_path, config=tiny(total_steps=400, eval_episodes=eval_episodes, eval_interval=10**6,
+                                      save_buffer=True))
+    dqn.learn(200)
+    resumed = DQN.resume(tmp_path / "run", progress=False, tensorboard=False)
+    assert dqn.scheduled_total_steps == resumed.scheduled_total_steps == 400
+    assert resumed.unfinished_total_steps is None
+    resumed.learn()
+    assert resumed.env_steps == 400
+
+
+def test_learn_to_a_total_already_passed_writes_nothing_but_a_missing_evaluation(tmp_path):
+    dqn = agent(tmp_path, config=tiny(eval_interval=10**6))
+    dqn.learn(200)
+    dqn.save(tmp_path / "agent.pt")
+    loaded = DQN.load(tmp_path / "agent.pt", run_dir=tmp_path / "new", progress=False, tensorboard=False)
+    loaded.learn(100)
+    assert not (tmp_path / "new" / "checkpoints").exists() and read_csv(tmp_path / "new" / "metrics.csv") == []
+    assert [row["step"] for row in read_csv(tmp_path / "new" / "eval.csv")] == [200]  # the agent's own, at 200
+    assert loaded.learner.num_updates == dqn.learner.num_updates
+
+
 def test_a_failure_while_cleaning_up_a_stopped_learn_does_not_hide_why_it_stopped(tmp_path):
     dqn = agent(tmp_path, config=tiny(eval_episodes=0))
     dqn.learner.act = failing_on_call(dqn.learner.act, 10, KeyboardInterrupt())
