@@ -175,7 +175,7 @@ class DQN:
         """What learn() trains to by default: the total of a learn() call that was interrupted
         before it (in this process, or in the run a checkpoint came from), else the config's."""
         unfinished = self._unfinished_total_steps
-        return unfinished if unfinished is not None and unfinished >= self.env_steps else self.config.total_steps
+        return unfinished if unfinished is not None else self.config.total_steps
 
     def epsilon(self, step: int, total_steps: int) -> float:
         """Exploration at ``step`` of a run to ``total_steps``: linear over its first fraction."""
@@ -549,7 +549,8 @@ class DQN:
         self.env_steps, self.episodes = int(counters["env_steps"]), int(counters["episodes"])
         self.wall_time = float(counters["wall_time"])
         self._unfinished_total_steps = counters.get("learn_total_steps")
-        if self._unfinished_total_steps == self.env_steps and self._final_evaluation_made():
+        unfinished = self._unfinished_total_steps
+        if unfinished is not None and unfinished <= self.env_steps and self._final_evaluation_made():
             self._unfinished_total_steps = None  # the call's last checkpoint, and it went on to the end
         self.recent_returns.extend(state.get("recent_returns", []))
         if "rng" in state:

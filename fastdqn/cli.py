@@ -129,8 +129,9 @@ def _train(args) -> int:
         agent = DQN.resume(args.resume, device=args.device, progress=not args.no_progress,
                            tensorboard=not args.no_tensorboard)
         total = args.total_steps or agent.scheduled_total_steps
-        # At its total, a run has something left only if it was stopped there (in its final evaluation).
-        if total < agent.env_steps or total == agent.env_steps and agent.unfinished_total_steps != total:
+        # With its steps taken, a run has something left only if it was stopped at its end
+        # (in its final evaluation), and that is the total it goes on to.
+        if total <= agent.env_steps and agent.unfinished_total_steps != total:
             raise UsageError(f"fastdqn train: the run already has {agent.env_steps} steps; "
                              f"pass --total-steps above that to continue")
     else:

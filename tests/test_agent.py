@@ -235,27 +235,34 @@ def test_a_failure_while_cleaning_up_a_stopped_learn_does_not_hide_why_it_stoppe
     assert any("disk gone" in note for note in stopped.value.__notes__)
 
 
-@pytest.mark.parametrize("stopped_in", ["update", "save_checkpoint", "evaluate"])
-def test_a_learn_stopped_after_its_last_step_finishes_the_runs_end_next_time(tmp_path, stopped_in):
+@pytest.mark.parametrize(("stopped_in", "num_envs"), [("update", 2), ("save_checkpoint", 2), ("evaluate", 2),
+                                                     ("evaluate", 3)])
+def test_a_learn_stopped_after_its_last_step_finishes_the_runs_end_next_time(tmp_path, stopped_in, num_envs):
     """Stopped in the last round of updates, the final checkpoint or the final evaluation:
     learn() again goes to the same total (not the config's), owes nothing at the end, and
-    leaves one metrics row, one checkpoint and one evaluation at the last step."""
+    leaves one metrics row, one checkpoint and one evaluation at the last step (402 for
+    three envs, past the total of 400), also when resumed from that checkpoint."""
     from fastdqn.checkpoint import latest_checkpoint, load_checkpoint
 
-    dqn = agent(tmp_path, config=tiny(total_steps=5_000, checkpoint_interval=10**6, eval_interval=10**6))
+    last = math.ceil(400 / num_envs) * num_envs
+    dqn = agent(tmp_path, config=tiny(total_steps=5_000, checkpoint_interval=10**6, eval_interval=10**6,
+                                      num_envs=num_envs, save_buffer=True))
     target = dqn.learner if stopped_in == "update" else dqn
-    due = dqn.updates_due(400)  # the last one is made at step 400
+    due = dqn.updates_due(last)  # the last one is made at the last step
     setattr(target, stopped_in, failing_on_call(getattr(target, stopped_in), due if stopped_in == "update" else 1,
                                                 KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         dqn.learn(400)
-    assert dqn.env_steps == 400 and dqn.scheduled_total_steps == 400
+    assert dqn.env_steps == last and dqn.scheduled_total_steps == dqn.unfinished_total_steps == 400
     delattr(target, stopped_in)
+    if stopped_in == "evaluate":  # the checkpoint at the end was written: resume from it instead
+        dqn = DQN.resume(tmp_path / "run", progress=False, tensorboard=False)
+        assert dqn.scheduled_total_steps == 400
     dqn.learn()
-    assert dqn.env_steps == 400 and dqn.learner.num_updates == due
-    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["counters"]["env_steps"] == 400
-    assert [row["step"] for row in read_csv(tmp_path / "run" / "metrics.csv")][-2:] == [300, 400]
-    assert [row["step"] for row in read_csv(tmp_path / "run" / "eval.csv")] == [400]
+    assert dqn.env_steps == last and dqn.learner.num_updates == due and dqn.unfinished_total_steps is None
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["counters"]["env_steps"] == last
+    assert [row["step"] for row in read_csv(tmp_path / "run" / "metrics.csv")][-1:] == [last]
+    assert [row["step"] for row in read_csv(tmp_path / "run" / "eval.csv")] == [last]
     dqn.learn(400)  # a finished run: nothing more
     assert len(read_csv(tmp_path / "run" / "eval.csv")) == 1 and dqn.learner.num_updates == due
 
