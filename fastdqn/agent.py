@@ -136,7 +136,7 @@ class DQN:
             actor_copy=threaded, seed=int(self.np_rng.integers(2**63)))
         self.q_network = self.learner.q_network
         self.buffer = None  # made on the first learn(): acting and evaluating need no replay
-        self._batch = self._sample = None
+        self._batch = self._sample = self._stretch = None
         self._obs = None
         self.env_steps = 0
         self.episodes = 0
@@ -222,8 +222,39 @@ class DQN:
             batch = type(batch)(**{k: torch.from_numpy(v).pin_memory().numpy() for k, v in batch.arrays().items()})
         return batch, buf.sample_frames if frames else buf.sample
 
+    def _stretch_batches(self) -> tuple | None:
+        """Batches for a stretch of updates between two changes of the target network, whose
+        TD targets one forward pass computes (see _train): on CPU, with uniform replay of
+        observation batches and plain DQN targets (the chooser of Double DQN changes with
+        each update, and so do prioritized draws). One batch of all their rows, and the
+        batches as views of it; None where that does not apply."""
+        from fastdqn.replay import Batch
+
+        c = self.config
+        length = min(c.gradient_steps, c.target_update_interval)
+        if self.device.type != "cpu" or c.prioritized or c.double_dqn or self.buffer.frame_stack > 1 or length < 2:
+            return None
+        rows = self.buffer.empty_batch(length * c.batch_size)
+        return rows, [Batch(**{name: array[i * c.batch_size:(i + 1) * c.batch_size]
+                               for name, array in rows.arrays().items()}) for i in range(length)]
+
     def _train(self, updates: int, beta: float) -> None:
         buf, learner, sample = self.buffer, self.learner, self._sample
+        if self._stretch is not None:
+            # The target changes after an update that completes a target_update_interval: up
+            # to there, the batches' targets come from one forward pass. Sampled ahead, the
+            # batches are those the updates would draw one by one (nothing is added meanwhile).
+            rows, stretch = self._stretch
+            size, interval = self.config.batch_size, self.config.target_update_interval
+            while updates > 0:
+                batches = stretch[:min(updates, interval - learner.num_updates % interval)]
+                for batch in batches:
+                    sample(size, out=batch)
+                next_q = learner.target_values(rows.next_obs[:len(batches) * size])
+                for i, batch in enumerate(batches):
+                    learner.update(batch, next_q=next_q[i * size:(i + 1) * size])
+                updates -= len(batches)
+            return
         if self.config.prioritized:
             buf.beta = beta
         for _ in range(updates):
@@ -250,6 +281,7 @@ class DQN:
             self.buffer = self._make_buffer()
         if self._batch is None:
             self._batch, self._sample = self._sampling()
+            self._stretch = self._stretch_batches()
         if c.torch_threads:  # OpenMP's thread count is per thread: set it in whichever thread learns
             torch.set_num_threads(c.effective_torch_threads)
         logger = RunLogger(self.run_dir, self._config_record(total), total_steps=total,

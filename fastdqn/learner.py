@@ -38,6 +38,10 @@ _BATCH_FIELDS = ("obs", "actions", "rewards", "next_obs", "discounts")
 _FRAME_BATCH_FIELDS = ("frames", "next_offset", "actions", "rewards", "discounts")
 
 
+MAX_HOST_BATCHES = 64
+"""Sets of host arrays whose tensors update() keeps (see _cpu_batch): the agent's batch, or
+the batches of a stretch of updates whose targets were computed together."""
+
 DENORMAL_SWEEP_INTERVAL = 32
 """Updates on CPU between two sweeps that set the optimizer's denormal state to zero.
 
@@ -231,9 +235,10 @@ class Learner:
         # Updates and acting need no autograd, but only the manual MLP path is free of it:
         # there, on CPU, inference mode skips autograd's dispatch on every op, and the
         # temporaries it creates are inference tensors, without version counters or view
-        # metadata: 9% of a CartPole update. The inference tensors that persist (_host_batch,
-        # MLPForward.input) are used only inside update and act. CUDA keeps no_grad: graph
-        # replays have no per-op cost, and eager CUDA with inference mode is unmeasured.
+        # metadata: 9% of a CartPole update. The inference tensors that persist (_host_batches,
+        # MLPForward.input, target_values' results) are used only inside update and act. CUDA
+        # keeps no_grad: graph replays have no per-op cost, and eager CUDA with inference mode
+        # is unmeasured.
         self._no_autograd = torch.inference_mode if manual and device.type == "cpu" else torch.no_grad
         # The capturable optimizers keep their step count on the device; plain eager CUDA keeps
         # the faster default path, which is what "eager PyTorch" means in the benchmarks. On CPU
@@ -292,7 +297,8 @@ class Learner:
         self._frames: torch.Tensor | None = None
         self._next_offset = zeros(batch_size, dtype=torch.int64)
 
-        self._host_batch: tuple[list, dict] | None = None  # see _cpu_batch
+        self._host_batches: dict[int, tuple[list, dict]] = {}  # see _cpu_batch
+        self._target_forwards: dict[int, manual_mlp.MLPForward] = {}  # see target_values
         self._static_batch = {"obs": self._obs, "actions": self._actions, "rewards": self._rewards,
                               "next_obs": self._next_obs, "discounts": self._discounts, "weights": self._weights}
         self._graph_steps()
@@ -307,7 +313,7 @@ class Learner:
         return _GraphedStep(step) if self.cuda_graph else step
 
     # ------------------------------------------------------------------ the update
-    def update(self, batch) -> None:
+    def update(self, batch, next_q: torch.Tensor | None = None) -> None:
         """One gradient step on ``batch``; asynchronous on CUDA (returns before it finishes).
 
         ``batch`` is a mapping or an object (such as the replay buffer's Batch) with fields
@@ -319,13 +325,23 @@ class Learner:
         The shared-frame layout (the buffer's FrameBatch: frames and next_offset in place of
         obs and next_obs) is accepted too; it moves k + n frames per sample to the device
         instead of 2k, and the observations are unpacked there.
+
+        ``next_q`` (CPU, observation batches, no Double DQN): ``target_values(next_obs)`` of
+        this batch, computed ahead for several batches in one forward pass while the target
+        network stays as it is. The step is then the same as without it.
         """
+        if next_q is not None and (self.device.type != "cpu" or self.double_dqn):
+            raise ValueError("next_q is for CPU updates without Double DQN")
         field = _field_getter(batch)
         frame_layout = field("frames") is not None
         names = (_FRAME_BATCH_FIELDS if frame_layout else _BATCH_FIELDS) + (("weights",) if self.prioritized else ())
         values = [field(name) for name in names]
         with self._no_autograd():  # the autograd path turns grad mode on where it needs it
-            if self.device.type == "cpu":  # nothing to stage: the step reads the batch where it is
+            if self.device.type == "cpu" and next_q is not None:
+                if frame_layout:
+                    raise ValueError("next_q is for batches of observations, not of frames")
+                self._train_step(self._cpu_batch(names, values), next_q)
+            elif self.device.type == "cpu":  # nothing to stage: the step reads the batch where it is
                 step = self._train_step_on_frames if frame_layout else self._train_step
                 step(self._cpu_batch(names, values))
             else:
@@ -364,17 +380,19 @@ class Learner:
 
     def _cpu_batch(self, names, values) -> dict[str, torch.Tensor]:
         """The batch as CPU tensors of the step's dtypes. A caller that samples into the same
-        arrays each time (as the agent does) gets the tensors made the first time back: they
-        share the arrays' memory, so they hold the new batch without any conversion."""
-        if self._host_batch is not None:
-            seen, tensors = self._host_batch
-            if len(seen) == len(values) and all(a is b for a, b in zip(seen, values)):
-                return tensors
+        arrays each time (as the agent does, into a few sets of them) gets the tensors made the
+        first time back: they share the arrays' memory, so they hold the new batch without any
+        conversion."""
+        seen, tensors = self._host_batches.get(id(values[0]), ((), None))
+        if len(seen) == len(values) and all(a is b for a, b in zip(seen, values)):
+            return tensors
         sources = self._checked_batch(names, values)
         tensors = {name: value.to(self.device, getattr(self, "_" + name).dtype) for name, value in sources.items()}
-        shares_memory = all(tensors[name] is value for name, value in sources.items()) \
-            and all(isinstance(value, (np.ndarray, torch.Tensor)) for value in values)
-        self._host_batch = (values, tensors) if shares_memory else None
+        if all(tensors[name] is value for name, value in sources.items()) \
+                and all(isinstance(value, (np.ndarray, torch.Tensor)) for value in values):
+            if len(self._host_batches) >= MAX_HOST_BATCHES:
+                self._host_batches.clear()
+            self._host_batches[id(values[0])] = (values, tensors)
         return tensors
 
     def _allocate_frames(self, shape) -> None:
@@ -418,10 +436,10 @@ class Learner:
         if copied is not None:
             copied.synchronize()
 
-    def _train_step(self, batch: dict) -> None:
+    def _train_step(self, batch: dict, next_q: torch.Tensor | None = None) -> None:
         q_taken, td_error, loss = self._td_gradient(
             batch["obs"], batch["actions"], batch["rewards"], batch["next_obs"], batch["discounts"],
-            batch["weights"] if self.prioritized else None)
+            batch["weights"] if self.prioritized else None, next_q)
         grad_norm = torch.linalg.vector_norm(self._flat_grad)
         if self.max_grad_norm is not None:  # as torch.nn.utils.clip_grad_norm_, without its overhead
             # max_norm / (norm + eps) as torch computes it (reciprocal, then product), without
@@ -463,7 +481,7 @@ class Learner:
                            beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
                            maximize=False)
 
-    def _autograd_td_gradient(self, obs, actions, rewards, next_obs, discounts, weights):
+    def _autograd_td_gradient(self, obs, actions, rewards, next_obs, discounts, weights, next_q=None):
         """Fills the online network's gradients with the TD loss's; returns (Q(s, a) of the
         batch actions, TD error, loss). Works for any network (manual_mlp has the MLP's)."""
         self._flat_grad.zero_()
@@ -471,10 +489,11 @@ class Learner:
             q_values = self.q_network(obs)
             q_taken = q_values.gather(1, actions.unsqueeze(1)).squeeze(1)
             with torch.no_grad():
-                next_target_q = self.target_network(next_obs)
-                chooser = self.q_network(next_obs) if self.double_dqn else next_target_q
-                next_actions = chooser.argmax(dim=1, keepdim=True)
-                next_q = next_target_q.gather(1, next_actions).squeeze(1)
+                if next_q is None:  # else computed ahead (target_values)
+                    next_target_q = self.target_network(next_obs)
+                    chooser = self.q_network(next_obs) if self.double_dqn else next_target_q
+                    next_actions = chooser.argmax(dim=1, keepdim=True)
+                    next_q = next_target_q.gather(1, next_actions).squeeze(1)
                 td_target = rewards + discounts * next_q
             if self.loss == "huber":
                 losses = F.smooth_l1_loss(q_taken, td_target, reduction="none", beta=1.0)
@@ -484,6 +503,20 @@ class Learner:
             loss.backward()
         q_taken = q_taken.detach()
         return q_taken, q_taken - td_target, loss.detach()
+
+    def target_values(self, next_obs) -> torch.Tensor:
+        """max_a Q_target(next_obs, a) for any number of observations (CPU): the bootstrap term
+        of several updates' TD targets in one forward pass, for ``update(..., next_q=)``. Valid
+        until the target network next changes, after an update that completes a
+        ``target_update_interval``."""
+        next_obs = torch.as_tensor(next_obs)
+        with self._no_autograd():
+            if not self.manual_gradient:
+                return self.target_network(next_obs.to(self.obs_dtype)).amax(dim=1)
+            rows = len(next_obs)
+            if rows not in self._target_forwards:  # buffers for this many rows, made once
+                self._target_forwards[rows] = manual_mlp.MLPForward(self.target_network, rows)
+            return self._target_forwards[rows](next_obs).amax(dim=1)
 
     def _lerp_target(self, weight) -> None:
         torch._foreach_lerp_(self._target_params, self._online_params, weight)

@@ -92,14 +92,15 @@ class MLPTDGradient:
         self._weight_grads = [layer.weight.grad for layer in self.online.layers]
         self._bias_grads = [layer.bias.grad for layer in self.online.layers]
 
-    def __call__(self, obs, actions, rewards, next_obs, discounts, weights=None):
+    def __call__(self, obs, actions, rewards, next_obs, discounts, weights=None, next_q=None):
         q_values = self.online(obs)
-        next_target_q = self.target(next_obs)
-        if self.double_dqn:
-            next_actions = self.chooser(next_obs).argmax(dim=1, keepdim=True)
-            next_q = next_target_q.gather(1, next_actions).squeeze(1)
-        else:
-            next_q = next_target_q.amax(dim=1)
+        if next_q is None:  # else max_a Q_target(next_obs, a), computed ahead (Learner.target_values)
+            next_target_q = self.target(next_obs)
+            if self.double_dqn:
+                next_actions = self.chooser(next_obs).argmax(dim=1, keepdim=True)
+                next_q = next_target_q.gather(1, next_actions).squeeze(1)
+            else:
+                next_q = next_target_q.amax(dim=1)
         td_target = torch.addcmul(rewards, discounts, next_q)
         taken = actions.unsqueeze(1)
         q_taken = q_values.gather(1, taken).squeeze(1)

@@ -272,7 +272,7 @@ def test_the_learner_leaves_the_actor_a_core(tmp_path, monkeypatch, torch_thread
     agent = make_agent(tmp_path, small_config(torch_threads=torch_threads, total_steps=400))
     seen = set()
     update = agent.learner.update
-    agent.learner.update = lambda batch: (seen.add(torch.get_num_threads()), update(batch))
+    agent.learner.update = lambda batch, **kwargs: (seen.add(torch.get_num_threads()), update(batch, **kwargs))
     agent.learn()
     assert seen == {learner} and agent.pipeline_report["learner_torch_threads"] == learner
     assert torch.get_num_threads() == min(torch_threads, cores)  # the caller's setting, put back

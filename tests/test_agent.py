@@ -267,6 +267,32 @@ def test_a_learn_stopped_after_its_last_step_finishes_the_runs_end_next_time(tmp
     assert len(read_csv(tmp_path / "run" / "eval.csv")) == 1 and dqn.learner.num_updates == due
 
 
+def test_a_round_of_updates_computes_its_targets_once_per_target_network(tmp_path):
+    """Rounds of 8 updates, a target copy every 5: the targets of each stretch between copies
+    in one forward pass (8 = 5 + 3, then 2 + 5 + 1, ...), and the same learning as updates
+    that compute their own."""
+    config = tiny(gradient_steps=8, train_frequency=16, target_update_interval=5, eval_episodes=0)
+    stretched, one_by_one = agent(tmp_path / "a", config=config), agent(tmp_path / "b", config=config)
+    one_by_one._stretch_batches = lambda: None
+    rows = []
+    target_values = stretched.learner.target_values
+    stretched.learner.target_values = lambda next_obs: (rows.append(len(next_obs)), target_values(next_obs))[1]
+    for dqn in (stretched, one_by_one):
+        dqn.learn(600)
+    updates = stretched.learner.num_updates
+    assert updates == one_by_one.learner.num_updates == stretched.updates_due(600) == 8 * ((600 - 64) // 16 + 1)
+    expected, done = [], 0
+    while done < updates:  # each round of 8, cut after every fifth update overall
+        round_end = done + 8
+        while done < round_end:
+            stretch = min(round_end - done, 5 - done % 5)
+            expected.append(stretch * config.batch_size)
+            done += stretch
+    assert rows == expected
+    for a, b in zip(stretched.learner.q_network.parameters(), one_by_one.learner.q_network.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_prioritized_replay_anneals_beta_to_one(tmp_path):
     dqn = agent(tmp_path, config=tiny(prioritized=True, per_beta=0.4, num_envs=4, learning_starts=100,
                                       train_frequency=4, gradient_steps=1, eval_episodes=0))

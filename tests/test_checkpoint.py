@@ -53,10 +53,10 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, prioritized,
     crashed = make(tmp_path / "crashed", config)
     update = crashed.learner.update
 
-    def crash_midway(batch):  # dies between the checkpoints at 800 and 1200 steps
+    def crash_midway(batch, **kwargs):  # dies between the checkpoints at 800 and 1200 steps
         if crashed.learner.num_updates == (1_000 - 100) // 4:
             raise KeyboardInterrupt
-        update(batch)
+        update(batch, **kwargs)
 
     crashed.learner.update = crash_midway
     with pytest.raises(KeyboardInterrupt):

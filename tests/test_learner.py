@@ -322,6 +322,45 @@ def test_shared_frame_batches_train_exactly_like_unpacked_batches():
         shared.update(dict(rest, frames=frames[:, :3], next_offset=next_offset))
 
 
+@pytest.mark.parametrize("network", ["manual", "dueling", "wrapped"])
+def test_targets_computed_ahead_for_several_batches_give_the_same_updates(network):
+    """target_values over the batches of a stretch between target changes (one forward pass),
+    handed to update as next_q, against updates that compute their own targets: the same up
+    to float rounding (a matrix product's kernel may change with its row count; for
+    CartPole's 128 and 4,096 rows on the CI's CPU the results are bitwise equal)."""
+    nets = {"manual": lambda: make_net(), "dueling": lambda: make_net(dueling=True),
+            "wrapped": lambda: make_net(wrapped=True)}
+    learners = [Learner(nets[network](), obs_shape=(OBS_DIM,), obs_dtype=np.float32, batch_size=BATCH, num_envs=2,
+                        device="cpu", lr=1e-2, target_update_interval=3) for _ in range(2)]
+    own, ahead = learners
+    assert own.manual_gradient == (network == "manual")
+    rng = np.random.default_rng(4)
+    for stretch in (3, 3, 2):  # the target changes after every third update
+        batches = [make_batch(rng) for _ in range(stretch)]
+        next_q = ahead.target_values(np.concatenate([b["next_obs"] for b in batches]))
+        for i, batch in enumerate(batches):
+            own.update(batch)
+            ahead.update(batch, next_q=next_q[i * BATCH:(i + 1) * BATCH])
+            torch.testing.assert_close(ahead.new_priorities, own.new_priorities, atol=1e-5, rtol=1e-5)
+    for module in ("q_network", "target_network"):
+        assert_close(params(getattr(ahead, module)), params(getattr(own, module)))
+    assert not all(torch.equal(a, b) for a, b in zip(params(own.target_network), params(make_net())))  # it trained
+
+
+def test_targets_computed_ahead_are_refused_where_they_do_not_apply():
+    double = Learner(make_net(), obs_shape=(OBS_DIM,), obs_dtype=np.float32, batch_size=BATCH, num_envs=2,
+                     device="cpu", double_dqn=True)
+    batch = make_batch(np.random.default_rng(0))
+    with pytest.raises(ValueError, match="Double DQN"):
+        double.update(batch, next_q=torch.zeros(BATCH))
+    frames = Learner(MLP(4 * 5 * 5, NUM_ACTIONS, hidden_sizes=(16,)), obs_shape=(4, 5, 5), obs_dtype=np.uint8,
+                     batch_size=BATCH, num_envs=2, device="cpu")
+    framed = dict(batch, frames=np.zeros((BATCH, 5, 5, 5), np.uint8), next_offset=np.ones(BATCH, np.int64))
+    del framed["obs"], framed["next_obs"]
+    with pytest.raises(ValueError, match="frames"):
+        frames.update(framed, next_q=torch.zeros(BATCH))
+
+
 def test_shared_frame_batches_need_frame_stacked_observations():
     learner = make_learner(make_net())
     batch = make_batch(np.random.default_rng(11))
