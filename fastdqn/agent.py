@@ -355,9 +355,7 @@ class DQN:
                 next_eval = next_boundary(step, c.eval_interval)
                 self._evaluate_and_log(logger, step)
             if cut:
-                self.wall_time = logger.wall_time()
-                logger.flush()
-                self.save_checkpoint()
+                self._checkpoint_cut(logger)
         if self._final_evaluation_due(step, logger):
             self._evaluate_and_log(logger, step)
 
@@ -373,9 +371,7 @@ class DQN:
             if logger.last_log_step != step:
                 self._log(logger, step, self.epsilon(step, total), [], [])
             if not ckpt.checkpoint_path(ckpt.checkpoint_dir(self.run_dir), step).is_file():
-                self.wall_time = logger.wall_time()
-                logger.flush()
-                self.save_checkpoint()
+                self._checkpoint_cut(logger)
         if self._final_evaluation_due(step, logger):
             self._evaluate_and_log(logger, step)
 
@@ -539,6 +535,13 @@ class DQN:
         if with_rng:
             state["rng"] = ckpt.capture_rng(self.np_rng)
         return state
+
+    def _checkpoint_cut(self, logger: RunLogger) -> None:
+        """A cut's checkpoint: the run's metrics made durable first, so that it never holds
+        a step whose rows could be lost, and the wall time up to now."""
+        self.wall_time = logger.wall_time()
+        logger.flush()
+        self.save_checkpoint()
 
     def save_checkpoint(self) -> Path:
         """Write a full checkpoint (with RNG states and the replay buffer) into the run dir."""

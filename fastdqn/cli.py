@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-envs", type=_positive_int, default=None, help="environments stepped together")
     train.add_argument("--seed", type=_nonnegative_int, default=None)
     train.add_argument("--device", default=None, help="auto, cpu or cuda")
-    train.add_argument("--pipeline", default=None, help="sync, async or auto (async on CUDA); async's actor is a thread on CUDA, "
-                       "a process on CPU (--set actor=thread|process)")
+    train.add_argument("--pipeline", default=None,
+                       help="sync, async or auto (async on CUDA); async's actor is a thread on CUDA, "
+                            "a process on CPU (--set actor=thread|process)")
     train.add_argument("--run-dir", default=None, help="run directory (default runs/<run name>)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field (repeatable)")

@@ -330,20 +330,17 @@ class Learner:
         this batch, computed ahead for several batches in one forward pass while the target
         network stays as it is. The step is then the same as without it.
         """
-        if next_q is not None and (self.device.type != "cpu" or self.double_dqn):
-            raise ValueError("next_q is for CPU updates without Double DQN")
         field = _field_getter(batch)
         frame_layout = field("frames") is not None
+        if next_q is not None and (self.device.type != "cpu" or self.double_dqn or frame_layout):
+            raise ValueError("next_q is for CPU updates of observation batches (not frames) without Double DQN")
         names = (_FRAME_BATCH_FIELDS if frame_layout else _BATCH_FIELDS) + (("weights",) if self.prioritized else ())
         values = [field(name) for name in names]
         with self._no_autograd():  # the autograd path turns grad mode on where it needs it
-            if self.device.type == "cpu" and next_q is not None:
-                if frame_layout:
-                    raise ValueError("next_q is for batches of observations, not of frames")
+            if self.device.type == "cpu" and frame_layout:  # nothing to stage: the step reads the batch where it is
+                self._train_step_on_frames(self._cpu_batch(names, values))
+            elif self.device.type == "cpu":
                 self._train_step(self._cpu_batch(names, values), next_q)
-            elif self.device.type == "cpu":  # nothing to stage: the step reads the batch where it is
-                step = self._train_step_on_frames if frame_layout else self._train_step
-                step(self._cpu_batch(names, values))
             else:
                 sources = self._checked_batch(names, values)
                 self._copy_inputs([(getattr(self, "_" + name), value) for name, value in sources.items()],

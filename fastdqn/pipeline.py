@@ -487,9 +487,7 @@ class AsyncPipeline:
                     agent._evaluate_and_log(logger, step)
                 if step >= next_ckpt or step >= total:
                     next_ckpt = next_boundary(step, c.checkpoint_interval)
-                    agent.wall_time = logger.wall_time()
-                    logger.flush()
-                    agent.save_checkpoint()
+                    agent._checkpoint_cut(logger)
             watch.lap("checkpoint", t)
         if agent._final_evaluation_due(step, logger):
             with self._paused(catch_up=True):
