@@ -334,6 +334,8 @@ class Learner:
         frame_layout = field("frames") is not None
         if next_q is not None and (self.device.type != "cpu" or self.double_dqn or frame_layout):
             raise ValueError("next_q is for CPU updates of observation batches (not frames) without Double DQN")
+        if next_q is not None and tuple(next_q.shape) != (self.batch_size,):
+            raise ValueError(f"next_q must have shape ({self.batch_size},), got {tuple(next_q.shape)}")
         names = (_FRAME_BATCH_FIELDS if frame_layout else _BATCH_FIELDS) + (("weights",) if self.prioritized else ())
         values = [field(name) for name in names]
         with self._no_autograd():  # the autograd path turns grad mode on where it needs it

@@ -353,6 +353,10 @@ def test_targets_computed_ahead_are_refused_where_they_do_not_apply():
     batch = make_batch(np.random.default_rng(0))
     with pytest.raises(ValueError, match="Double DQN"):
         double.update(batch, next_q=torch.zeros(BATCH))
+    plain = Learner(make_net(), obs_shape=(OBS_DIM,), obs_dtype=np.float32, batch_size=BATCH, num_envs=2, device="cpu")
+    with pytest.raises(ValueError, match=rf"next_q must have shape \({BATCH},\)"):  # not broadcast
+        plain.update(batch, next_q=torch.zeros(1))
+    assert plain.num_updates == 0
     frames = Learner(MLP(4 * 5 * 5, NUM_ACTIONS, hidden_sizes=(16,)), obs_shape=(4, 5, 5), obs_dtype=np.uint8,
                      batch_size=BATCH, num_envs=2, device="cpu")
     framed = dict(batch, frames=np.zeros((BATCH, 5, 5, 5), np.uint8), next_offset=np.ones(BATCH, np.int64))
