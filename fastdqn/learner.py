@@ -21,6 +21,7 @@ thread's graph replays could touch.
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -32,11 +33,14 @@ from torch.nn import functional as F
 
 from fastdqn import manual_mlp
 
-__all__ = ["Learner", "network_tensors"]
+__all__ = ["GRAPH_WARMUP_CALLS", "Learner", "network_tensors"]
 
 _BATCH_FIELDS = ("obs", "actions", "rewards", "next_obs", "discounts")
 _FRAME_BATCH_FIELDS = ("frames", "next_offset", "actions", "rewards", "discounts")
 
+
+GRAPH_WARMUP_CALLS = 3
+"""Eager calls of a graphed step before its capture: the capture is the next call."""
 
 MAX_HOST_BATCHES = 64
 """Sets of host arrays whose tensors update() keeps (see _cpu_batch): the agent's batch, or
@@ -86,7 +90,7 @@ class _GraphedStep:
     tensors whose storage outlives the graph.
     """
 
-    def __init__(self, fn, warmup_calls: int = 3):
+    def __init__(self, fn, warmup_calls: int = GRAPH_WARMUP_CALLS):
         self.fn = fn
         self.warmup_left = warmup_calls
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -111,10 +115,20 @@ class _GraphedStep:
         # that one. Otherwise destroying another graph captured on the same stream can free a
         # workspace this graph still uses (pytorch#193402). torch.compile's CUDA graphs do the same.
         torch._C._cuda_clearCublasWorkspaces()
-        # thread_local: the actor and the learner may live in different threads (the async
-        # pipeline); only this thread's work must stay capture-safe while capturing.
-        with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
-            self.fn()
+        # No garbage collection while capturing: a dead learner (learners sit in reference
+        # cycles) whose graph the collector destroyed mid-capture would invalidate this
+        # capture ("operation not permitted when stream is capturing", pytorch#161037;
+        # torch.cuda.graph does not guard against it in torch 2.11).
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            # thread_local: the actor and the learner may live in different threads (the async
+            # pipeline); only this thread's work must stay capture-safe while capturing.
+            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
+                self.fn()
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         torch._C._cuda_clearCublasWorkspaces()
         self.graph = graph
         graph.replay()
@@ -569,6 +583,11 @@ class Learner:
         """Whether ``update`` with observation batches replays a captured CUDA graph yet (it
         runs eagerly for a few warm-up calls first). Always False without CUDA graphs."""
         return isinstance(self._update_step, _GraphedStep) and self._update_step.graph is not None
+
+    @property
+    def frame_update_graph_captured(self) -> bool:
+        """``update_graph_captured`` for batches in the shared-frame layout, which have a graph of their own."""
+        return isinstance(self._frame_update_step, _GraphedStep) and self._frame_update_step.graph is not None
 
     @property
     def act_graph_captured(self) -> bool:

@@ -681,6 +681,10 @@ CUDA_CASES = {
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", CUDA_CASES)
 def test_graphed_update_matches_eager_on_cuda(case):
+    """Before each update the eager learner takes the graphed one's state, so the two differ
+    by one step's rounding (capturable vs plain Adam) only. Compared over many updates
+    instead, Adam amplifies that rounding (and TF32 convolutions, torch's default on an H100,
+    amplify it further) far past any tolerance that would still catch a wrong graph."""
     spec = CUDA_CASES[case]
     torch.manual_seed(0)
     net = build_q_network(spec["obs_shape"], spec["num_actions"]).cuda()
@@ -688,26 +692,31 @@ def test_graphed_update_matches_eager_on_cuda(case):
                                batch_size=spec["batch_size"], num_envs=8, device="cuda", cuda_graph=graph,
                                **spec["config"])
                 for graph in (False, True)}
-    n_step = spec.get("n_step", 0)
-    batches = cuda_batches(spec["obs_shape"], spec["obs_dtype"], spec["batch_size"], spec["num_actions"], 12, 0,
-                           n_step)
-    for batch in batches:  # 3 warm-up steps, the capture, then replays
-        for learner in learners.values():
-            learner.update(batch)
     eager, graphed = learners[False], learners[True]
-    assert (graphed._frame_update_step if n_step else graphed._update_step).graph is not None
-    for module in ("q_network", "target_network"):
-        assert_close(params(getattr(graphed, module)), params(getattr(eager, module)), atol=1e-4)
-    torch.testing.assert_close(graphed.new_priorities, eager.new_priorities, atol=1e-4, rtol=1e-3)
-    assert graphed.metrics()["loss"] == pytest.approx(eager.metrics()["loss"], rel=1e-3)
+    n_step = spec.get("n_step", 0)
 
-    # A checkpoint loaded after capture re-captures against the new optimizer state.
-    graphed.load_state_dict(eager.state_dict())
-    for batch in cuda_batches(spec["obs_shape"], spec["obs_dtype"], spec["batch_size"], spec["num_actions"], 6, 1,
-                              n_step):
-        for learner in learners.values():
-            learner.update(batch)
-    assert_close(params(graphed.q_network), params(eager.q_network), atol=1e-4)
+    def check(batches):
+        for i, batch in enumerate(batches):
+            if i:
+                eager.load_state_dict(graphed.state_dict())
+            for learner in (graphed, eager):
+                learner.update(batch)
+            for module in ("q_network", "target_network"):
+                assert_close(params(getattr(graphed, module)), params(getattr(eager, module)), atol=1e-6)
+            torch.testing.assert_close(graphed.new_priorities, eager.new_priorities, atol=1e-5, rtol=1e-4)
+            assert graphed.metrics()["loss"] == pytest.approx(eager.metrics()["loss"], rel=1e-4)
+
+    # deterministic cuDNN: a non-deterministic weight gradient of a near-zero sign would
+    # become a whole +-lr step in Adam's first update
+    with torch.backends.cudnn.flags(enabled=True, deterministic=True, allow_tf32=True):
+        check(cuda_batches(spec["obs_shape"], spec["obs_dtype"], spec["batch_size"], spec["num_actions"], 12, 0,
+                           n_step))  # 3 warm-up steps, the capture, then replays
+        assert graphed.frame_update_graph_captured if n_step else graphed.update_graph_captured
+        # A checkpoint loaded after capture re-captures against the new optimizer state.
+        graphed.load_state_dict(eager.state_dict())
+        check(cuda_batches(spec["obs_shape"], spec["obs_dtype"], spec["batch_size"], spec["num_actions"], 6, 1,
+                           n_step))
+        assert graphed.frame_update_graph_captured if n_step else graphed.update_graph_captured
 
 
 @cuda
