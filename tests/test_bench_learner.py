@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from fastdqn.bench import learner as bench_learner
 
 
@@ -19,3 +21,24 @@ def test_learner_bench_reports_every_case_on_its_gradient_path(tmp_path):
     assert saved["results"] == json.loads(json.dumps(report["results"]))
     markdown = (tmp_path / "learner-test.md").read_text()
     assert "| mlp | 128 | obs | manual | eager |" in markdown and "| mlp | 128 | obs | autograd | eager |" in markdown
+
+
+def test_a_failing_case_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    measure = bench_learner.measure
+
+    def fail_for_the_frames_layout(case, *args):
+        if case[5] == "frames":
+            raise RuntimeError("capture failed")
+        return measure(case, *args)
+
+    monkeypatch.setattr(bench_learner, "measure", fail_for_the_frames_layout)
+    with pytest.raises(SystemExit, match="1 case"):
+        bench_learner.main(["--device", "cpu", "--iters", "1", "--warmup", "1", "--out", str(tmp_path),
+                            "--machine", "test"])
+    saved = json.loads((tmp_path / "learner-test.json").read_text())
+    assert [r.get("error") for r in saved["results"]] == [
+        "RuntimeError: capture failed" if layout == "frames" else None for *_, layout, _ in bench_learner.CASES]
+    assert all(r["updates_per_s"] > 0 for r in saved["results"] if "error" not in r)
+    assert len(saved["act"]) == len(bench_learner.ACT_NUM_ENVS)  # the cases after the failure ran
+    markdown = (tmp_path / "learner-test.md").read_text()
+    assert "| nature_cnn | 32 | frames | autograd | eager | failed: RuntimeError: capture failed | – |" in markdown

@@ -14,10 +14,12 @@ delivers it) into the learner, so the rate includes the host-to-device copy. On 
 case runs eagerly and as a captured CUDA graph; on CPU eagerly.
 
 The rate is updates over wall time between two device synchronisations, after warm-up
-updates that include the graph capture. Action selection for 8 and 64 envs (the actor's
+updates that include the graph capture (checked to have happened). Action selection for 8 and 64 envs (the actor's
 per-step work: observations to the device, forward, epsilon-greedy, actions back) is timed
 the same way. Results go to ``--out``/learner-<machine>.json
-and .md; progress goes to stderr.
+and .md, rewritten after every case, so a run cut short keeps what it measured; a case that
+fails is reported with its error and the others still run (the exit status is then 1).
+Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ import datetime
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from fastdqn import manual_mlp
 from fastdqn.bench import report as report_io
-from fastdqn.learner import Learner
+from fastdqn.learner import GRAPH_WARMUP_CALLS, Learner
 from fastdqn.networks import build_q_network
 
 CASES = [  # name, obs_shape, obs_dtype, num_actions, batch_size, layout, gradient
@@ -93,6 +96,8 @@ def measure(case, device: torch.device, cuda_graph: bool, iters: int, warmup: in
     name, obs_shape, obs_dtype, num_actions, batch_size, layout, gradient = case
     if name == "mlp":
         iters, warmup = iters * MLP_ITERS_FACTOR, warmup * MLP_ITERS_FACTOR
+    if cuda_graph:  # the capture must not fall inside the timed loop
+        warmup = max(warmup, GRAPH_WARMUP_CALLS + 1)
     torch.manual_seed(0)
     network = build_q_network(obs_shape, num_actions)
     if gradient == "autograd" and manual_mlp.supports(network):
@@ -104,6 +109,9 @@ def measure(case, device: torch.device, cuda_graph: bool, iters: int, warmup: in
     batches = host_batches(obs_shape, obs_dtype, num_actions, batch_size, layout, pin=device.type == "cuda")
     for i in range(warmup):  # includes the graph's warm-up calls and its capture
         learner.update(batches[i % len(batches)])
+    if cuda_graph and not (learner.frame_update_graph_captured if layout == "frames"
+                           else learner.update_graph_captured):
+        raise RuntimeError(f"{name}: the update graph was not captured during {warmup} warm-up updates")
     synchronize(device)
     report_every = max(1, iters // 5)
     start = time.perf_counter()
@@ -115,7 +123,7 @@ def measure(case, device: torch.device, cuda_graph: bool, iters: int, warmup: in
     elapsed = time.perf_counter() - start
     loss = learner.metrics()["loss"]
     return {"network": name, "batch_size": batch_size, "layout": layout, "gradient": gradient,
-            "mode": "graph" if cuda_graph else "eager",
+            "mode": mode_name(cuda_graph),
             "iters": iters, "seconds": elapsed, "updates_per_s": iters / elapsed,
             "ms_per_update": 1e3 * elapsed / iters, "final_loss": loss}
 
@@ -129,14 +137,22 @@ def measure_act(num_envs: int, device: torch.device, cuda_graph: bool, iters: in
                       batch_size=32, num_envs=num_envs, device=device, cuda_graph=cuda_graph, **LEARNER_SETTINGS)
     rng = np.random.default_rng(0)
     observations = [rng.integers(0, 256, (num_envs, *obs_shape), dtype=np.uint8) for _ in range(HOST_BATCHES)]
+    if cuda_graph:
+        warmup = max(warmup, GRAPH_WARMUP_CALLS + 1)
     for i in range(warmup):
         learner.act(observations[i % HOST_BATCHES], 0.05).cpu()
+    if cuda_graph and not learner.act_graph_captured:
+        raise RuntimeError(f"act: the action graph was not captured during {warmup} warm-up calls")
     start = time.perf_counter()
     for i in range(iters):
         learner.act(observations[i % HOST_BATCHES], 0.05).cpu()
     elapsed = time.perf_counter() - start
-    return {"network": "nature_cnn", "num_envs": num_envs, "mode": "graph" if cuda_graph else "eager",
+    return {"network": "nature_cnn", "num_envs": num_envs, "mode": mode_name(cuda_graph),
             "iters": iters, "seconds": elapsed, "calls_per_s": iters / elapsed, "ms_per_call": 1e3 * elapsed / iters}
+
+
+def mode_name(cuda_graph: bool) -> str:
+    return "graph" if cuda_graph else "eager"
 
 
 def to_markdown(report: dict) -> str:
@@ -150,14 +166,16 @@ def to_markdown(report: dict) -> str:
              "| network | batch | batch layout | gradient | mode | updates/s | ms/update |",
              "| --- | ---: | --- | --- | --- | ---: | ---: |"]
     for r in report["results"]:
+        figures = (f"{r['updates_per_s']:,.1f} | {r['ms_per_update']:.3f}" if "error" not in r
+                   else f"failed: {r['error']} | –")
         lines.append(f"| {r['network']} | {r['batch_size']} | {r['layout']} | {r.get('gradient', 'autograd')} | "
-                     f"{r['mode']} | "
-                     f"{r['updates_per_s']:,.1f} | {r['ms_per_update']:.3f} |")
+                     f"{r['mode']} | {figures} |")
     lines += ["", "Acting: epsilon-greedy actions for a batch of envs (observations to the device, actions back).",
               "", "| network | envs | mode | calls/s | ms/call |", "| --- | ---: | --- | ---: | ---: |"]
     for r in report["act"]:
-        lines.append(f"| {r['network']} | {r['num_envs']} | {r['mode']} | {r['calls_per_s']:,.1f} "
-                     f"| {r['ms_per_call']:.3f} |")
+        figures = (f"{r['calls_per_s']:,.1f} | {r['ms_per_call']:.3f}" if "error" not in r
+                   else f"failed: {r['error']} | –")
+        lines.append(f"| {r['network']} | {r['num_envs']} | {r['mode']} | {figures} |")
     if report["graph_speedup"]:
         lines += ["", "CUDA graph speedup over eager PyTorch: "
                   + ", ".join(f"{k} {v:.2f}x" for k, v in report["graph_speedup"].items()) + "."]
@@ -194,34 +212,55 @@ def main(argv=None) -> dict:
     report = {"benchmark": "learner", "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), "machine": machine, "settings": {"iters": iters, "warmup": warmup, **LEARNER_SETTINGS},
         "results": [], "act": [], "graph_speedup": {}}
+    name = report_io.slug(args.machine) if args.machine else machine["slug"]
+    modes = (False, True) if on_cuda else (False,)
+    failures = 0
+
+    def measured(label: str, identity: dict, measure_case, rate: str, unit: str) -> dict:
+        """The case's result, or its identity and error if it failed: the other cases still run."""
+        nonlocal failures
+        log(f"{label}: running")
+        try:
+            result = measure_case()
+        except Exception as error:  # noqa: BLE001 - reported in the results and the exit status
+            failures += 1
+            log(f"{label}: FAILED: {type(error).__name__}: {error}")
+            return {**identity, "error": f"{type(error).__name__}: {error}"}
+        log(f"{label}: {result[rate]:,.1f} {unit} ({1e3 / result[rate]:.3f} ms each)")
+        return result
+
+    def save() -> None:  # after every case, so that a run cut short keeps what it measured
+        report_io.write_report(args.out, f"learner-{name}", report, to_markdown(report))
+
     log(f"{machine['slug']}: {iters} timed updates per case after {warmup} warm-up updates")
     for case in CASES:
-        for cuda_graph in ((False, True) if on_cuda else (False,)):
-            label = f"{case[0]} batch {case[4]} {case[5]} {case[6]} {'graph' if cuda_graph else 'eager'}"
-            log(f"{label}: running")
-            result = measure(case, device, cuda_graph, iters, warmup)
-            report["results"].append(result)
-            log(f"{label}: {result['updates_per_s']:,.1f} updates/s ({result['ms_per_update']:.3f} ms/update)")
-        if on_cuda:
-            eager, graph = report["results"][-2:]
-            key = f"{case[0]}-b{case[4]}" + ("-frames" if case[5] == "frames" else "") \
-                + ("-autograd" if case[0] == "mlp" and case[6] == "autograd" else "")
-            report["graph_speedup"][key] = graph["updates_per_s"] / eager["updates_per_s"]
+        network, batch_size, layout, gradient = case[0], case[4], case[5], case[6]
+        pair = [measured(f"{network} batch {batch_size} {layout} {gradient} {mode_name(graph)}",
+                         dict(network=network, batch_size=batch_size, layout=layout, gradient=gradient,
+                              mode=mode_name(graph)),
+                         lambda: measure(case, device, graph, iters, warmup), "updates_per_s", "updates/s")
+                for graph in modes]
+        report["results"] += pair
+        if on_cuda and not any("error" in r for r in pair):
+            key = f"{network}-b{batch_size}" + ("-frames" if layout == "frames" else "") \
+                + ("-autograd" if network == "mlp" and gradient == "autograd" else "")
+            report["graph_speedup"][key] = pair[1]["updates_per_s"] / pair[0]["updates_per_s"]
+        save()
     for num_envs in ACT_NUM_ENVS:
-        for cuda_graph in ((False, True) if on_cuda else (False,)):
-            label = f"act nature_cnn {num_envs} envs {'graph' if cuda_graph else 'eager'}"
-            result = measure_act(num_envs, device, cuda_graph, iters, warmup)
-            report["act"].append(result)
-            log(f"{label}: {result['calls_per_s']:,.1f} calls/s ({result['ms_per_call']:.3f} ms/call)")
-        if on_cuda:
-            eager, graph = report["act"][-2:]
-            report["graph_speedup"][f"act-{num_envs}envs"] = graph["calls_per_s"] / eager["calls_per_s"]
+        pair = [measured(f"act nature_cnn {num_envs} envs {mode_name(graph)}",
+                         dict(network="nature_cnn", num_envs=num_envs, mode=mode_name(graph)),
+                         lambda: measure_act(num_envs, device, graph, iters, warmup), "calls_per_s", "calls/s")
+                for graph in modes]
+        report["act"] += pair
+        if on_cuda and not any("error" in r for r in pair):
+            report["graph_speedup"][f"act-{num_envs}envs"] = pair[1]["calls_per_s"] / pair[0]["calls_per_s"]
+        save()
 
-    name = report_io.slug(args.machine) if args.machine else machine["slug"]
-    base = report_io.write_report(args.out, f"learner-{name}", report, to_markdown(report))
-    log(f"wrote {base}.json and {base}.md")
+    log(f"wrote {Path(args.out) / f'learner-{name}'}.json and .md")
     if args.json:
         print(json.dumps(report, indent=2))
+    if failures:
+        raise SystemExit(f"fastdqn bench learner: {failures} case(s) failed; see the reports")
     return report
 
 
