@@ -474,6 +474,8 @@ class DQN:
             raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
         if video is not None and Path(video).suffix.lower() != ".gif":
             raise ValueError(f"video must be a .gif file (written with Pillow), got {video}")
+        if video is not None and not Path(video).parent.is_dir():  # found out now, not after the games
+            raise ValueError(f"video's folder {Path(video).parent} does not exist")
         if video is not None and not self.env.is_image and importlib.util.find_spec("pygame") is None:
             raise ValueError(f"video of {self.env_id} needs gymnasium's renderer: "
                              "pip install 'gymnasium[classic-control]'")

@@ -6,22 +6,35 @@
     fastdqn plot RUN_DIR [--out FILE]
     fastdqn bench {buffer,learner,train} [ARGS...]
 
-Bad arguments end with a one-line error and exit status 2, never a traceback.
+Bad arguments end with a one-line error and exit status 2, never a traceback. An error once
+training or a benchmark runs is no bad argument: it keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 BENCHMARKS = ("buffer", "learner", "train")
 
 
 class UsageError(Exception):
     """A problem with the command line, reported in one line."""
+
+
+@contextlib.contextmanager
+def _usage_errors(command: str):
+    """The errors that fastdqn raises for bad input (a wrong value, type or path) as one-line UsageErrors."""
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"fastdqn {command}: error: {message}") from e
 
 
 class _Parser(argparse.ArgumentParser):
@@ -114,8 +127,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from pathlib import Path
+    with _usage_errors("train"):
+        agent, total = _agent_to_train(args)
+    print(f"run directory: {agent.run_dir}", file=sys.stderr)
+    try:
+        agent.learn(total)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with: fastdqn train --resume {agent.run_dir}", file=sys.stderr)
+        return 130
+    finally:
+        agent.close()
+    from fastdqn.metrics import read_csv
 
+    evals = read_csv(Path(agent.run_dir) / "eval.csv")
+    if evals:
+        last = evals[-1]
+        print(f"final eval: mean return {last['mean_return']:.1f} +- {last['std_return']:.1f} "
+              f"over {int(last['episodes'])} episodes; run directory {agent.run_dir}", file=sys.stderr)
+    return 0
+
+
+def _agent_to_train(args):
+    """The agent that ``fastdqn train`` trains (new, or resumed from a run) and the total steps it goes to."""
     if args.resume is not None:
         given = [flag for flag, value in (("--env", args.env), ("--preset", args.preset),
                                           ("--num-envs", args.num_envs), ("--seed", args.seed),
@@ -151,33 +184,19 @@ def _train(args) -> int:
         agent = DQN(env_id, config, run_dir=args.run_dir, progress=not args.no_progress,
                     tensorboard=not args.no_tensorboard)
         total = config.total_steps
-    print(f"run directory: {agent.run_dir}", file=sys.stderr)
-    try:
-        agent.learn(total)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: fastdqn train --resume {agent.run_dir}", file=sys.stderr)
-        return 130
-    finally:
-        agent.close()
-    from fastdqn.metrics import read_csv
-
-    evals = read_csv(Path(agent.run_dir) / "eval.csv")
-    if evals:
-        last = evals[-1]
-        print(f"final eval: mean return {last['mean_return']:.1f} +- {last['std_return']:.1f} "
-              f"over {int(last['episodes'])} episodes; run directory {agent.run_dir}", file=sys.stderr)
-    return 0
+    return agent, total
 
 
 def _eval(args) -> int:
     from fastdqn.agent import DQN
 
-    agent = DQN.load(args.path, device=args.device, load_buffer=False, progress=False, tensorboard=False)
-    try:
-        seed = args.seed if args.seed is not None else agent.config.seed + 1
-        result = agent.evaluate(args.episodes, epsilon=args.epsilon, seed=seed, video=args.video)
-    finally:
-        agent.close()
+    with _usage_errors("eval"):  # a few games: any error is most likely the checkpoint's or the arguments'
+        agent = DQN.load(args.path, device=args.device, load_buffer=False, progress=False, tensorboard=False)
+        try:
+            seed = args.seed if args.seed is not None else agent.config.seed + 1
+            result = agent.evaluate(args.episodes, epsilon=args.epsilon, seed=seed, video=args.video)
+        finally:
+            agent.close()
     if args.json:
         print(json.dumps(result))
     else:
@@ -191,7 +210,8 @@ def _eval(args) -> int:
 def _plot(args) -> int:
     from fastdqn.plot import plot_run
 
-    print(plot_run(args.run_dir, args.out))
+    with _usage_errors("plot"):
+        print(plot_run(args.run_dir, args.out))
     return 0
 
 
@@ -211,10 +231,6 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except UsageError as e:
         print(str(e).splitlines()[0], file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"fastdqn {getattr(args, 'command', '')}: error: {message}".replace("  ", " "), file=sys.stderr)
         return 2
 
 

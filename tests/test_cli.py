@@ -198,12 +198,15 @@ def test_run_dir_is_not_overwritten(run_dir, capsys):
     (["train", "--resume", "/tmp", "--env", "Pong-v5"], "drop --env"),
     (["eval", "/nonexistent/ckpt.pt"], "neither a checkpoint file nor a run directory"),
     (["eval", "/tmp", "--epsilon", "3"], "[0, 1]"),
+    (["eval", "RUN_DIR", "--video", "/nonexistent/dir/game.gif"], "folder /nonexistent/dir does not exist"),
     (["plot", "/nonexistent/run"], "not a fastdqn run directory"),
     (["bench", "nosuch"], "unknown benchmark"),
     (["frobnicate"], "invalid choice"),
     ([], "required"),
 ])
-def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):
+def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys, request):
+    if "RUN_DIR" in argv:  # a real run, so that the argument checked is the only thing wrong
+        argv = [str(request.getfixturevalue("run_dir")) if a == "RUN_DIR" else a for a in argv]
     assert main(argv) == 2
     captured = capsys.readouterr()
     err = captured.err.strip()
@@ -233,3 +236,22 @@ def test_bench_dispatches_to_the_named_module(monkeypatch):
     monkeypatch.setitem(sys.modules, "fastdqn.bench.train", fake)
     assert main(["bench", "train", "--env", "CartPole-v1", "--steps", "10"]) == 0
     assert seen["args"] == ["--env", "CartPole-v1", "--steps", "10"]
+
+
+def test_an_error_while_training_or_benchmarking_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only bad arguments become one line; a ValueError from inside a run is a failure to debug."""
+    from fastdqn.agent import DQN
+
+    def learn(self, total_steps):
+        raise ValueError("deep inside a run")
+
+    monkeypatch.setattr(DQN, "learn", learn)
+    with pytest.raises(ValueError, match="deep inside a run"):
+        main(["train", "--run-dir", str(tmp_path / "run"), *QUICK])
+
+    def bench_main(args):
+        raise TypeError("deep inside a benchmark")
+
+    monkeypatch.setattr("fastdqn.bench.learner.main", bench_main)
+    with pytest.raises(TypeError, match="deep inside a benchmark"):
+        main(["bench", "learner"])
