@@ -83,6 +83,8 @@ WAIT_S = 0.1
 """How often a waiting process looks whether the other one is still there."""
 JOIN_TIMEOUT_S = 10.0
 """How long stopping waits for the actor to finish its current step before killing it."""
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+"""Ctrl-C, and a job's or machine's stop: the learner's to handle (fastdqn train treats both alike)."""
 MAX_ERROR_CHARS = 8_000
 """The end of the actor's traceback that reaches the learner: with its JSON escapes it stays
 within a pipe's buffer (64 KiB), so the dying actor never blocks on sending it."""
@@ -147,15 +149,15 @@ class ActorProcess:
         self._started = time.perf_counter()
         try:
             torch.set_num_threads(self._learner_threads)
-            # Ctrl-C is the learner's to handle: blocked (in this thread) until the child ignores it.
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            # Stopping is the learner's to handle: blocked (in this thread) until the child ignores it.
+            signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
             try:
                 with warnings.catch_warnings(), kept_from_forks(agent.buffer._core.storage().values()), \
                         _uncollected_by_the_child():
                     warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12+ on forks with threads
                     self._process.start()
             finally:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             self._send.close()  # the child's end: a dead child then reads as EOF
         except BaseException:  # a Ctrl-C (another thread may take the signal) or a failed fork
             self.__exit__(*sys.exc_info())
@@ -232,8 +234,9 @@ class ActorProcess:
 
     # ------------------------------------------------------------------ the actor process
     def _actor_main(self) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        for stop in _STOP_SIGNALS:  # sent to the whole process group or job: the learner stops the actor
+            signal.signal(stop, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         _die_with_parent(self._parent_pid)
         self._receive.close()
         try:

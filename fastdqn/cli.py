@@ -16,8 +16,10 @@ import argparse
 import contextlib
 import importlib
 import json
+import signal
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 BENCHMARKS = ("buffer", "learner", "train")
@@ -131,10 +133,10 @@ def _train(args) -> int:
         agent, total = _agent_to_train(args)
     print(f"run directory: {agent.run_dir}", file=sys.stderr)
     try:
-        agent.learn(total)
+        with _sigterm_as_ctrl_c():
+            agent.learn(total)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: fastdqn train --resume {agent.run_dir}", file=sys.stderr)
-        return 130
+        return _stopped(agent)
     finally:
         agent.close()
     from fastdqn.metrics import read_csv
@@ -145,6 +147,50 @@ def _train(args) -> int:
         print(f"final eval: mean return {last['mean_return']:.1f} +- {last['std_return']:.1f} "
               f"over {int(last['episodes'])} episodes; run directory {agent.run_dir}", file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """SIGTERM (a job's time limit, a preempted machine) stops training as Ctrl-C does: through
+    the SIGINT handler in place (the async pipeline's stops at a safe point), then the stop's
+    checkpoint. Signals reach the main thread only; elsewhere SIGTERM keeps its own handling."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):  # SIGINT ignored, as in a job started in the background
+            handler = signal.default_int_handler
+        handler(signal.SIGINT, frame)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(agent) -> int:
+    """After Ctrl-C or SIGTERM: the stop's checkpoint (checkpoint_on_stop), then how to go on."""
+    from fastdqn.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint
+
+    print(f"\nstopped at step {agent.env_steps:,}", file=sys.stderr)
+    if agent.config.checkpoint_on_stop and agent.env_steps > 0:
+        print("writing its checkpoint (Ctrl-C again to skip it) ...", file=sys.stderr)
+        try:
+            with _sigterm_as_ctrl_c():
+                agent.save_checkpoint()
+        except KeyboardInterrupt:
+            print("checkpoint skipped", file=sys.stderr)
+    checkpoints = list_checkpoints(checkpoint_dir(agent.run_dir))
+    if not checkpoints:
+        print("no checkpoint was written: nothing to resume", file=sys.stderr)
+        return 130
+    step = load_checkpoint(checkpoints[-1])["counters"]["env_steps"]
+    resumed_from = "" if step == agent.env_steps else f" (from its checkpoint at step {step:,})"
+    print(f"continue with: fastdqn train --resume {agent.run_dir}{resumed_from}", file=sys.stderr)
+    return 130
 
 
 def _agent_to_train(args):

@@ -123,6 +123,10 @@ class DQNConfig:
     """Environment steps between checkpoints; 0 writes only the final one."""
     save_buffer: bool = True
     """Store the replay buffer with each checkpoint, so that --resume continues exactly."""
+    checkpoint_on_stop: bool = True
+    """fastdqn train writes a checkpoint where Ctrl-C or SIGTERM stops it, so --resume loses no step
+    (the run goes on as from a cut there). False: --resume goes on from the last periodic checkpoint,
+    and the resumed run is the uninterrupted run, bit for bit."""
 
     # -------------------------------------------------------------------------
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import subprocess
 import sys
@@ -46,12 +47,13 @@ def start_training(tmp_path: Path, actor: str) -> tuple[subprocess.Popen, Path]:
 
 
 def assert_stopped_by_ctrl_c(proc: subprocess.Popen, stderr: str, run_dir: Path) -> None:
-    """Exit status 130, the resume hint, and the periodic checkpoint intact."""
+    """Exit status 130, the resume hint, and the newest checkpoint the stop's own, past the periodic one."""
     from fastdqn.checkpoint import list_checkpoints, load_checkpoint
 
     assert proc.returncode == 130, stderr
     assert "continue with: fastdqn train --resume" in stderr
-    assert load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])["counters"]["env_steps"] >= 2_000
+    stopped = int(re.search(r"stopped at step ([\d,]+)", stderr)[1].replace(",", ""))
+    assert load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])["counters"]["env_steps"] == stopped > 2_000
 
 
 @contextlib.contextmanager

@@ -369,11 +369,13 @@ def _gone(run_dir: Path, within: float) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
-def test_ctrl_c_ends_the_run_and_its_actor_cleanly(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_ends_the_run_and_its_actor_cleanly(tmp_path, stop):
     proc, run_dir = start_training(tmp_path, actor="process")
     try:
         assert len(_processes_of(run_dir)) == 2  # the learner and its actor
-        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the learner and its actor
+        # As a terminal's Ctrl-C, or a batch job's time limit: to the learner and its actor.
+        os.killpg(proc.pid, stop)
         interrupted = time.monotonic()
         _, stderr = proc.communicate(timeout=60)
         # Well within the learner's wait for its actor (JOIN_TIMEOUT_S), after which it would kill it.

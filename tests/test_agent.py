@@ -2,6 +2,7 @@
 
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -178,6 +179,26 @@ def test_an_interrupted_learn_goes_on_as_from_a_cut_at_its_last_stored_step(tmp_
     cut.learn(1_000)
     assert interrupted.env_steps == cut.env_steps == 1_000
     assert_same_state(learned_state(interrupted), learned_state(cut))
+
+
+@pytest.mark.parametrize("pipeline,actor", [("sync", "auto"), ("async", "process")])
+def test_the_checkpoint_of_a_stopped_learn_resumes_as_the_agent_goes_on(tmp_path, pipeline, actor):
+    """What fastdqn train does after Ctrl-C: the checkpoint written once learn() has stopped,
+    resumed in a new agent, goes on exactly as the stopped agent itself goes on."""
+    config = tiny(eval_episodes=0, n_step=2, save_buffer=True, pipeline=pipeline, actor=actor)
+    stopped = agent(tmp_path / "stopped", config=config)
+    stopped.learner.update = failing_on_call(stopped.learner.update, 120, KeyboardInterrupt("stop"))
+    with pytest.raises(KeyboardInterrupt, match="stop"):
+        stopped.learn(1_000)
+    del stopped.learner.update
+    assert 0 < stopped.env_steps < 1_000
+    stopped.save_checkpoint()
+    shutil.copytree(tmp_path / "stopped" / "run", tmp_path / "copy")  # each run goes on in a folder of its own
+    resumed = DQN.resume(tmp_path / "copy", progress=False, tensorboard=False)
+    assert resumed.env_steps == stopped.env_steps and resumed.scheduled_total_steps == 1_000
+    stopped.learn()
+    resumed.learn()
+    assert_same_state(learned_state(stopped), learned_state(resumed))
 
 
 @pytest.mark.parametrize("pipeline,actor", [("sync", "auto"), ("async", "thread"), ("async", "process")])

@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -136,6 +137,36 @@ def test_a_run_stopped_in_its_final_evaluation_is_finished_by_resume(tmp_path, m
     assert [row["step"] for row in read_csv(path / "eval.csv")] == [600]
     assert main(["train", "--resume", str(path), "--no-progress", "--no-tensorboard"]) == 2  # nothing left
     assert "already has 600 steps" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:this checkpoint holds no replay buffer")
+@pytest.mark.parametrize(("checkpoint_interval", "checkpoint_on_stop"), [(200, True), (200, False), (0, False)])
+def test_ctrl_c_writes_a_checkpoint_where_the_run_stopped(tmp_path, monkeypatch, capsys, checkpoint_interval,
+                                                           checkpoint_on_stop):
+    """So --resume loses no step; without checkpoint_on_stop it goes on from the periodic one."""
+    from fastdqn.checkpoint import list_checkpoints, load_checkpoint
+    from fastdqn.learner import Learner
+
+    path = tmp_path / "run"
+    act = Learner.act
+    monkeypatch.setattr(Learner, "act", failing_on_call(act, 45, KeyboardInterrupt()))
+    argv = [*QUICK, "--set", f"checkpoint_interval={checkpoint_interval}",
+            "--set", f"checkpoint_on_stop={checkpoint_on_stop}"]
+    assert main(["train", "--run-dir", str(path), *argv]) == 130
+    err = capsys.readouterr().err
+    stopped = int(re.search(r"stopped at step ([\d,]+)", err)[1].replace(",", ""))
+    assert 400 < stopped < 600, stopped
+    checkpoints = list_checkpoints(path / "checkpoints")
+    if not checkpoint_interval and not checkpoint_on_stop:
+        assert not checkpoints and "nothing to resume" in err
+        return
+    newest = load_checkpoint(checkpoints[-1])["counters"]["env_steps"]
+    assert newest == (stopped if checkpoint_on_stop else 400)
+    assert f"continue with: fastdqn train --resume {path}" in err
+    assert ("(from its checkpoint at step 400)" in err) != checkpoint_on_stop
+    monkeypatch.setattr(Learner, "act", act)
+    assert main(["train", "--resume", str(path), "--no-progress", "--no-tensorboard"]) == 0
+    assert load_checkpoint(list_checkpoints(path / "checkpoints")[-1])["counters"]["env_steps"] == 600
 
 
 def test_eval_json_prints_exactly_one_object(run_dir, capsys):
