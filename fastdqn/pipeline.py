@@ -190,6 +190,7 @@ class _DeviceBatches:
         """The next batch as the learner takes it, its host indices, and the time now."""
         if self._landed is not None:
             self._landed.synchronize()  # the previous host slot is about to be refilled
+            t = watch.lap("device", t)  # the device behind: the copy queued after earlier updates
         host = self._take()
         t = watch.lap("sample", t)
         tensors = self._host[self._slot(host)]
@@ -477,8 +478,8 @@ class AsyncPipeline:
             finally:
                 env.close()
             # A cut: a checkpoint or the end. Every env's episode was stored as truncated.
-            t = time.perf_counter()
-            with self._paused(catch_up=True):
+            with self._paused(catch_up=True):  # its wait for the learner is counted as "wait"
+                t = time.perf_counter()
                 next_log = next_boundary(step, c.log_interval)
                 agent._log(logger, step, epsilon, returns, lengths)
                 returns, lengths = [], []
@@ -488,7 +489,7 @@ class AsyncPipeline:
                 if step >= next_ckpt or step >= total:
                     next_ckpt = next_boundary(step, c.checkpoint_interval)
                     agent._checkpoint_cut(logger)
-            watch.lap("checkpoint", t)
+                watch.lap("checkpoint", t)
         if agent._final_evaluation_due(step, logger):
             with self._paused(catch_up=True):
                 agent._evaluate_and_log(logger, step)
@@ -587,6 +588,8 @@ class AsyncPipeline:
         updates = limiter.updates - self._start_updates
         wall = max(self._wall, 1e-9)
         learning_steps = max(limiter.steps - max(self.agent.config.learning_starts, self._start_steps), 0)
+        time_s = {"actor": self.actor_watch.rounded(),
+                  "learner": {**self.learner_watch.rounded(), "wait": round(limiter.learner_wait_s, 3)}}
         return {
             "actor": "thread", "env_steps": steps, "updates": updates, "wall_s": round(wall, 3),
             "steps_per_s": round(steps / wall, 1), "updates_per_s": round(updates / wall, 1),
@@ -596,7 +599,7 @@ class AsyncPipeline:
             "max_lag_updates": self.max_lag, "max_owed_updates": limiter.max_owed,
             "num_envs": self.num_envs, "env_batch": self.env_batch,
             "actor_syncs": self.weights.taken,
-            "time_s": {"actor": self.actor_watch.rounded(), "learner": self.learner_watch.rounded()},
+            "time_s": time_s,
         }
 
     @staticmethod

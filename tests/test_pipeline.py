@@ -455,14 +455,15 @@ def test_ctrl_c_between_the_actors_wait_check_and_its_wait_still_stops_the_run(t
     assert agent.pipeline_report["env_steps"] < fired[0] + 1_000
 
 
-def test_sigint_to_an_async_training_run_ends_it_cleanly(tmp_path):
-    """A real Ctrl-C (SIGINT to the process) while both threads run: exit status 130, the resume
-    hint, the periodic checkpoint intact, and nothing left hanging."""
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_sigint_or_sigterm_to_an_async_training_run_ends_it_cleanly(tmp_path, stop):
+    """A real Ctrl-C (SIGINT to the process), or SIGTERM, while both threads run: exit status 130,
+    the resume hint, a checkpoint where it stopped, and nothing left hanging."""
     import signal
 
     proc, run_dir = start_training(tmp_path, actor="thread")
     try:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, stop))
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -490,6 +491,12 @@ def test_atari_frame_stacks_in_async_batches_with_a_checkpoint_mid_run(tmp_path)
     assert report["env_batch"] == 2  # half the envs step while the actor acts on the other half
     assert agent.learner.num_updates == agent.updates_due(agent.env_steps) > 0
     assert (tmp_path / "run" / "checkpoints").is_dir()
+    # Where each thread's time went, each part counted once: within the run's wall time.
+    times = report["time_s"]
+    assert {"env", "act", "store", "wait", "checkpoint"} <= set(times["actor"])
+    assert {"sample", "update", "wait"} <= set(times["learner"])
+    for thread in ("actor", "learner"):
+        assert sum(times[thread].values()) <= report["wall_s"] * 1.01, thread
 
 
 @pytest.mark.parametrize("prioritized", [False, True])

@@ -10,9 +10,11 @@ returns the same figures as SB3's runner (env steps/s, updates/s, replay ratio) 
   wrapping those calls. On CUDA an update's time is the host's: queueing the step and
   waiting for its batch's copy to the device (the copy is part of ``update``).
 - ``async``: the overlapped pipeline's own accounting. With the actor thread (CUDA,
-  ``AsyncPipeline.report``): the actor's env, act, store and wait; the learner's sample
-  (waiting for the prefetcher), copy (queueing it on the copy stream), update and wait (for
-  the rate limiter). With the actor process (CPU, ``ActorProcess.report``): the actor's env,
+  ``AsyncPipeline.report``): the actor's env, act, store, wait (for the rate limiter, or
+  for the learner to catch up at a cut) and checkpoint; the learner's device (waiting for
+  the device to finish the copy queued behind earlier updates, before its host batch is
+  reused), sample (waiting for the prefetcher), copy (queueing it on the copy stream),
+  update and wait (for the rate limiter). With the actor process (CPU, ``ActorProcess.report``): the actor's env,
   act, hand-off (writing the step to shared memory) and wait (for a slot, that is for the
   weights it must act with); the learner's learn (storing, updates, logs), publish (weight
   snapshots) and wait (for the actor's next step).
