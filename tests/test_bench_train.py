@@ -75,3 +75,28 @@ def test_each_run_gets_a_fresh_process():
     assert "Traceback" in str(error.value.__cause__)
     with pytest.raises(RuntimeError, match="exit code 3"):  # and so does its death, instead of a hang
         bench_train.in_fresh_process(os._exit, 3)
+
+
+def test_a_failing_system_is_reported_and_the_others_still_run(tmp_path, capsys, monkeypatch):
+    calls = []
+
+    def in_fresh_process(fn, system, *args):
+        calls.append(system)
+        if system == "sync":
+            raise ValueError("no such thing") from RuntimeError("in the run's process:\nTraceback ...")
+        return {"env_steps": 100, "updates": 0, "wall_s": 1.0, "steps_per_s": 100.0, "updates_per_s": 0.0,
+                "replay_ratio": 0.0}
+
+    monkeypatch.setattr(bench_train, "in_fresh_process", in_fresh_process)
+    with pytest.raises(SystemExit, match="a system failed"):
+        bench_train.main(["--env", "CartPole-v1", "--steps", "100", "--systems", "envpool_raw,sync,async",
+                          "--repeats", "2", "--device", "cpu", "--out", str(tmp_path), "--json"])
+    assert calls == ["envpool_raw", "sync", "async", "envpool_raw", "async"]  # a failed system is not run again
+    captured = capsys.readouterr()
+    figures = json.loads(captured.out)
+    assert figures["sync"] == {"error": "ValueError: no such thing"}
+    assert figures["async"]["steps_per_s"] == figures["envpool_raw"]["steps_per_s"] == 100.0
+    assert "Traceback ..." in captured.err  # the run's own traceback, for whoever reads the log
+    saved = json.loads((tmp_path / "train-cpu.json").read_text())
+    assert saved["envs"]["CartPole-v1"]["systems"] == figures
+    assert "| CartPole-v1 | sync | failed: ValueError: no such thing |" in (tmp_path / "train-cpu.md").read_text()

@@ -19,8 +19,10 @@ CleanRL's dqn_atari settings with a smaller buffer and learning_starts, so that 
 happen within a short run. Every run has a fresh Python process of its own (see
 ``in_fresh_process``). Each system is timed from the start of learning to its end
 (environment stepping, acting, replay and updates; no evaluation), then evaluated greedily
-outside the timing. The report (JSON and a markdown table) goes to ``--out``; progress goes
-to stderr.
+outside the timing. The report (JSON and a markdown table) goes to ``--out``, rewritten after
+every run, so a benchmark cut short keeps what it measured; progress goes to stderr. A system
+whose run fails is reported with its error (its traceback goes to stderr), is not run again,
+and the others still run; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -174,6 +176,9 @@ def to_markdown(report: dict) -> str:
         sync = entry["systems"].get("sync", {}).get("steps_per_s")
         sb3 = entry["systems"].get("sb3", {}).get("steps_per_s")
         for name, r in entry["systems"].items():
+            if "steps_per_s" not in r:
+                lines.append(f"| {env_id} | {name} | failed: {r['error']} |" + " |" * 9)
+                continue
             vs_sync = f"{r['steps_per_s'] / sync:.2f}x" if sync and name == "async" else ""
             vs_sb3 = f"{r['steps_per_s'] / sb3:.2f}x" if sb3 and name in ("sync", "async") else ""
             ret = f"{r['eval_mean_return']:.1f}" if "eval_mean_return" in r else ""
@@ -197,6 +202,8 @@ def to_markdown(report: dict) -> str:
                                  + ", ".join(f"{ours / theirs:.2f}x" for ours, theirs in zip(r["runs_steps_per_s"], sb3_runs)))
             for note in r.get("notes", []):
                 lines.append(f"  - {name}: {note}")
+            if "steps_per_s" in r and "error" in r:
+                lines.append(f"  - {name}: a later run failed: {r['error']}")
     return "\n".join(lines) + "\n"
 
 
@@ -297,6 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("cpu" if args.device == "auto" else args.device)
     report = {"benchmark": "train", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": device, "machine": machine_info(), "envs": {}}
+    failed_any = False
     for env_id in args.env or DEFAULT_ENVS:
         steps = args.steps
         if steps is None and is_atari_id(env_id):
@@ -310,19 +318,37 @@ def main(argv: list[str] | None = None) -> dict:
                  "torch_threads": threads, "systems": {}}
         eval_episodes = args.eval_episodes if args.eval_episodes is not None else (0 if preset == "atari" else 10)
         runs: dict[str, list[dict]] = {system: [] for system in systems}
+        errors: dict[str, str] = {}
+        report["envs"][env_id] = entry
         for repeat in range(args.repeats):
             for system in systems:
+                if system in errors:
+                    continue
                 log(f"{env_id}: {system}, {config.total_steps:,} env steps on {device}"
                     + (f" (run {repeat + 1} of {args.repeats})" if args.repeats > 1 else ""))
-                runs[system].append(in_fresh_process(run_system, system, env_id, config, eval_episodes, threads))
-                log(f"{env_id}: {system}: {json.dumps(runs[system][-1])}")
-        entry["systems"] = {system: median_run(results) for system, results in runs.items()}
-        report["envs"][env_id] = entry
+                try:
+                    runs[system].append(in_fresh_process(run_system, system, env_id, config, eval_episodes, threads))
+                    log(f"{env_id}: {system}: {json.dumps(runs[system][-1])}")
+                except Exception as error:  # noqa: BLE001 - reported; the other systems still run
+                    errors[system] = f"{type(error).__name__}: {error}"
+                    log(f"{env_id}: {system} FAILED: {errors[system]}"
+                        + (f"\n{error.__cause__}" if error.__cause__ is not None else ""))
+                entry["systems"] = {name: _summary(results, errors.get(name)) for name, results in runs.items()
+                                    if results or name in errors}
+                base = write_report(args.out, f"train-{device}", report, to_markdown(report))
+        failed_any = failed_any or bool(errors)
 
-    base = write_report(args.out, f"train-{device}", report, to_markdown(report))
     log(f"wrote {base}.json and {base}.md")
     if args.json:
         by_env = {env_id: entry["systems"] for env_id, entry in report["envs"].items()}
         print(json.dumps(next(iter(by_env.values())) if len(by_env) == 1 else by_env))
+    if failed_any:
+        raise SystemExit("fastdqn bench train: a system failed; see its error in the report and its traceback above")
     return report
+
+
+def _summary(results: list[dict], error: str | None) -> dict:
+    """A system's figures: its median run, and the error of a run that failed."""
+    summary = median_run(results) if results else {}
+    return {**summary, "error": error} if error else summary
 
