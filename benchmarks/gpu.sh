@@ -11,20 +11,21 @@
 # envpool, gymnasium and ale-py are not on such a machine: prepare them here with
 # `bash benchmarks/gpu_wheels.sh` (it fills the git-ignored .whl/site), carry .whl with the
 # call, and this script puts .whl/site on PYTHONPATH (or installs .whl/*.whl if given wheels).
-# A step that fails is recorded and the suite goes on. Results land in $OUT_DIR (default
-# benchmarks/results), named after the GPU: learner-*.json/.md, train-cuda.json/.md,
-# gpu-<gpu>.json (every step's status and time, the Pong scores) and gpu-<gpu>.log.
+# A step that fails is recorded and the suite goes on. Results land in $OUT_DIR (default $OUT,
+# the device call's folder that comes back, else benchmarks/results), named after the GPU:
+# learner-*.json/.md, train-cuda.json/.md, gpu-<gpu>.json (every step's status and time, the
+# Pong scores; rewritten after every step) and gpu-<gpu>.log.
 #
 # Knobs: OUT_DIR, SITE (default .whl/site), BREAKOUT_STEPS (default 100000; all three with 16 envs), PONG_STEPS (default 2000000, cut short by
-# the time left: the run is stopped with Ctrl-C, as a user would, and its last checkpoint
-# is evaluated), BUDGET_S (default 520 s for the whole suite).
+# the time left: the run is stopped with Ctrl-C, as a user would, which writes a checkpoint
+# where it stopped, and that is evaluated), BUDGET_S (default 520 s for the whole suite).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 # The package is installed (step 1); python -m and -c must import that, not this checkout's
 # source folder, which has no compiled _core.
 export PYTHONSAFEPATH=1
-OUT_DIR=${OUT_DIR:-benchmarks/results}
+OUT_DIR=${OUT_DIR:-${OUT:-benchmarks/results}}
 BREAKOUT_STEPS=${BREAKOUT_STEPS:-100000}
 PONG_STEPS=${PONG_STEPS:-2000000}
 BUDGET_S=${BUDGET_S:-520}
@@ -49,6 +50,20 @@ STEPS_JSON=""
 
 elapsed() { echo $(( $(date +%s) - START )); }
 
+PONG_DIR=$(mktemp -d)/pong
+PONG_STEPS_REACHED=null  # the step of the checkpoint that pong_eval scores
+PONG_EVAL=null
+
+summary() {
+  cat > "$SUMMARY.tmp" <<EOF
+{"suite": "gpu", "gpu": "$GPU", "date": "$(date -u +%FT%TZ)", "total_s": $(elapsed),
+ "steps": {$STEPS_JSON},
+ "pong_steps_requested": $PONG_STEPS, "pong_steps_reached": $PONG_STEPS_REACHED, "pong_eval": $PONG_EVAL,
+ "notes": "exit 124 for pong_train: stopped by SIGINT (Ctrl-C) at its time limit, as timeout reports it; it then wrote a checkpoint where it stopped, which pong_eval scores"}
+EOF
+  mv "$SUMMARY.tmp" "$SUMMARY"
+}
+
 # step NAME TIMEOUT_S COMMAND...: run it with its output in the log, record status and seconds.
 step() {
   local name=$1 limit=$2; shift 2
@@ -59,6 +74,7 @@ step() {
   local took=$(( $(date +%s) - t0 ))
   echo "=== $name: exit $rc after $took s" | tee -a "$LOG"
   STEPS_JSON="$STEPS_JSON${STEPS_JSON:+,}\"$name\": {\"exit\": $rc, \"seconds\": $took}"
+  summary
   return "$rc"
 }
 
@@ -66,7 +82,8 @@ step() {
   $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
 } 2>&1 | tee -a "$LOG"
 
-step build 240 $PY -m pip install -q --no-build-isolation --no-deps .
+# --no-index: the machine reaches no package index, and nothing needs fetching.
+step build 240 $PY -m pip install -q --no-index --disable-pip-version-check --no-build-isolation --no-deps .
 step learner_bench 90 $PY benchmarks/learner.py --out "$OUT_DIR"
 step cuda_tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_learner.py tests/test_pipeline.py tests/test_actor_process.py -k cuda
 step breakout_bench 200 $PY -m fastdqn.cli bench train --env Breakout-v5 --steps "$BREAKOUT_STEPS" --num-envs 16 \
@@ -74,25 +91,21 @@ step breakout_bench 200 $PY -m fastdqn.cli bench train --env Breakout-v5 --steps
 
 # Pong: CleanRL's dqn_atari settings, 16 envs (async batches of 8), exploration over 10% of
 # PONG_STEPS, checkpoints every 250k steps; whatever time is left, less 90 s for evaluation.
-# Stopped at its time limit, it exits 130 (Ctrl-C) and its last checkpoint is evaluated.
-PONG_DIR=$(mktemp -d)/pong
+# Stopped at its time limit by SIGINT (timeout reports 124), it writes a checkpoint there.
 left=$(( BUDGET_S - $(elapsed) - 90 ))
 if [ "$left" -gt 60 ]; then
   step pong_train "$left" $PY -m fastdqn.cli train --env Pong-v5 --total-steps "$PONG_STEPS" --num-envs 16 \
     --pipeline async --run-dir "$PONG_DIR" --no-tensorboard --set checkpoint_interval=250000 \
     --set eval_episodes=0 --set log_interval=50000 --set save_buffer=false
+  newest=$(ls "$PONG_DIR"/checkpoints/step-*.pt 2>/dev/null | tail -1)
+  [ -n "$newest" ] && PONG_STEPS_REACHED=$(basename "$newest" .pt | sed -E 's/^step-0*([0-9])/\1/')
   step pong_eval 90 $PY -m fastdqn.cli eval "$PONG_DIR" --episodes 10 --json
+  PONG_EVAL=$(grep -h '^{"env": "Pong-v5"' "$LOG" | tail -1)
+  PONG_EVAL=${PONG_EVAL:-null}
   cp "$PONG_DIR/metrics.csv" "$OUT_DIR/pong-metrics-$SLUG.csv" 2>/dev/null
 else
   echo "=== no time left for the Pong run" | tee -a "$LOG"
 fi
 
-PONG_EVAL=$(grep -h '^{"env": "Pong-v5"' "$LOG" | tail -1)
-PONG_REACHED=$(tail -n 1 "$PONG_DIR/metrics.csv" 2>/dev/null | cut -d, -f1)
-cat > "$SUMMARY" <<EOF
-{"suite": "gpu", "gpu": "$GPU", "date": "$(date -u +%FT%TZ)", "total_s": $(elapsed),
- "steps": {$STEPS_JSON},
- "pong_steps_requested": $PONG_STEPS, "pong_steps_reached": ${PONG_REACHED:-null}, "pong_eval": ${PONG_EVAL:-null},
- "notes": "exit 130 for pong_train: stopped by Ctrl-C at its time limit; pong_eval scores its last checkpoint"}
-EOF
+summary
 echo "=== suite done in $(elapsed) s; results in $OUT_DIR" | tee -a "$LOG"
