@@ -182,6 +182,8 @@ def test_actor_takes_published_weights_whole_while_the_learner_writes(device):
 
     learner = small_learner(hidden=512, device=device, actor_copy=True)  # copies long enough to overlap
     weights = ActorWeights(learner)
+    if device == "cuda":  # the learner was built on the default stream; the threads use others (as run() does)
+        torch.cuda.synchronize()
     assert not weights.refresh()  # nothing published yet
     params = list(learner.q_network.parameters())
     rounds = 400
