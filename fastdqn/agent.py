@@ -340,6 +340,7 @@ class DQN:
             step += len(actions)
             self._store(obs, actions, result, cut)
             self.env_steps = step  # the steps stored, for an interrupted learn() to go on from
+            logger.progress(step)
             if len(result.episode_returns):
                 returns_since_log.extend(result.episode_returns.tolist())
                 lengths_since_log.extend(result.episode_lengths.tolist())

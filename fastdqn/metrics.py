@@ -84,6 +84,10 @@ def _number(text: str):
         return text
 
 
+PROGRESS_INTERVAL_S = 0.5
+"""Seconds between two moves of the progress display between metrics rows."""
+
+
 class RunLogger:
     """Writes one run's files. Rows past ``resume_step`` (written after the checkpoint a
     resumed run restarts from) are dropped, so the CSVs read as one uninterrupted run."""
@@ -112,6 +116,8 @@ class RunLogger:
         self._progress = make_progress(total_steps, start_step, config_record.get("env_id", "train")) \
             if progress else None
         self._postfix = ProgressPostfix()
+        self._postfix_text = ""  # the newest row's figures, shown until the next row
+        self._progress_shown = self._t0
 
     def _open_csv(self, name: str, columns: list[str], resume: bool, start_step: int):
         """The CSV open for appending, and the rows kept from before a resume."""
@@ -142,7 +148,21 @@ class RunLogger:
         self._write(self._metrics, row)
         self._scalars("train", step, row)
         if self._progress is not None:
-            self._progress.show(step, self._postfix(row))
+            self._postfix_text = self._postfix(row)
+            self._show_progress(step, now)
+
+    def progress(self, step: int) -> None:
+        """Move the progress display to ``step`` between metrics rows (cheap enough to call every
+        env step: it draws at most every PROGRESS_INTERVAL_S), so that a slow run's bar and ETA
+        move although rows come only every log_interval steps."""
+        if self._progress is not None:
+            now = time.perf_counter()
+            if now - self._progress_shown >= PROGRESS_INTERVAL_S:
+                self._show_progress(step, now)
+
+    def _show_progress(self, step: int, now: float) -> None:
+        self._progress_shown = now
+        self._progress.show(step, self._postfix_text)
 
     def log_eval(self, step: int, returns: list[float], protocol: str) -> dict:
         n = len(returns)

@@ -443,6 +443,7 @@ class AsyncPipeline:
                         t = watch.lap("store", t)
                     limiter.inserted(counted)
                     agent.env_steps = step  # the steps stored, for an interrupted learn() to go on from
+                    logger.progress(step)
                     last_obs[ids] = result.obs
                     started[ids] = True
                     if len(result.episode_returns):

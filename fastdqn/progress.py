@@ -76,7 +76,7 @@ class ProgressLines:
         eta = _clock_time((self.total_steps - step) / rate) if rate > 0 and step < self.total_steps else "0:00:00"
         self._last_step, self._last_time = step, now
         self.write(f"{self.name}: {step:,}/{self.total_steps:,} steps ({100 * step / self.total_steps:.0f}%), "
-                   f"{rate:,.0f} steps/s, ETA {eta}, {text}")
+                   f"{rate:,.0f} steps/s, ETA {eta}" + (f", {text}" if text else ""))
 
     def write(self, text: str) -> None:
         print(text, file=self._file, flush=True)

@@ -96,6 +96,50 @@ def test_progress_lines_come_every_interval_and_at_the_end_with_the_recent_rate(
     assert out.getvalue().splitlines()[-1] == "Pong-v5: 10,000/10,000 steps (100%), 317 steps/s, ETA 0:00:00, x"
 
 
+def test_the_progress_display_moves_between_metrics_rows_with_the_last_rows_figures(tmp_path, monkeypatch):
+    from fastdqn import metrics
+
+    now, shown = [0.0], []
+
+    class Display:
+        def show(self, step, text):
+            shown.append((step, text))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(metrics, "make_progress", lambda *args: Display())
+    logger = metrics.RunLogger(tmp_path, {"env_id": "CartPole-v1"}, total_steps=1_000, tensorboard=False)
+    for step, t in [(8, 0.1), (16, 0.6), (24, 0.7)]:
+        now[0] = t
+        logger.progress(step)
+    now[0] = 0.8
+    logger.log(32, {"episode_return_100": 20.0, "epsilon": 0.5, "loss": 0.25, "updates": 4})
+    for step, t in [(40, 1.0), (48, 1.3), (56, 1.4)]:
+        now[0] = t
+        logger.progress(step)
+    logger.close()
+    row_text = "return 20.0, eps 0.50, loss 0.25"
+    assert shown == [(16, ""), (32, row_text), (48, row_text)]  # at most every PROGRESS_INTERVAL_S between rows
+    assert metrics.PROGRESS_INTERVAL_S == 0.5
+
+
+def test_training_moves_the_progress_display_every_stored_step(tmp_path, monkeypatch):
+    from fastdqn.agent import DQN
+    from fastdqn.config import DQNConfig
+    from fastdqn.metrics import RunLogger
+
+    for pipeline, actor in [("sync", "auto"), ("async", "thread"), ("async", "process")]:
+        steps = []
+        monkeypatch.setattr(RunLogger, "progress", lambda self, step: steps.append(step))
+        config = DQNConfig(num_envs=2, learning_starts=50, log_interval=10**6, eval_episodes=0, pipeline=pipeline,
+                           actor=actor, save_buffer=False, hidden_sizes=(16,), buffer_size=1_000)
+        DQN("CartPole-v1", config, run_dir=tmp_path / pipeline / actor, progress=False, tensorboard=False).learn(200)
+        # (the thread actor's first envpool batch is the envs' resets: no step yet)
+        assert [step for step in steps if step] == list(range(2, 201, 2)), (pipeline, actor)
+
+
 class NotebookStream(io.StringIO):
     """What Jupyter puts in sys.stderr: not a terminal, but it redraws a bar in place."""
 
