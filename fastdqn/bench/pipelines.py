@@ -19,6 +19,10 @@ returns the same figures as SB3's runner (env steps/s, updates/s, replay ratio) 
   weights it must act with); the learner's learn (storing, updates, logs), publish (weight
   snapshots) and wait (for the actor's next step).
 
+The learning systems are timed over ``learn()``, their envs made before it, as SB3's are; but
+the async pipeline makes envs of its own inside ``learn()`` (envpool's async mode, or in the
+actor process), so its time includes that: about a second for 16 Atari envs.
+
 ``gpu_busy`` is the mean of NVML's utilization (the fraction of time a kernel was running),
 sampled every 50 ms during learning; None where NVML is not available.
 """
