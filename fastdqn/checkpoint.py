@@ -48,16 +48,39 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: dict, buffer
     keep the newest ``keep`` checkpoints. Returns the .pt path."""
     path = checkpoint_path(directory, step)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(path.parent)
     state = dict(state, format=FORMAT, version=VERSION, step=step, buffer_file=None)
-    if buffer is not None:
-        state["buffer_file"] = path.with_suffix(".replay").name
-        _save_buffer_atomically(buffer, path.with_suffix(".replay"))
-    data = io.BytesIO()
-    torch.save(state, data)
-    atomic_write_bytes(path, data.getvalue())
+    try:
+        if buffer is not None:
+            state["buffer_file"] = path.with_suffix(".replay").name
+            _save_buffer_atomically(buffer, path.with_suffix(".replay"))
+        data = io.BytesIO()
+        torch.save(state, data)
+        atomic_write_bytes(path, data.getvalue())
+    except BaseException:  # stopped (a second Ctrl-C) or failed: no buffer file without its .pt
+        if not path.is_file():
+            path.with_suffix(".replay").unlink(missing_ok=True)
+        raise
     for old in list_checkpoints(path.parent)[:-keep] if keep > 0 else []:
         _remove_pair(old)
     return path
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """What a save killed halfway (SIGKILL, a power cut) left: temporary files (hidden, named
+    after the file they were to become) and buffer files whose .pt was never written. A
+    buffer file is as large as the buffer, so each would waste gigabytes."""
+    for entry in directory.iterdir():
+        if entry.name.startswith(".step-"):
+            if entry.is_dir():
+                for leftover in entry.iterdir():
+                    leftover.unlink()
+                entry.rmdir()
+            else:
+                entry.unlink()
+        elif _NAME.match(entry.with_suffix(".pt").name) and entry.suffix == ".replay" \
+                and not entry.with_suffix(".pt").is_file():
+            entry.unlink()
 
 
 def _save_buffer_atomically(buffer, path: Path) -> None:

@@ -155,6 +155,36 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert torch.equal(ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path)[-1])["x"], torch.ones(3))
 
 
+def test_a_save_stopped_between_its_buffer_and_its_pt_leaves_no_buffer_file(tmp_path, monkeypatch):
+    """A second Ctrl-C during the stop's checkpoint, once the (gigabytes of) buffer is written."""
+    class Buffer:
+        def save(self, path):
+            Path(path).write_bytes(b"replay")
+
+    ckpt.save_checkpoint(tmp_path, 1, {"x": torch.ones(3)}, Buffer())
+    write = ckpt.atomic_write_bytes
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 2, {"x": torch.zeros(3)}, Buffer())
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", write)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000000001.pt", "step-000000000001.replay"]
+
+
+def test_what_a_killed_save_left_is_removed_by_the_next_save(tmp_path):
+    """SIGKILL (or a power cut) in the middle of a save leaves temporary files and maybe a buffer
+    file without its .pt; the next save of the run removes them, and only them."""
+    ckpt.save_checkpoint(tmp_path, 1, {"x": torch.ones(3)})
+    leftovers = [tmp_path / ".step-000000000002.replay.abc", tmp_path / ".step-000000000002.pt.xyz.tmp",
+                 tmp_path / "step-000000000002.replay"]
+    leftovers[0].mkdir()
+    (leftovers[0] / "step-000000000002.replay.tmp-123").write_bytes(b"half a buffer")
+    for path in leftovers[1:]:
+        path.write_bytes(b"partial")
+    (tmp_path / "notes.txt").write_text("a user's file")
+    ckpt.save_checkpoint(tmp_path, 3, {"x": torch.zeros(3)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "step-000000000003.pt"]
+
+
 def test_rng_states_round_trip():
     rng = np.random.default_rng(5)
     random.seed(1)
