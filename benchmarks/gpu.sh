@@ -17,8 +17,8 @@
 # Pong scores; rewritten after every step) and gpu-<gpu>.log.
 #
 # Knobs: OUT_DIR, SITE (default .whl/site), BREAKOUT_STEPS (default 100000; all three with 16 envs), PONG_STEPS (default 2000000, cut short by
-# the time left: the run is stopped with Ctrl-C, as a user would, which writes a checkpoint
-# where it stopped, and that is evaluated), BUDGET_S (default 520 s for the whole suite).
+# the time left: the run is stopped with SIGTERM, as a job's time limit would, which writes a
+# checkpoint where it stopped, and that is evaluated), BUDGET_S (default 520 s for the whole suite).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -59,7 +59,7 @@ summary() {
 {"suite": "gpu", "gpu": "$GPU", "date": "$(date -u +%FT%TZ)", "total_s": $(elapsed),
  "steps": {$STEPS_JSON},
  "pong_steps_requested": $PONG_STEPS, "pong_steps_reached": $PONG_STEPS_REACHED, "pong_eval": $PONG_EVAL,
- "notes": "exit 124 for pong_train: stopped by SIGINT (Ctrl-C) at its time limit, as timeout reports it; it then wrote a checkpoint where it stopped, which pong_eval scores"}
+ "notes": "exit 124 for pong_train: stopped by SIGTERM at its time limit, as timeout reports it (137: killed 20 s later); it then wrote a checkpoint where it stopped, which pong_eval scores"}
 EOF
   mv "$SUMMARY.tmp" "$SUMMARY"
 }
@@ -69,7 +69,7 @@ step() {
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
   echo "=== [$(elapsed) s] $name (limit ${limit} s): $*" | tee -a "$LOG"
-  timeout -s INT -k 20 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  timeout -s "${STOP_SIGNAL:-INT}" -k 20 "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   local took=$(( $(date +%s) - t0 ))
   echo "=== $name: exit $rc after $took s" | tee -a "$LOG"
@@ -91,10 +91,12 @@ step breakout_bench 200 $PY -m fastdqn.cli bench train --env Breakout-v5 --steps
 
 # Pong: CleanRL's dqn_atari settings, 16 envs (async batches of 8), exploration over 10% of
 # PONG_STEPS, checkpoints every 250k steps; whatever time is left, less 90 s for evaluation.
-# Stopped at its time limit by SIGINT (timeout reports 124), it writes a checkpoint there.
+# Stopped at its time limit by SIGTERM, as a job's time limit stops it (timeout reports 124),
+# it stops at its next step and writes a checkpoint there. (Not SIGINT: a shell may start a
+# background job with SIGINT ignored.)
 left=$(( BUDGET_S - $(elapsed) - 90 ))
 if [ "$left" -gt 60 ]; then
-  step pong_train "$left" $PY -m fastdqn.cli train --env Pong-v5 --total-steps "$PONG_STEPS" --num-envs 16 \
+  STOP_SIGNAL=TERM step pong_train "$left" $PY -m fastdqn.cli train --env Pong-v5 --total-steps "$PONG_STEPS" --num-envs 16 \
     --pipeline async --run-dir "$PONG_DIR" --no-tensorboard --set checkpoint_interval=250000 \
     --set eval_episodes=0 --set log_interval=50000 --set save_buffer=false
   newest=$(ls "$PONG_DIR"/checkpoints/step-*.pt 2>/dev/null | tail -1)
