@@ -200,10 +200,12 @@ class ActorProcess:
             result = StepResult(**{name: fields[name] for name in _RESULT_FIELDS},
                                 **{name: fields[name][:episodes] for name in _EPISODE_FIELDS})
             step += len(result.env_ids)
-            cut = bool(fields["cut"][0])
+            actor_cut = bool(fields["cut"][0])  # the actor's own: a checkpoint's step or the end
+            cut = actor_cut or agent.stop_requested  # or a requested stop's, which the actor acted on as any step
             self._rng_at = {step: fields["rng"], **self._rng_at}
             if cut:  # the actor's draws so far: the checkpoint about to be written holds them
                 self._take_rng(step)
+            if actor_cut:
                 self._actor_seconds = json.loads(self._receive.recv_bytes())["seconds"]
             t = watch.lap("wait", t)
             yield fields["acted_obs"], fields["actions"], result, float(fields["epsilon"][0]), cut

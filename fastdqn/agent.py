@@ -24,13 +24,16 @@ an uninterrupted run exactly.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import importlib.util
 import io
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -145,6 +148,7 @@ class DQN:
         self._unfinished_total_steps: int | None = None  # of a learn() call interrupted here or in the run
         # The step last stored when the sync engine drew for the next one, and the generators' states then.
         self._rng_after_step: tuple[int, dict, dict] = (-1, {}, {})
+        self._stop_requested = False  # see request_stop
 
     # ------------------------------------------------------------------ pieces
     def _make_train_env(self, step: int):
@@ -268,9 +272,14 @@ class DQN:
         """Train until ``total_steps`` environment steps (summed over envs) have been taken
         in this agent's life; returns self. Schedules (epsilon, PER beta) span total_steps.
         The default is ``scheduled_total_steps``: an interrupted run goes on to its own total.
-        Stopped early (Ctrl-C, an error), it leaves the agent as a cut after its last stored
-        step would: ``env_steps`` counts the stored steps, the buffer's episodes end there as
-        truncations, and the next call restarts the envs and goes on."""
+
+        Ctrl-C (in the main thread; or ``request_stop``) stops the run at a cut: the next step
+        is stored as a checkpoint's step is (the episodes end there as truncations), its
+        updates are made, its metrics row and, with ``checkpoint_on_stop``, its checkpoint
+        are written, and learn() raises KeyboardInterrupt. A second Ctrl-C stops at once.
+        Stopped at once (a second Ctrl-C, an error), it leaves the agent as a cut after its
+        last stored step would: ``env_steps`` counts the stored steps, the buffer's episodes
+        end there as truncations. Either way the next call restarts the envs and goes on."""
         c = self.config
         total = self.scheduled_total_steps if total_steps is None else total_steps
         if isinstance(total, bool) or not isinstance(total, int) or total < 1:
@@ -287,6 +296,7 @@ class DQN:
         logger = RunLogger(self.run_dir, self._config_record(total), total_steps=total,
                            start_step=self.env_steps, wall_time_offset=self.wall_time, resume=self.env_steps > 0,
                            tensorboard=self.tensorboard, progress=self.progress)
+        self._stop_requested = False
         try:
             if self.env_steps >= total:  # no step to take
                 self._finish_run(total, logger, stopped_at_its_end)
@@ -304,12 +314,13 @@ class DQN:
 
                 actor = ActorProcess(self, total)
                 try:
-                    with actor:
+                    with actor, self._ctrl_c_requests_a_stop():
                         self._loop(total, logger, actor.steps())
                 finally:
                     self.pipeline_report = actor.report()
             else:
-                self._loop(total, logger)
+                with self._ctrl_c_requests_a_stop():
+                    self._loop(total, logger)
         except BaseException as error:
             try:  # the next learn() makes new envs (see _acted_steps)
                 self.buffer.end_episodes()
@@ -326,16 +337,60 @@ class DQN:
         self._unfinished_total_steps = None
         return self
 
+    def request_stop(self) -> None:
+        """Ask a running ``learn()`` to stop at a cut at its next step (see ``learn``); safe to
+        call from a signal handler or another thread. Each learn() call starts without it."""
+        self._stop_requested = True
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether the running (or last) ``learn()`` was asked to stop (``request_stop``, Ctrl-C)."""
+        return self._stop_requested
+
+    @contextlib.contextmanager
+    def _ctrl_c_requests_a_stop(self):
+        """In the main thread, with Python's own Ctrl-C handler in place: the first Ctrl-C asks
+        for a stop at a cut (``request_stop``), and puts that handler back, so that a second one
+        stops at once (raising KeyboardInterrupt wherever it lands)."""
+        if threading.current_thread() is not threading.main_thread() \
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            yield
+            return
+
+        def on_ctrl_c(signum, frame):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.request_stop()
+
+        signal.signal(signal.SIGINT, on_ctrl_c)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _stop_at_cut(self, logger: RunLogger, step: int, checkpoint_due: bool) -> None:
+        """A cut's checkpoint, when one is due there or the cut is a requested stop's (with
+        checkpoint_on_stop); then, for a stop, KeyboardInterrupt."""
+        stopping = self._stop_requested
+        if checkpoint_due or (stopping and self.config.checkpoint_on_stop):
+            if stopping:
+                logger.message(f"stopping at step {step:,}: writing its checkpoint (Ctrl-C again to skip it)")
+            self._checkpoint_cut(logger)
+        if stopping:
+            raise KeyboardInterrupt(f"stopped at step {step}, as requested")
+
     def _loop(self, total: int, logger: RunLogger, steps=None) -> None:
         """Store each vector step of ``steps`` (``_acted_steps``, or an actor process's), run
         the updates due, log, evaluate and checkpoint. What ``steps`` yields is consumed before
-        it asks for the next one, so a producer may reuse its arrays."""
+        it asks for the next one, so a producer may reuse its arrays. A requested stop makes
+        the next step a cut, and ends the loop there; the source reads the request (once per
+        step), so that what it does at a cut, such as taking the actor's RNG states, and the
+        loop agree."""
         c, learner = self.config, self.learner
         step = self.env_steps
         updates_done = learner.num_updates
         returns_since_log: list[float] = []
         lengths_since_log: list[float] = []
-        next_log, next_eval, _ = self.next_boundaries(step)  # checkpoints come with cuts, from the source
+        next_log, next_eval, next_ckpt = self.next_boundaries(step)  # cuts come from the source
         for obs, actions, result, epsilon, cut in (self._acted_steps(total) if steps is None else steps):
             step += len(actions)
             self._store(obs, actions, result, cut)
@@ -356,7 +411,10 @@ class DQN:
                 next_eval = next_boundary(step, c.eval_interval)
                 self._evaluate_and_log(logger, step)
             if cut:
-                self._checkpoint_cut(logger)
+                checkpoint_due = step >= next_ckpt or step >= total
+                if checkpoint_due:
+                    next_ckpt = next_boundary(step, c.checkpoint_interval)
+                self._stop_at_cut(logger, step, checkpoint_due)
         if self._final_evaluation_due(step, logger):
             self._evaluate_and_log(logger, step)
 
@@ -378,8 +436,9 @@ class DQN:
 
     def _acted_steps(self, total: int):
         """Act on this agent's envs and step them up to ``total``: yields (obs acted on, actions,
-        StepResult, epsilon, cut) per vector step. A cut (a checkpoint's step or the end) is
-        stored as a truncation; the envs then restart from a seed derived from the step."""
+        StepResult, epsilon, cut) per vector step. A cut (a checkpoint's step, the end or a
+        requested stop's step) is stored as a truncation; the envs then restart from a seed
+        derived from the step."""
         c, learner = self.config, self.learner
         step = self.env_steps
         if self.env.closed:  # by an async or interrupted learn(), or a resume: restart as at a cut
@@ -397,7 +456,7 @@ class DQN:
                 actions = learner.act(obs, epsilon).cpu().numpy()
             result = self.env.step(actions)
             step += c.num_envs
-            cut = step >= next_ckpt or step >= total
+            cut = step >= next_ckpt or step >= total or self._stop_requested
             yield obs, actions, result, epsilon, cut
             obs = result.obs
             if cut:

@@ -132,11 +132,12 @@ def _train(args) -> int:
     with _usage_errors("train"):
         agent, total = _agent_to_train(args)
     print(f"run directory: {agent.run_dir}", file=sys.stderr)
+    signals: list[int] = []  # SIGTERM, if that is what stopped the run
     try:
-        with _sigterm_as_ctrl_c():
+        with _sigterm_as_ctrl_c(agent, signals):
             agent.learn(total)
     except KeyboardInterrupt:
-        return _stopped(agent)
+        return _stopped(agent, 128 + (signals[0] if signals else signal.SIGINT))
     finally:
         agent.close()
     from fastdqn.metrics import read_csv
@@ -150,19 +151,24 @@ def _train(args) -> int:
 
 
 @contextlib.contextmanager
-def _sigterm_as_ctrl_c():
-    """SIGTERM (a job's time limit, a preempted machine) stops training as Ctrl-C does: through
-    the SIGINT handler in place (the async pipeline's stops at a safe point), then the stop's
-    checkpoint. Signals reach the main thread only; elsewhere SIGTERM keeps its own handling."""
+def _sigterm_as_ctrl_c(agent, received: list[int]):
+    """SIGTERM (a job's time limit, a preempted machine) stops training as Ctrl-C does: the first
+    at a cut, with its checkpoint (see DQN.learn), a second at once. It goes through the SIGINT
+    handler in place (the async pipeline's, or learn()'s); where SIGINT is ignored (a job started
+    in the background), it asks the agent directly. Signals reach the main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def on_sigterm(signum, frame):
+        received.append(signum)
         handler = signal.getsignal(signal.SIGINT)
-        if not callable(handler):  # SIGINT ignored, as in a job started in the background
-            handler = signal.default_int_handler
-        handler(signal.SIGINT, frame)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        elif not agent.stop_requested:
+            agent.request_stop()
+        else:
+            raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
@@ -171,26 +177,20 @@ def _sigterm_as_ctrl_c():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _stopped(agent) -> int:
-    """After Ctrl-C or SIGTERM: the stop's checkpoint (checkpoint_on_stop), then how to go on."""
+def _stopped(agent, status: int) -> int:
+    """After Ctrl-C or SIGTERM: where the run stopped, and how to go on from its newest checkpoint;
+    returns the exit status (128 + the signal's number, as a shell reports a process it stopped)."""
     from fastdqn.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint
 
     print(f"\nstopped at step {agent.env_steps:,}", file=sys.stderr)
-    if agent.config.checkpoint_on_stop and agent.env_steps > 0:
-        print("writing its checkpoint (Ctrl-C again to skip it) ...", file=sys.stderr)
-        try:
-            with _sigterm_as_ctrl_c():
-                agent.save_checkpoint()
-        except KeyboardInterrupt:
-            print("checkpoint skipped", file=sys.stderr)
     checkpoints = list_checkpoints(checkpoint_dir(agent.run_dir))
     if not checkpoints:
         print("no checkpoint was written: nothing to resume", file=sys.stderr)
-        return 130
+        return status
     step = load_checkpoint(checkpoints[-1])["counters"]["env_steps"]
     resumed_from = "" if step == agent.env_steps else f" (from its checkpoint at step {step:,})"
     print(f"continue with: fastdqn train --resume {agent.run_dir}{resumed_from}", file=sys.stderr)
-    return 130
+    return status
 
 
 def _agent_to_train(args):
@@ -230,6 +230,8 @@ def _agent_to_train(args):
         agent = DQN(env_id, config, run_dir=args.run_dir, progress=not args.no_progress,
                     tensorboard=not args.no_tensorboard)
         total = config.total_steps
+    if agent.buffer is None:  # made now, as learn() would first: a size it refuses is a bad argument
+        agent.buffer = agent._make_buffer()
     return agent, total
 
 

@@ -124,9 +124,9 @@ class DQNConfig:
     save_buffer: bool = True
     """Store the replay buffer with each checkpoint, so that --resume continues exactly."""
     checkpoint_on_stop: bool = True
-    """fastdqn train writes a checkpoint where Ctrl-C or SIGTERM stops it, so --resume loses no step
-    (the run goes on as from a cut there). False: --resume goes on from the last periodic checkpoint,
-    and the resumed run is the uninterrupted run, bit for bit."""
+    """A run stopped by Ctrl-C or SIGTERM (DQN.request_stop) writes a checkpoint at the step where it
+    stops, so --resume loses no step: it goes on as the run with a checkpoint due there. False:
+    --resume goes on from the last periodic checkpoint, as the uninterrupted run."""
 
     # -------------------------------------------------------------------------
     @property

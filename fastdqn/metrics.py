@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -178,8 +179,11 @@ class RunLogger:
         return row
 
     def message(self, text: str) -> None:
+        """A line for whoever watches the run, shown even without a progress display (above a bar)."""
         if self._progress is not None:
             self._progress.write(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
 
     def _write(self, handle, row: dict) -> None:
         f, writer = handle

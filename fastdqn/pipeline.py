@@ -23,9 +23,10 @@ for the other. Here they run at once, in two threads that share the lock-free re
   stream, ordered by events, so neither thread waits on the host), the actor copies it in
   between two action selections, so it never sees half-written weights.
 - Errors: the first exception in either thread stops both (the limiter wakes every wait)
-  and is re-raised in the calling thread with its original traceback. Ctrl-C closes the
-  limiter too and comes out of ``run`` as KeyboardInterrupt once the learner has stopped,
-  never halfway into a lock the two threads share.
+  and is re-raised in the calling thread with its original traceback. Ctrl-C (or
+  ``DQN.request_stop``) stops at a cut, as the synchronous engine does; a second Ctrl-C
+  closes the limiter and comes out of ``run`` as KeyboardInterrupt once the learner has
+  stopped, never halfway into a lock the two threads share.
   Checkpoints are written only while the learner is paused and caught up.
 
 On CPU the same code runs with ``actor="thread"`` (the tests run it so), the two threads
@@ -370,18 +371,20 @@ class AsyncPipeline:
 
     @contextlib.contextmanager
     def _ctrl_c_at_safe_points(self):
-        """Ctrl-C stops the run at the actor's next rate-limiter call, not wherever it lands.
+        """Ctrl-C stops the run at safe points, not wherever it lands.
 
-        Python runs a signal handler between any two bytecodes, also between a lock's acquire
-        and the with-block that releases it. A KeyboardInterrupt raised there would leave the
-        rate limiter's lock (or another the learner takes) held for good, and the learner stuck
-        on it. So while the run lasts, Ctrl-C only closes the limiter, which ends every wait of
-        both threads, and ``run`` raises KeyboardInterrupt once the learner has stopped. The
-        limiter is closed from a new thread: the handler may run inside the actor's own check
-        of a wait condition, and a notify sent from there, before the wait begins, would be
-        lost. In a ``_paused`` block (evaluation, checkpoint, log), where the learner waits
-        for nothing the actor holds, Ctrl-C raises at once, as it does in the sync engine.
-        Only the main thread gets signals; a caller with a SIGINT handler of its own keeps it.
+        The first Ctrl-C asks for a stop at a cut (``DQN.request_stop``, which the actor reads
+        at its next env batch), as in the synchronous engine. A second one stops at once, but
+        still not wherever it lands: Python runs a signal handler between any two bytecodes,
+        also between a lock's acquire and the with-block that releases it. A KeyboardInterrupt
+        raised there would leave the rate limiter's lock (or another the learner takes) held for
+        good, and the learner stuck on it. So the second Ctrl-C only closes the limiter, which
+        ends every wait of both threads, and ``run`` raises KeyboardInterrupt once the learner
+        has stopped. The limiter is closed from a new thread: the handler may run inside the
+        actor's own check of a wait condition, and a notify sent from there, before the wait
+        begins, would be lost. In a ``_paused`` block (evaluation, checkpoint, log), where the
+        learner waits for nothing the actor holds, the second Ctrl-C raises at once. Only the
+        main thread gets signals; a caller with a SIGINT handler of its own keeps it.
         """
         if threading.current_thread() is not threading.main_thread() \
                 or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
@@ -389,6 +392,9 @@ class AsyncPipeline:
             return
 
         def on_ctrl_c(signum, frame):
+            if not self.agent.stop_requested:
+                self.agent.request_stop()
+                return
             self._interrupted = True
             threading.Thread(target=self._limiter.close, name="fastdqn-ctrl-c", daemon=True).start()
             if self._pausing:
@@ -427,7 +433,7 @@ class AsyncPipeline:
                     ids = result.env_ids
                     counted = int(started[ids].sum())
                     step += counted
-                    cut = cut or step >= next_ckpt or step >= total
+                    cut = cut or step >= next_ckpt or step >= total or agent.stop_requested
                     # Steps count whether or not they hold a transition (a row that only reset
                     # does not), so the limiter is asked either way.
                     if not limiter.await_insert(counted):
@@ -478,7 +484,7 @@ class AsyncPipeline:
                             agent._evaluate_and_log(logger, step)
             finally:
                 env.close()
-            # A cut: a checkpoint or the end. Every env's episode was stored as truncated.
+            # A cut: a checkpoint, the end or a requested stop. Every env's episode was stored as truncated.
             with self._paused(catch_up=True):  # its wait for the learner is counted as "wait"
                 t = time.perf_counter()
                 next_log = next_boundary(step, c.log_interval)
@@ -487,9 +493,10 @@ class AsyncPipeline:
                 if step >= next_eval:
                     next_eval = next_boundary(step, c.eval_interval)
                     agent._evaluate_and_log(logger, step)
-                if step >= next_ckpt or step >= total:
+                checkpoint_due = step >= next_ckpt or step >= total
+                if checkpoint_due:
                     next_ckpt = next_boundary(step, c.checkpoint_interval)
-                    agent._checkpoint_cut(logger)
+                agent._stop_at_cut(logger, step, checkpoint_due)  # a requested stop raises here
                 watch.lap("checkpoint", t)
         if agent._final_evaluation_due(step, logger):
             with self._paused(catch_up=True):

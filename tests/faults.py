@@ -46,11 +46,13 @@ def start_training(tmp_path: Path, actor: str) -> tuple[subprocess.Popen, Path]:
     return proc, run_dir
 
 
-def assert_stopped_by_ctrl_c(proc: subprocess.Popen, stderr: str, run_dir: Path) -> None:
-    """Exit status 130, the resume hint, and the newest checkpoint the stop's own, past the periodic one."""
+def assert_stopped_by_ctrl_c(proc: subprocess.Popen, stderr: str, run_dir: Path,
+                             stop: int = signal.SIGINT) -> None:
+    """Exit status 128 + the signal (130 for Ctrl-C, 143 for SIGTERM), the resume hint, and the
+    newest checkpoint the stop's own, past the periodic one."""
     from fastdqn.checkpoint import list_checkpoints, load_checkpoint
 
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 128 + stop, stderr
     assert "continue with: fastdqn train --resume" in stderr
     stopped = int(re.search(r"stopped at step ([\d,]+)", stderr)[1].replace(",", ""))
     assert load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])["counters"]["env_steps"] == stopped > 2_000

@@ -384,7 +384,7 @@ def test_ctrl_c_or_sigterm_ends_the_run_and_its_actor_cleanly(tmp_path, stop):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert_stopped_by_ctrl_c(proc, stderr, run_dir)
+    assert_stopped_by_ctrl_c(proc, stderr, run_dir, stop)
     assert _gone(run_dir, within=5)
 
 

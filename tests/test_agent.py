@@ -1,5 +1,6 @@
 """The synchronous training engine (fastdqn.agent.DQN) and its config."""
 
+import dataclasses
 import math
 import os
 import shutil
@@ -181,24 +182,45 @@ def test_an_interrupted_learn_goes_on_as_from_a_cut_at_its_last_stored_step(tmp_
     assert_same_state(learned_state(interrupted), learned_state(cut))
 
 
+def run_rows(run_dir, name: str) -> list[dict]:
+    """A run's metrics.csv or eval.csv rows without the figures that depend on timing."""
+    return [{k: v for k, v in row.items() if k not in ("wall_time", "steps_per_s")}
+            for row in read_csv(run_dir / name)]
+
+
 @pytest.mark.parametrize("pipeline,actor", [("sync", "auto"), ("async", "process")])
-def test_the_checkpoint_of_a_stopped_learn_resumes_as_the_agent_goes_on(tmp_path, pipeline, actor):
-    """What fastdqn train does after Ctrl-C: the checkpoint written once learn() has stopped,
-    resumed in a new agent, goes on exactly as the stopped agent itself goes on."""
-    config = tiny(eval_episodes=0, n_step=2, save_buffer=True, pipeline=pipeline, actor=actor)
+def test_a_requested_stop_is_a_cut_and_its_checkpoint_resumes_as_the_cut_run_goes_on(tmp_path, pipeline, actor):
+    """A stop requested in the middle of a round of updates (as Ctrl-C asks for one): the next
+    step is stored as a cut's, its row and checkpoint are written, and learn() raises. Resumed
+    from that checkpoint, or called again, the run is the one whose checkpoint cut falls on
+    that step: networks, optimizer, RNGs, the buffer's samples, metrics and evaluations."""
+    config = tiny(n_step=2, save_buffer=True, pipeline=pipeline, actor=actor, gradient_steps=4, train_frequency=16,
+                  eval_interval=200, log_interval=100)
     stopped = agent(tmp_path / "stopped", config=config)
-    stopped.learner.update = failing_on_call(stopped.learner.update, 120, KeyboardInterrupt("stop"))
-    with pytest.raises(KeyboardInterrupt, match="stop"):
+    update = stopped.learner.update
+
+    def update_asking_for_a_stop(*args, **kwargs):
+        if stopped.learner.num_updates == 130:  # the 3rd of a round's 4
+            stopped.request_stop()
+        return update(*args, **kwargs)
+
+    stopped.learner.update = update_asking_for_a_stop
+    with pytest.raises(KeyboardInterrupt, match="as requested"):
         stopped.learn(1_000)
+    cut_step = stopped.env_steps
+    assert 500 < cut_step < 1_000 and cut_step % 200  # not an evaluation's or a periodic checkpoint's step
+    assert stopped.learner.num_updates == stopped.updates_due(cut_step)  # the round was finished
     del stopped.learner.update
-    assert 0 < stopped.env_steps < 1_000
-    stopped.save_checkpoint()
-    shutil.copytree(tmp_path / "stopped" / "run", tmp_path / "copy")  # each run goes on in a folder of its own
-    resumed = DQN.resume(tmp_path / "copy", progress=False, tensorboard=False)
-    assert resumed.env_steps == stopped.env_steps and resumed.scheduled_total_steps == 1_000
+    shutil.copytree(tmp_path / "stopped" / "run", tmp_path / "resumed" / "run")
+    resumed = DQN.resume(tmp_path / "resumed" / "run", progress=False, tensorboard=False)
     stopped.learn()
     resumed.learn()
-    assert_same_state(learned_state(stopped), learned_state(resumed))
+    cut = agent(tmp_path / "cut", config=dataclasses.replace(config, checkpoint_interval=cut_step))
+    cut.learn(1_000)
+    for run, directory in ((stopped, "stopped"), (resumed, "resumed")):
+        assert_same_state(learned_state(run), learned_state(cut))
+        for csv_name in ("metrics.csv", "eval.csv"):
+            assert run_rows(tmp_path / directory / "run", csv_name) == run_rows(tmp_path / "cut" / "run", csv_name)
 
 
 @pytest.mark.parametrize("pipeline,actor", [("sync", "auto"), ("async", "thread"), ("async", "process")])

@@ -4,12 +4,13 @@ import io
 import json
 import math
 import re
+import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from faults import failing_on_call
+from faults import default_ctrl_c, failing_on_call
 
 from fastdqn.cli import main
 from fastdqn.metrics import read_csv
@@ -183,32 +184,56 @@ def test_a_run_stopped_in_its_final_evaluation_is_finished_by_resume(tmp_path, m
     assert "already has 600 steps" in capsys.readouterr().err
 
 
+def ctrl_c_on_call(function, calls: set[int]):
+    """``function``, with a real Ctrl-C (SIGINT to this process) on entering each of its ``calls``-th calls."""
+    count = [0]
+
+    def with_ctrl_c(*args, **kwargs):
+        count[0] += 1
+        if count[0] in calls:
+            signal.raise_signal(signal.SIGINT)
+        return function(*args, **kwargs)
+
+    return with_ctrl_c
+
+
 @pytest.mark.filterwarnings("ignore:this checkpoint holds no replay buffer")
-@pytest.mark.parametrize(("checkpoint_interval", "checkpoint_on_stop"), [(200, True), (200, False), (0, False)])
-def test_ctrl_c_writes_a_checkpoint_where_the_run_stopped(tmp_path, monkeypatch, capsys, checkpoint_interval,
-                                                           checkpoint_on_stop):
-    """So --resume loses no step; without checkpoint_on_stop it goes on from the periodic one."""
+@pytest.mark.parametrize(("checkpoint_interval", "checkpoint_on_stop", "second_ctrl_c"),
+                         [(200, True, False), (200, False, False), (0, False, False), (200, True, True)])
+def test_ctrl_c_stops_at_the_next_step_with_its_checkpoint(tmp_path, monkeypatch, capsys, checkpoint_interval,
+                                                           checkpoint_on_stop, second_ctrl_c):
+    """So --resume loses no step; without checkpoint_on_stop, or with a second Ctrl-C during
+    that checkpoint, it goes on from the periodic one (or there is none)."""
+    from fastdqn.agent import DQN
     from fastdqn.checkpoint import list_checkpoints, load_checkpoint
     from fastdqn.learner import Learner
 
     path = tmp_path / "run"
-    act = Learner.act
-    monkeypatch.setattr(Learner, "act", failing_on_call(act, 45, KeyboardInterrupt()))
+    act, save = Learner.act, DQN.save_checkpoint
+    monkeypatch.setattr(Learner, "act", ctrl_c_on_call(act, {45}))
+    if second_ctrl_c:  # during the stop's checkpoint (the first save after the periodic ones)
+        monkeypatch.setattr(DQN, "save_checkpoint", ctrl_c_on_call(save, {3}))
     argv = [*QUICK, "--set", f"checkpoint_interval={checkpoint_interval}",
             "--set", f"checkpoint_on_stop={checkpoint_on_stop}"]
-    assert main(["train", "--run-dir", str(path), *argv]) == 130
+    with default_ctrl_c():
+        assert main(["train", "--run-dir", str(path), *argv]) == 130
     err = capsys.readouterr().err
     stopped = int(re.search(r"stopped at step ([\d,]+)", err)[1].replace(",", ""))
     assert 400 < stopped < 600, stopped
+    rows = read_csv(path / "metrics.csv")
+    assert rows[-1]["step"] == stopped  # the stop's cut has its metrics row, as a checkpoint's step has
     checkpoints = list_checkpoints(path / "checkpoints")
     if not checkpoint_interval and not checkpoint_on_stop:
         assert not checkpoints and "nothing to resume" in err
         return
-    newest = load_checkpoint(checkpoints[-1])["counters"]["env_steps"]
-    assert newest == (stopped if checkpoint_on_stop else 400)
+    stop_checkpoint = checkpoint_on_stop and not second_ctrl_c
+    assert load_checkpoint(checkpoints[-1])["counters"]["env_steps"] == (stopped if stop_checkpoint else 400)
     assert f"continue with: fastdqn train --resume {path}" in err
-    assert ("(from its checkpoint at step 400)" in err) != checkpoint_on_stop
+    assert ("(from its checkpoint at step 400)" in err) != stop_checkpoint
+    assert ("writing its checkpoint (Ctrl-C again to skip it)" in err) == checkpoint_on_stop
+    assert not [p for p in (path / "checkpoints").iterdir() if p.name.startswith(".")]  # no half-written file
     monkeypatch.setattr(Learner, "act", act)
+    monkeypatch.setattr(DQN, "save_checkpoint", save)
     assert main(["train", "--resume", str(path), "--no-progress", "--no-tensorboard"]) == 0
     assert load_checkpoint(list_checkpoints(path / "checkpoints")[-1])["counters"]["env_steps"] == 600
 
@@ -266,6 +291,7 @@ def test_run_dir_is_not_overwritten(run_dir, capsys):
     (["train", "--num-envs", "many"], "positive integer"),
     (["train", "--set", "gamma=2"], "gamma must be in [0, 1]"),
     (["train", "--set", "batch_size=big"], "batch_size expects an integer"),
+    (["train", "--set", "buffer_size=9"], "capacity must be >= 80"),
     (["train", "--set", "learnig_rate=1"], "did you mean learning_rate"),
     (["train", "--set", "nokey"], "key=value"),
     (["train", "--device", "tpu"], "device must be one of"),
@@ -282,6 +308,7 @@ def test_run_dir_is_not_overwritten(run_dir, capsys):
 def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys, request):
     if "RUN_DIR" in argv:  # a real run, so that the argument checked is the only thing wrong
         argv = [str(request.getfixturevalue("run_dir")) if a == "RUN_DIR" else a for a in argv]
+        capsys.readouterr()  # what making the run printed
     assert main(argv) == 2
     captured = capsys.readouterr()
     err = captured.err.strip()

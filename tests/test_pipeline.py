@@ -459,7 +459,7 @@ def test_ctrl_c_between_the_actors_wait_check_and_its_wait_still_stops_the_run(t
 
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
 def test_sigint_or_sigterm_to_an_async_training_run_ends_it_cleanly(tmp_path, stop):
-    """A real Ctrl-C (SIGINT to the process), or SIGTERM, while both threads run: exit status 130,
+    """A real Ctrl-C (SIGINT to the process), or SIGTERM, while both threads run: exit status 130 (143),
     the resume hint, a checkpoint where it stopped, and nothing left hanging."""
     import signal
 
@@ -471,7 +471,7 @@ def test_sigint_or_sigterm_to_an_async_training_run_ends_it_cleanly(tmp_path, st
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert_stopped_by_ctrl_c(proc, stderr, run_dir)
+    assert_stopped_by_ctrl_c(proc, stderr, run_dir, getattr(signal, stop))
 
 
 def test_prioritized_replay_in_the_pipeline_anneals_beta_and_updates_priorities(tmp_path):
@@ -541,3 +541,33 @@ def test_async_pipeline_on_cuda_keeps_the_schedule(tmp_path, prioritized):
     assert agent.pipeline_report["env_batch"] == 4
     assert agent.pipeline_report["actor_syncs"] > 0
     assert all(torch.isfinite(p).all() for p in agent.q_network.parameters())
+
+
+def test_a_requested_stop_is_a_cut_with_the_learner_caught_up_and_its_checkpoint(tmp_path):
+    """Ctrl-C's first step (DQN.request_stop): the actor's next env batch is a cut: the learner
+    catches up, the row and checkpoint of that step are written, and learn() raises."""
+    from fastdqn.agent import DQN
+    from fastdqn.checkpoint import list_checkpoints, load_checkpoint
+    from fastdqn.metrics import read_csv
+
+    agent = make_agent(tmp_path, async_config(save_buffer=True))
+    update = agent.learner.update
+
+    def update_asking_for_a_stop(*args, **kwargs):
+        if agent.learner.num_updates == 100:
+            agent.request_stop()
+        return update(*args, **kwargs)
+
+    agent.learner.update = update_asking_for_a_stop
+    error = finish_within(60, lambda: agent.learn(20_000))
+    assert isinstance(error, KeyboardInterrupt) and not learner_threads()
+    stopped = agent.env_steps
+    assert stopped < 5_000 and agent.learner.num_updates == agent.updates_due(stopped)
+    assert read_csv(tmp_path / "run" / "metrics.csv")[-1]["step"] == stopped
+    checkpoint = load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
+    assert checkpoint["counters"]["env_steps"] == stopped
+    del agent.learner.update
+    resumed = DQN.resume(tmp_path / "run", progress=False, tensorboard=False)
+    assert resumed.learner.num_updates == resumed.updates_due(stopped)
+    assert finish_within(120, lambda: resumed.learn(stopped + 1_000)) is None
+    assert resumed.learner.num_updates == resumed.updates_due(resumed.env_steps)
