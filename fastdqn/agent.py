@@ -342,6 +342,12 @@ class DQN:
         call from a signal handler or another thread. Each learn() call starts without it."""
         self._stop_requested = True
 
+    def _ctrl_c(self) -> None:
+        """The first Ctrl-C (or SIGTERM): a stop at the next step, said at once, since an
+        evaluation or a checkpoint under way finishes first."""
+        print("\nstopping at the next step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        self.request_stop()
+
     @property
     def stop_requested(self) -> bool:
         """Whether the running (or last) ``learn()`` was asked to stop (``request_stop``, Ctrl-C)."""
@@ -359,7 +365,7 @@ class DQN:
 
         def on_ctrl_c(signum, frame):
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            self.request_stop()
+            self._ctrl_c()
 
         signal.signal(signal.SIGINT, on_ctrl_c)
         try:

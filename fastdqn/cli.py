@@ -166,7 +166,7 @@ def _sigterm_as_ctrl_c(agent, received: list[int]):
         if callable(handler):
             handler(signal.SIGINT, frame)
         elif not agent.stop_requested:
-            agent.request_stop()
+            agent._ctrl_c()
         else:
             raise KeyboardInterrupt
 

@@ -393,7 +393,7 @@ class AsyncPipeline:
 
         def on_ctrl_c(signum, frame):
             if not self.agent.stop_requested:
-                self.agent.request_stop()
+                self.agent._ctrl_c()
                 return
             self._interrupted = True
             threading.Thread(target=self._limiter.close, name="fastdqn-ctrl-c", daemon=True).start()

@@ -220,6 +220,7 @@ def test_ctrl_c_stops_at_the_next_step_with_its_checkpoint(tmp_path, monkeypatch
     err = capsys.readouterr().err
     stopped = int(re.search(r"stopped at step ([\d,]+)", err)[1].replace(",", ""))
     assert 400 < stopped < 600, stopped
+    assert "stopping at the next step (Ctrl-C again to stop at once)" in err
     rows = read_csv(path / "metrics.csv")
     assert rows[-1]["step"] == stopped  # the stop's cut has its metrics row, as a checkpoint's step has
     checkpoints = list_checkpoints(path / "checkpoints")
