@@ -296,7 +296,6 @@ class DQN:
         logger = RunLogger(self.run_dir, self._config_record(total), total_steps=total,
                            start_step=self.env_steps, wall_time_offset=self.wall_time, resume=self.env_steps > 0,
                            tensorboard=self.tensorboard, progress=self.progress)
-        self._stop_requested = False
         try:
             if self.env_steps >= total:  # no step to take
                 self._finish_run(total, logger, stopped_at_its_end)
@@ -332,20 +331,24 @@ class DQN:
                 error.add_note(f"then ending the buffer's episodes and closing the envs failed: {cleanup!r}")
             raise
         finally:
+            self._stop_requested = False  # a request made before this call (a signal during its setup) counted
             self.wall_time = logger.wall_time()
             logger.close()
         self._unfinished_total_steps = None
         return self
 
     def request_stop(self) -> None:
-        """Ask a running ``learn()`` to stop at a cut at its next step (see ``learn``); safe to
-        call from a signal handler or another thread. Each learn() call starts without it."""
+        """Ask ``learn()`` to stop at a cut at its next step (see ``learn``); safe to call from a
+        signal handler or another thread. A request holds until the learn() call it reaches
+        ends (one made just before a call reaches that call)."""
         self._stop_requested = True
 
     def _ctrl_c(self) -> None:
         """The first Ctrl-C (or SIGTERM): a stop at the next step, said at once, since an
-        evaluation or a checkpoint under way finishes first."""
-        print("\nstopping at the next step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        evaluation or a checkpoint under way finishes first. Written straight to stderr's file
+        descriptor: a print from a signal handler can land inside another write to stderr."""
+        with contextlib.suppress(OSError):
+            os.write(2, b"\nstopping at the next step (the same signal again stops at once)\n")
         self.request_stop()
 
     @property
@@ -382,6 +385,12 @@ class DQN:
                 logger.message(f"stopping at step {step:,}: writing its checkpoint (Ctrl-C again to skip it)")
             self._checkpoint_cut(logger)
         if stopping:
+            raise KeyboardInterrupt(f"stopped at step {step}, as requested")
+
+    def _stop_before_the_final_evaluation(self, step: int) -> None:
+        """A stop asked for during the last step's checkpoint: the run's end is a cut already,
+        and the next learn() makes the final evaluation it owes."""
+        if self._stop_requested:
             raise KeyboardInterrupt(f"stopped at step {step}, as requested")
 
     def _loop(self, total: int, logger: RunLogger, steps=None) -> None:
@@ -421,6 +430,7 @@ class DQN:
                 if checkpoint_due:
                     next_ckpt = next_boundary(step, c.checkpoint_interval)
                 self._stop_at_cut(logger, step, checkpoint_due)
+        self._stop_before_the_final_evaluation(step)
         if self._final_evaluation_due(step, logger):
             self._evaluate_and_log(logger, step)
 

@@ -17,10 +17,12 @@ and the buffer's own loader, so a checkpoint can never execute code.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -71,16 +73,14 @@ def _remove_leftovers(directory: Path) -> None:
     after the file they were to become) and buffer files whose .pt was never written. A
     buffer file is as large as the buffer, so each would waste gigabytes."""
     for entry in directory.iterdir():
-        if entry.name.startswith(".step-"):
-            if entry.is_dir():
-                for leftover in entry.iterdir():
-                    leftover.unlink()
-                entry.rmdir()
-            else:
+        temporary = entry.name.startswith(".step-")
+        orphan = entry.suffix == ".replay" and _NAME.match(entry.with_suffix(".pt").name) is not None \
+            and not entry.with_suffix(".pt").is_file()
+        if temporary and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif temporary or orphan:
+            with contextlib.suppress(OSError):  # best effort: never a reason to lose this save
                 entry.unlink()
-        elif _NAME.match(entry.with_suffix(".pt").name) and entry.suffix == ".replay" \
-                and not entry.with_suffix(".pt").is_file():
-            entry.unlink()
 
 
 def _save_buffer_atomically(buffer, path: Path) -> None:

@@ -124,9 +124,10 @@ class DQNConfig:
     save_buffer: bool = True
     """Store the replay buffer with each checkpoint, so that --resume continues exactly."""
     checkpoint_on_stop: bool = True
-    """A run stopped by Ctrl-C or SIGTERM (DQN.request_stop) writes a checkpoint at the step where it
-    stops, so --resume loses no step: it goes on as the run with a checkpoint due there. False:
-    --resume goes on from the last periodic checkpoint, as the uninterrupted run."""
+    """A run stopped by Ctrl-C (SIGTERM too under fastdqn train; DQN.request_stop in Python) writes a
+    checkpoint at the step where it stops, so --resume loses no step: it goes on as the run with a
+    checkpoint due there. False: --resume goes on from the last periodic checkpoint, as the
+    uninterrupted run."""
 
     # -------------------------------------------------------------------------
     @property

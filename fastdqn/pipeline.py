@@ -416,6 +416,7 @@ class AsyncPipeline:
         next_log, next_eval, next_ckpt = agent.next_boundaries(step)
         epsilon = c.start_epsilon
         while step < total:
+            segment_start = step  # a requested stop cuts the segment once it has a step of its own
             env = make_env(agent.env_id, n, env_seed(c.seed, step), mode="train", protocol=c.protocol,
                            backend=c.backend, batch_size=batch)
             try:
@@ -433,7 +434,8 @@ class AsyncPipeline:
                     ids = result.env_ids
                     counted = int(started[ids].sum())
                     step += counted
-                    cut = cut or step >= next_ckpt or step >= total or agent.stop_requested
+                    stop = agent.stop_requested and step > segment_start
+                    cut = cut or step >= next_ckpt or step >= total or stop
                     # Steps count whether or not they hold a transition (a row that only reset
                     # does not), so the limiter is asked either way.
                     if not limiter.await_insert(counted):
@@ -498,6 +500,7 @@ class AsyncPipeline:
                     next_ckpt = next_boundary(step, c.checkpoint_interval)
                 agent._stop_at_cut(logger, step, checkpoint_due)  # a requested stop raises here
                 watch.lap("checkpoint", t)
+        agent._stop_before_the_final_evaluation(step)
         if agent._final_evaluation_due(step, logger):
             with self._paused(catch_up=True):
                 agent._evaluate_and_log(logger, step)

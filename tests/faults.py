@@ -24,9 +24,10 @@ def failing_on_call(function, call: int, error: BaseException):
     return failing
 
 
-def start_training(tmp_path: Path, actor: str) -> tuple[subprocess.Popen, Path]:
+def start_training(tmp_path: Path, actor: str, sigint_ignored: bool = False) -> tuple[subprocess.Popen, Path]:
     """``fastdqn train`` with the async pipeline on CartPole, in its own process group (as a
-    terminal starts it), returned once it is a second past its first checkpoint (step 2000)."""
+    terminal starts it, or with SIGINT ignored, as a shell starts a background job), returned
+    once it is a second past its first checkpoint (step 2000)."""
     from fastdqn.checkpoint import list_checkpoints
 
     run_dir = tmp_path / "run"
@@ -35,7 +36,7 @@ def start_training(tmp_path: Path, actor: str) -> tuple[subprocess.Popen, Path]:
                "--no-tensorboard", "--set", f"actor={actor}", "--set", "checkpoint_interval=2000",
                "--set", "log_interval=500", "--set", "eval_interval=0"]
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=_default_sigint)
+                            start_new_session=True, preexec_fn=_ignored_sigint if sigint_ignored else _default_sigint)
     deadline = time.monotonic() + 120
     while not list_checkpoints(run_dir / "checkpoints") and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -71,6 +72,10 @@ def default_ctrl_c():
 
 def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # then Python installs its handler at start
+
+
+def _ignored_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # and Python keeps it ignored
 
 
 @contextlib.contextmanager

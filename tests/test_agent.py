@@ -224,6 +224,25 @@ def test_a_requested_stop_is_a_cut_and_its_checkpoint_resumes_as_the_cut_run_goe
 
 
 @pytest.mark.parametrize("pipeline,actor", [("sync", "auto"), ("async", "thread"), ("async", "process")])
+def test_a_stop_requested_during_the_last_checkpoint_leaves_the_final_evaluation_to_the_next_call(
+        tmp_path, pipeline, actor):
+    dqn = agent(tmp_path, config=tiny(eval_interval=10**6, pipeline=pipeline, actor=actor))
+    save = dqn.save_checkpoint
+
+    def save_asking_for_a_stop():
+        dqn.request_stop()
+        return save()
+
+    dqn.save_checkpoint = save_asking_for_a_stop
+    with pytest.raises(KeyboardInterrupt, match="as requested"):
+        dqn.learn(400)
+    assert dqn.env_steps == 400 and read_csv(tmp_path / "run" / "eval.csv") == []
+    del dqn.save_checkpoint
+    dqn.learn()
+    assert [row["step"] for row in read_csv(tmp_path / "run" / "eval.csv")] == [400]
+
+
+@pytest.mark.parametrize("pipeline,actor", [("sync", "auto"), ("async", "thread"), ("async", "process")])
 def test_learn_goes_on_after_an_error_in_an_update_in_every_pipeline(tmp_path, pipeline, actor):
     """An update fails mid-round: nothing stored is lost, and learn() again runs to the total
     with the updates due (those the failure skipped included)."""

@@ -200,7 +200,7 @@ def ctrl_c_on_call(function, calls: set[int]):
 @pytest.mark.filterwarnings("ignore:this checkpoint holds no replay buffer")
 @pytest.mark.parametrize(("checkpoint_interval", "checkpoint_on_stop", "second_ctrl_c"),
                          [(200, True, False), (200, False, False), (0, False, False), (200, True, True)])
-def test_ctrl_c_stops_at_the_next_step_with_its_checkpoint(tmp_path, monkeypatch, capsys, checkpoint_interval,
+def test_ctrl_c_stops_at_the_next_step_with_its_checkpoint(tmp_path, monkeypatch, capfd, checkpoint_interval,
                                                            checkpoint_on_stop, second_ctrl_c):
     """So --resume loses no step; without checkpoint_on_stop, or with a second Ctrl-C during
     that checkpoint, it goes on from the periodic one (or there is none)."""
@@ -217,10 +217,10 @@ def test_ctrl_c_stops_at_the_next_step_with_its_checkpoint(tmp_path, monkeypatch
             "--set", f"checkpoint_on_stop={checkpoint_on_stop}"]
     with default_ctrl_c():
         assert main(["train", "--run-dir", str(path), *argv]) == 130
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     stopped = int(re.search(r"stopped at step ([\d,]+)", err)[1].replace(",", ""))
     assert 400 < stopped < 600, stopped
-    assert "stopping at the next step (Ctrl-C again to stop at once)" in err
+    assert "stopping at the next step (the same signal again stops at once)" in err
     rows = read_csv(path / "metrics.csv")
     assert rows[-1]["step"] == stopped  # the stop's cut has its metrics row, as a checkpoint's step has
     checkpoints = list_checkpoints(path / "checkpoints")

@@ -457,13 +457,14 @@ def test_ctrl_c_between_the_actors_wait_check_and_its_wait_still_stops_the_run(t
     assert agent.pipeline_report["env_steps"] < fired[0] + 1_000
 
 
-@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
-def test_sigint_or_sigterm_to_an_async_training_run_ends_it_cleanly(tmp_path, stop):
-    """A real Ctrl-C (SIGINT to the process), or SIGTERM, while both threads run: exit status 130 (143),
-    the resume hint, a checkpoint where it stopped, and nothing left hanging."""
+@pytest.mark.parametrize("stop, sigint_ignored", [("SIGINT", False), ("SIGTERM", False), ("SIGTERM", True)])
+def test_sigint_or_sigterm_to_an_async_training_run_ends_it_cleanly(tmp_path, stop, sigint_ignored):
+    """A real Ctrl-C (SIGINT to the process), or SIGTERM (also to a background job, which has
+    SIGINT ignored), while both threads run: exit status 130 (143), the resume hint, a checkpoint
+    where it stopped, and nothing left hanging."""
     import signal
 
-    proc, run_dir = start_training(tmp_path, actor="thread")
+    proc, run_dir = start_training(tmp_path, actor="thread", sigint_ignored=sigint_ignored)
     try:
         proc.send_signal(getattr(signal, stop))
         _, stderr = proc.communicate(timeout=60)
@@ -571,3 +572,24 @@ def test_a_requested_stop_is_a_cut_with_the_learner_caught_up_and_its_checkpoint
     assert resumed.learner.num_updates == resumed.updates_due(stopped)
     assert finish_within(120, lambda: resumed.learn(stopped + 1_000)) is None
     assert resumed.learner.num_updates == resumed.updates_due(resumed.env_steps)
+
+
+def test_a_stop_requested_during_a_cut_is_the_next_steps_not_that_cuts_again(tmp_path):
+    """Asked for while a periodic checkpoint is written, the stop cuts at a later step: no
+    second row or checkpoint at the periodic step."""
+    from fastdqn.checkpoint import list_checkpoints
+    from fastdqn.metrics import read_csv
+
+    agent = make_agent(tmp_path, async_config(checkpoint_interval=600, log_interval=200))
+    save = agent.save_checkpoint
+
+    def save_asking_for_a_stop():
+        agent.request_stop()
+        return save()
+
+    agent.save_checkpoint = save_asking_for_a_stop
+    error = finish_within(60, lambda: agent.learn(20_000))
+    assert isinstance(error, KeyboardInterrupt)
+    steps = [row["step"] for row in read_csv(tmp_path / "run" / "metrics.csv")]
+    assert steps == sorted(set(steps)) and 600 < steps[-1] == agent.env_steps  # strictly increasing
+    assert [int(p.stem.split("-")[1]) for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [steps[-1]]
