@@ -353,7 +353,7 @@ class DQN:
 
     @property
     def stop_requested(self) -> bool:
-        """Whether the running (or last) ``learn()`` was asked to stop (``request_stop``, Ctrl-C)."""
+        """Whether a stop was asked for (``request_stop``, Ctrl-C) that a learn() call has yet to end with."""
         return self._stop_requested
 
     @contextlib.contextmanager
