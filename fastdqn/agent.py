@@ -382,7 +382,7 @@ class DQN:
         stopping = self._stop_requested
         if checkpoint_due or (stopping and self.config.checkpoint_on_stop):
             if stopping:
-                logger.message(f"stopping at step {step:,}: writing its checkpoint (Ctrl-C again to skip it)")
+                logger.message(f"stopping at step {step:,}: writing its checkpoint (the same signal again skips it)")
             self._checkpoint_cut(logger)
         if stopping:
             raise KeyboardInterrupt(f"stopped at step {step}, as requested")

@@ -231,7 +231,7 @@ def test_ctrl_c_stops_at_the_next_step_with_its_checkpoint(tmp_path, monkeypatch
     assert load_checkpoint(checkpoints[-1])["counters"]["env_steps"] == (stopped if stop_checkpoint else 400)
     assert f"continue with: fastdqn train --resume {path}" in err
     assert ("(from its checkpoint at step 400)" in err) != stop_checkpoint
-    assert ("writing its checkpoint (Ctrl-C again to skip it)" in err) == checkpoint_on_stop
+    assert ("writing its checkpoint (the same signal again skips it)" in err) == checkpoint_on_stop
     assert not [p for p in (path / "checkpoints").iterdir() if p.name.startswith(".")]  # no half-written file
     monkeypatch.setattr(Learner, "act", act)
     monkeypatch.setattr(DQN, "save_checkpoint", save)
