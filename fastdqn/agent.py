@@ -149,6 +149,7 @@ class DQN:
         # The step last stored when the sync engine drew for the next one, and the generators' states then.
         self._rng_after_step: tuple[int, dict, dict] = (-1, {}, {})
         self._stop_requested = False  # see request_stop
+        self._stop_at_once = None  # how a second Ctrl-C stops the running pipeline; None: KeyboardInterrupt
 
     # ------------------------------------------------------------------ pieces
     def _make_train_env(self, step: int):
@@ -351,6 +352,12 @@ class DQN:
             os.write(2, b"\nstopping at the next step (the same signal again stops at once)\n")
         self.request_stop()
 
+    def _ctrl_c_again(self) -> None:
+        """The second Ctrl-C (or SIGTERM): stop at once, in the way the running pipeline can."""
+        if self._stop_at_once is None:
+            raise KeyboardInterrupt
+        self._stop_at_once()
+
     @property
     def stop_requested(self) -> bool:
         """Whether a stop was asked for (``request_stop``, Ctrl-C) that a learn() call has yet to end with."""
@@ -388,8 +395,9 @@ class DQN:
             raise KeyboardInterrupt(f"stopped at step {step}, as requested")
 
     def _stop_before_the_final_evaluation(self, step: int) -> None:
-        """A stop asked for during the last step's checkpoint: the run's end is a cut already,
-        and the next learn() makes the final evaluation it owes."""
+        """A stop asked for during the last step's checkpoint (or before, in a call that only
+        finishes a run's end): the run's end is a cut already, and the next learn() makes the
+        final evaluation it owes."""
         if self._stop_requested:
             raise KeyboardInterrupt(f"stopped at step {step}, as requested")
 
@@ -447,6 +455,7 @@ class DQN:
                 self._log(logger, step, self.epsilon(step, total), [], [])
             if not ckpt.checkpoint_path(ckpt.checkpoint_dir(self.run_dir), step).is_file():
                 self._checkpoint_cut(logger)
+        self._stop_before_the_final_evaluation(step)
         if self._final_evaluation_due(step, logger):
             self._evaluate_and_log(logger, step)
 

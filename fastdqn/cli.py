@@ -168,7 +168,7 @@ def _sigterm_as_ctrl_c(agent, received: list[int]):
         elif not agent.stop_requested:
             agent._ctrl_c()
         else:
-            raise KeyboardInterrupt
+            agent._ctrl_c_again()
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:

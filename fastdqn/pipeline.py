@@ -386,25 +386,33 @@ class AsyncPipeline:
         learner waits for nothing the actor holds, the second Ctrl-C raises at once. Only the
         main thread gets signals; a caller with a SIGINT handler of its own keeps it.
         """
-        if threading.current_thread() is not threading.main_thread() \
-                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            yield
-            return
-
-        def on_ctrl_c(signum, frame):
-            if not self.agent.stop_requested:
-                self.agent._ctrl_c()
-                return
-            self._interrupted = True
-            threading.Thread(target=self._limiter.close, name="fastdqn-ctrl-c", daemon=True).start()
-            if self._pausing:
-                raise KeyboardInterrupt
-
-        previous = signal.signal(signal.SIGINT, on_ctrl_c)
+        self.agent._stop_at_once = self._stop_at_once  # also for SIGTERM where SIGINT is ignored (the CLI)
         try:
-            yield
+            if threading.current_thread() is not threading.main_thread() \
+                    or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+                yield
+                return
+
+            def on_ctrl_c(signum, frame):
+                if self.agent.stop_requested:
+                    self._stop_at_once()
+                else:
+                    self.agent._ctrl_c()
+
+            previous = signal.signal(signal.SIGINT, on_ctrl_c)
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGINT, previous)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            self.agent._stop_at_once = None
+
+    def _stop_at_once(self) -> None:
+        """The second Ctrl-C (see _ctrl_c_at_safe_points), from a signal handler in the main thread."""
+        self._interrupted = True
+        threading.Thread(target=self._limiter.close, name="fastdqn-ctrl-c", daemon=True).start()
+        if self._pausing:
+            raise KeyboardInterrupt
 
     def _act(self, total: int, logger) -> None:
         agent, c, learner, limiter = self.agent, self.agent.config, self.agent.learner, self._limiter
