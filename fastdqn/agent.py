@@ -392,12 +392,13 @@ class DQN:
                 logger.message(f"stopping at step {step:,}: writing its checkpoint (the same signal again skips it)")
             self._checkpoint_cut(logger)
         if stopping:
-            raise KeyboardInterrupt(f"stopped at step {step}, as requested")
+            self._stop_if_requested(step)
 
-    def _stop_before_the_final_evaluation(self, step: int) -> None:
-        """A stop asked for during the last step's checkpoint (or before, in a call that only
-        finishes a run's end): the run's end is a cut already, and the next learn() makes the
-        final evaluation it owes."""
+    def _stop_if_requested(self, step: int) -> None:
+        """KeyboardInterrupt if a stop was asked for: called at cuts, and before the final
+        evaluation (a stop asked for during the last step's checkpoint, or in a call that only
+        finishes a run's end: the run's end is a cut already, and the next learn() makes the
+        final evaluation it owes)."""
         if self._stop_requested:
             raise KeyboardInterrupt(f"stopped at step {step}, as requested")
 
@@ -438,7 +439,7 @@ class DQN:
                 if checkpoint_due:
                     next_ckpt = next_boundary(step, c.checkpoint_interval)
                 self._stop_at_cut(logger, step, checkpoint_due)
-        self._stop_before_the_final_evaluation(step)
+        self._stop_if_requested(step)
         if self._final_evaluation_due(step, logger):
             self._evaluate_and_log(logger, step)
 
@@ -455,7 +456,7 @@ class DQN:
                 self._log(logger, step, self.epsilon(step, total), [], [])
             if not ckpt.checkpoint_path(ckpt.checkpoint_dir(self.run_dir), step).is_file():
                 self._checkpoint_cut(logger)
-        self._stop_before_the_final_evaluation(step)
+        self._stop_if_requested(step)
         if self._final_evaluation_due(step, logger):
             self._evaluate_and_log(logger, step)
 

@@ -104,13 +104,20 @@ def _remove_pair(pt_path: Path) -> None:
     buffer_path.unlink(missing_ok=True)
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step of a checkpoint .pt, read from its name (``checkpoint_path``'s)."""
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not named as a checkpoint (step-<step>.pt)")
+    return int(match.group(1))
+
+
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     """Checkpoint .pt files in ``directory``, oldest first."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
+    return sorted((p for p in directory.iterdir() if _NAME.match(p.name)), key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

@@ -180,14 +180,14 @@ def _sigterm_as_ctrl_c(agent, received: list[int]):
 def _stopped(agent, status: int) -> int:
     """After Ctrl-C or SIGTERM: where the run stopped, and how to go on from its newest checkpoint;
     returns the exit status (128 + the signal's number, as a shell reports a process it stopped)."""
-    from fastdqn.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint
+    from fastdqn.checkpoint import checkpoint_dir, checkpoint_step, list_checkpoints
 
     print(f"\nstopped at step {agent.env_steps:,}", file=sys.stderr)
     checkpoints = list_checkpoints(checkpoint_dir(agent.run_dir))
     if not checkpoints:
         print("no checkpoint was written: nothing to resume", file=sys.stderr)
         return status
-    step = load_checkpoint(checkpoints[-1])["counters"]["env_steps"]
+    step = checkpoint_step(checkpoints[-1])
     resumed_from = "" if step == agent.env_steps else f" (from its checkpoint at step {step:,})"
     print(f"continue with: fastdqn train --resume {agent.run_dir}{resumed_from}", file=sys.stderr)
     return status

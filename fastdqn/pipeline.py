@@ -508,7 +508,7 @@ class AsyncPipeline:
                     next_ckpt = next_boundary(step, c.checkpoint_interval)
                 agent._stop_at_cut(logger, step, checkpoint_due)  # a requested stop raises here
                 watch.lap("checkpoint", t)
-        agent._stop_before_the_final_evaluation(step)
+        agent._stop_if_requested(step)  # before the final evaluation
         if agent._final_evaluation_due(step, logger):
             with self._paused(catch_up=True):
                 agent._evaluate_and_log(logger, step)
