@@ -82,7 +82,8 @@ class DQN:
         q_network: your own ``torch.nn.Module`` mapping (N, *obs_shape) observations to
             (N, num_actions) Q-values; None builds an MLP or the Nature CNN.
         run_dir: where ``learn`` writes config.json, metrics, TensorBoard events and
-            checkpoints; None uses ``runs/<run_name>``.
+            checkpoints; None uses ``runs/<run_name>``. ``learn`` raises
+            ``fastdqn.metrics.RunDirectoryInUse`` while another run writes it.
         progress: show a progress bar while learning.
         tensorboard: write TensorBoard events.
     """
@@ -285,18 +286,19 @@ class DQN:
         total = self.scheduled_total_steps if total_steps is None else total_steps
         if isinstance(total, bool) or not isinstance(total, int) or total < 1:
             raise ValueError(f"total_steps must be a positive int, got {total!r}")
-        stopped_at_its_end = self._unfinished_total_steps is not None and self._unfinished_total_steps <= self.env_steps
-        self._unfinished_total_steps = total
         if self.buffer is None:
             self.buffer = self._make_buffer()
         if self._batch is None:
             self._batch, self._sample = self._sampling()
             self._stretch = self._stretch_batches()
-        if c.torch_threads:  # OpenMP's thread count is per thread: set it in whichever thread learns
-            torch.set_num_threads(c.effective_torch_threads)
+        # RunDirectoryInUse (another run writes run_dir) comes before anything changes.
         logger = RunLogger(self.run_dir, self._config_record(total), total_steps=total,
                            start_step=self.env_steps, wall_time_offset=self.wall_time, resume=self.env_steps > 0,
                            tensorboard=self.tensorboard, progress=self.progress)
+        stopped_at_its_end = self._unfinished_total_steps is not None and self._unfinished_total_steps <= self.env_steps
+        self._unfinished_total_steps = total
+        if c.torch_threads:  # OpenMP's thread count is per thread: set it in whichever thread learns
+            torch.set_num_threads(c.effective_torch_threads)
         try:
             if self.env_steps >= total:  # no step to take
                 self._finish_run(total, logger, stopped_at_its_end)

@@ -22,6 +22,8 @@ import textwrap
 import threading
 from pathlib import Path
 
+from fastdqn.metrics import RunDirectoryInUse, RunDirectoryLock, read_config, read_csv
+
 BENCHMARKS = ("buffer", "learner", "train")
 
 
@@ -34,7 +36,7 @@ def _usage_errors(command: str):
     """The errors that fastdqn raises for bad input (a wrong value, type or path) as one-line UsageErrors."""
     try:
         yield
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, RunDirectoryInUse) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"fastdqn {command}: error: {message}") from e
 
@@ -138,9 +140,10 @@ def _train(args) -> int:
             agent.learn(total)
     except KeyboardInterrupt:
         return _stopped(agent, 128 + (signals[0] if signals else signal.SIGINT))
+    except RunDirectoryInUse as e:  # another run started into it since the setup's check
+        raise UsageError(f"fastdqn train: error: {e}") from e
     finally:
         agent.close()
-    from fastdqn.metrics import read_csv
 
     evals = read_csv(Path(agent.run_dir) / "eval.csv")
     if evals:
@@ -206,6 +209,8 @@ def _agent_to_train(args):
             raise UsageError(f"fastdqn train: --resume continues the run's own config; drop {', '.join(given)}")
         from fastdqn.agent import DQN
 
+        read_config(args.resume)  # a run directory, or a one-line error
+        RunDirectoryLock(args.resume).release()  # in use by another run: say so before loading it
         agent = DQN.resume(args.resume, device=args.device, progress=not args.no_progress,
                            tensorboard=not args.no_tensorboard)
         total = args.total_steps or agent.scheduled_total_steps

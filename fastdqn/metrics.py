@@ -7,6 +7,7 @@ A run directory is everything a person needs to see what a run did::
     RUN_DIR/eval.csv        one row per evaluation (see EVAL_COLUMNS)
     RUN_DIR/tb/             TensorBoard events with the same scalars
     RUN_DIR/checkpoints/    see fastdqn.checkpoint
+    RUN_DIR/.lock           held while a run writes the directory (see RunDirectoryLock)
 """
 
 from __future__ import annotations
@@ -85,6 +86,57 @@ def _number(text: str):
         return text
 
 
+class RunDirectoryInUse(RuntimeError):
+    """Another run is writing the run directory."""
+
+
+class RunDirectoryLock:
+    """Held while a run writes its directory: an advisory lock (flock) on ``RUN_DIR/.lock``.
+
+    Two runs writing one directory (a second ``--resume`` of a run still going, the same
+    ``--run-dir`` twice) would interleave their CSV rows and remove each other's checkpoint
+    files as leftovers of killed saves. So the second one fails at once with
+    ``RunDirectoryInUse``, before it writes anything. The kernel drops the lock when its
+    holder dies, however it dies: a killed run leaves no stale lock behind, and the file
+    itself (which names the holder's process id) stays. Where ``fcntl`` is missing
+    (Windows), nothing is locked.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self._fd: int | None = None
+        try:
+            import fcntl
+        except ImportError:
+            return
+        self._fcntl = fcntl
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / self.NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirectoryInUse(f"{run_dir} is in use by another run (process {holder}); "
+                                    "wait for it to end, or choose another run directory") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            # Unlocked explicitly: a forked actor process shares the descriptor, and the lock
+            # would outlive this close while the child lives.
+            self._fcntl.flock(self._fd, self._fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
 PROGRESS_INTERVAL_S = 0.5
 """Seconds between two moves of the progress display between metrics rows."""
 
@@ -97,7 +149,16 @@ class RunLogger:
                  start_step: int = 0, wall_time_offset: float = 0.0, resume: bool = False,
                  tensorboard: bool = True, progress: bool = True):
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = RunDirectoryLock(self.run_dir)  # before anything is written
+        try:
+            self._open(config_record, total_steps=total_steps, start_step=start_step,
+                       wall_time_offset=wall_time_offset, resume=resume, tensorboard=tensorboard, progress=progress)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, config_record: dict, *, total_steps: int, start_step: int, wall_time_offset: float,
+              resume: bool, tensorboard: bool, progress: bool) -> None:
         write_json(self.run_dir / "config.json", config_record)
         self._metrics, logged = self._open_csv("metrics.csv", METRIC_COLUMNS, resume, start_step)
         self.last_log_step: int | None = int(float(logged[-1]["step"])) if logged else None
@@ -206,13 +267,16 @@ class RunLogger:
             self._tb.flush()
 
     def close(self) -> None:
-        self.flush()
-        for f, _ in (self._metrics, self._eval):
-            f.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._progress is not None:
-            self._progress.close()
+        try:
+            self.flush()
+            for f, _ in (self._metrics, self._eval):
+                f.close()
+            if self._tb is not None:
+                self._tb.close()
+            if self._progress is not None:
+                self._progress.close()
+        finally:
+            self._lock.release()
 
 
 def _cell(value):

@@ -1,0 +1,92 @@
+"""One run writes a run directory at a time (metrics.RunDirectoryLock)."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fastdqn.cli import main
+from fastdqn.metrics import RunDirectoryInUse, RunDirectoryLock
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*Box (low|high)'s precision lowered.*")
+
+HOLD = "import sys, time; from fastdqn.metrics import RunDirectoryLock; RunDirectoryLock(sys.argv[1]); " \
+       "print('held', flush=True); time.sleep(120)"
+
+
+@contextlib.contextmanager
+def held_by_another_process(run_dir):
+    """The run directory's lock, held by a second Python process until the block ends (SIGKILL)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+        holder.stdout.close()
+
+
+def test_a_second_holder_is_refused_until_the_first_releases(tmp_path):
+    first = RunDirectoryLock(tmp_path / "run")
+    with pytest.raises(RunDirectoryInUse, match=r"run is in use by another run \(process \d+\)"):
+        RunDirectoryLock(tmp_path / "run")
+    first.release()
+    RunDirectoryLock(tmp_path / "run").release()
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    with held_by_another_process(tmp_path) as pid:
+        with pytest.raises(RunDirectoryInUse, match=rf"\(process {pid}\)"):
+            RunDirectoryLock(tmp_path)
+    RunDirectoryLock(tmp_path).release()  # SIGKILL dropped it
+
+
+def test_learn_into_a_run_directory_in_use_changes_nothing(tmp_path):
+    from fastdqn import DQN
+    from test_agent import tiny
+
+    run_dir = tmp_path / "run"
+    agent = DQN("CartPole-v1", tiny(total_steps=200), run_dir=run_dir, progress=False, tensorboard=False)
+    with held_by_another_process(run_dir):
+        with pytest.raises(RunDirectoryInUse):
+            agent.learn()
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+        assert agent.env_steps == 0 and agent.unfinished_total_steps is None
+    agent.learn()  # and goes on once the directory is free
+    assert agent.env_steps >= 200 and (run_dir / "config.json").is_file()
+    agent.learn(400)  # the lock of the call before was released
+    agent.close()
+
+
+def test_release_frees_the_directory_while_a_forked_child_shares_the_descriptor(tmp_path):
+    lock = RunDirectoryLock(tmp_path)
+    child = os.fork()  # as the async pipeline's actor process is forked during learn()
+    if child == 0:
+        time.sleep(60)
+        os._exit(0)
+    try:
+        lock.release()
+        RunDirectoryLock(tmp_path).release()
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
+def test_resume_of_a_run_in_use_is_a_one_line_error(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    quick = ["--no-progress", "--no-tensorboard", "--set", "hidden_sizes=16", "--set", "learning_starts=100",
+             "--set", "eval_episodes=2", "--set", "buffer_size=1000"]
+    assert main(["train", "--run-dir", str(run_dir), "--total-steps", "300", *quick]) == 0
+    capsys.readouterr()
+    metrics_before = (run_dir / "metrics.csv").read_bytes()
+    with held_by_another_process(run_dir) as pid:
+        assert main(["train", "--resume", str(run_dir), "--total-steps", "600"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"fastdqn train: error: {run_dir} is in use by another run (process {pid}); " \
+                      "wait for it to end, or choose another run directory"
+    assert (run_dir / "metrics.csv").read_bytes() == metrics_before
