@@ -553,10 +553,7 @@ class AsyncPipeline:
         try:
             torch.set_num_threads(self._torch_threads)
             with self._on(self._learner_stream):
-                while True:
-                    due = limiter.acquire()
-                    if not due:
-                        return
+                while due := limiter.acquire():
                     if batches is None:  # the buffer holds transitions once an update is due
                         # With max_lag 0 the learner only runs while the actor waits: a sampler
                         # thread would have nothing to overlap, and batches sampled ahead of a
@@ -566,10 +563,13 @@ class AsyncPipeline:
                                                  prefetch=self.max_lag > 0)
                     for i in range(due):
                         if limiter.closed:
-                            return
+                            break
                         # With max_lag 0 the actor waits for the round to end; it acts with its last weights.
                         self._update(batches, publish=self.max_lag == 0 and i == due - 1)
                         limiter.updated()
+                if self._priorities is not None:  # a stop at once keeps the last update's priorities too
+                    with self._lock:
+                        self._priorities.flush()
         except BaseException as e:  # noqa: BLE001 - handed to the calling thread
             self._learner_error = e
             limiter.close()

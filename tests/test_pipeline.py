@@ -485,6 +485,37 @@ def test_prioritized_replay_in_the_pipeline_anneals_beta_and_updates_priorities(
     assert mass.min() < mass.max()
 
 
+def test_a_stop_at_once_keeps_the_last_updates_priorities(tmp_path, monkeypatch):
+    """Priorities reach the buffer one update late; stopped at once (a second Ctrl-C), the learner
+    still hands over its last update's before it ends."""
+    from fastdqn import pipeline
+
+    agent = make_agent(tmp_path, async_config(prioritized=True, per_alpha=1.0, per_eps=1e-6))
+    made: list[tuple[np.ndarray, np.ndarray]] = []  # (indices, new priorities) of each update
+    push, update = pipeline._PendingPriorities.push, pipeline.AsyncPipeline._update
+
+    def recording_push(self, indices, priorities):
+        made.append((indices.copy(), priorities.numpy().copy()))
+        push(self, indices, priorities)
+
+    def update_then_stop_at_the_tenth(self, batches, publish=False):
+        update(self, batches, publish)
+        if len(made) == 10:
+            self._interrupted = True
+            self._limiter.close()
+
+    monkeypatch.setattr(pipeline._PendingPriorities, "push", recording_push)
+    monkeypatch.setattr(pipeline.AsyncPipeline, "_update", update_then_stop_at_the_tenth)
+    error = finish_within(60, lambda: agent.learn(3_000))
+    assert isinstance(error, KeyboardInterrupt) and agent.learner.num_updates == len(made) == 10
+    expected = {}
+    for indices, priorities in made:  # applied in order: a later update's priority of an index wins
+        expected.update(zip(indices.tolist(), priorities.tolist()))
+    indices = np.array(sorted(expected))
+    np.testing.assert_allclose(agent.buffer.sampling_mass(indices), [expected[i] + 1e-6 for i in indices.tolist()],
+                               rtol=1e-5)
+
+
 def test_atari_frame_stacks_in_async_batches_with_a_checkpoint_mid_run(tmp_path):
     config = async_config(batch_size=8, buffer_size=2_000, learning_starts=100, num_envs=4,
                           checkpoint_interval=200, log_interval=100)
