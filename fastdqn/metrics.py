@@ -17,8 +17,8 @@ import io
 import json
 import math
 import os
+import secrets
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +33,10 @@ EVAL_COLUMNS = ["step", "wall_time", "episodes", "mean_return", "std_return", "m
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # os.open, not mkstemp: the file gets the permissions the umask gives (mkstemp's are 0600,
+    # which would hide a run's results from the group, or from a TensorBoard run by another user).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -90,3 +90,22 @@ def test_resume_of_a_run_in_use_is_a_one_line_error(tmp_path, capsys):
         assert err == f"fastdqn train: error: {run_dir} is in use by another run (process {pid}); " \
                       "wait for it to end, or choose another run directory"
     assert (run_dir / "metrics.csv").read_bytes() == metrics_before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_run_files_get_the_permissions_the_umask_gives(tmp_path, umask):
+    from fastdqn import DQN
+    from test_agent import tiny
+
+    previous = os.umask(umask)
+    try:
+        agent = DQN("CartPole-v1", tiny(total_steps=200, checkpoint_interval=100, save_buffer=True),
+                    run_dir=tmp_path / "run", progress=False, tensorboard=False)
+        agent.learn()
+        agent.save(tmp_path / "agent.pt")
+        agent.close()
+    finally:
+        os.umask(previous)
+    files = [tmp_path / "agent.pt", *(tmp_path / "run").glob("*.*"), *(tmp_path / "run" / "checkpoints").iterdir()]
+    assert {p.suffix for p in files} >= {".pt", ".replay", ".json", ".csv"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}
