@@ -51,11 +51,11 @@ config = DQNConfig(
     eval_episodes=0,  # testing is the separate step below, as in the tutorial
 )
 
-dqn = DQN(ENV_NAME, config, run_dir="runs/keras_rl_cartpole")
+dqn = DQN(ENV_NAME, config)  # writes runs/<run name>/: config.json, metrics.csv, TensorBoard events
 dqn.learn(5_000)
 
 # dqn.save_weights('dqn_{}_weights.h5f'.format(ENV_NAME), overwrite=True)
-dqn.save(f"runs/keras_rl_cartpole/dqn_{ENV_NAME}_weights.pt")
+dqn.save(dqn.run_dir / f"dqn_{ENV_NAME}_weights.pt")
 
 # dqn.test(env, nb_episodes=5, visualize=True)    (keras-rl tests with the greedy policy)
 result = dqn.evaluate(5, epsilon=0.0, seed=SEED)

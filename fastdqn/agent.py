@@ -110,7 +110,8 @@ class DQN:
                              f"fork), got device {self.device} on {sys.platform}; use actor 'thread'")
         threaded = self.pipeline == "async" and self.actor == "thread"
         self.pipeline_report: dict | None = None  # throughput and replay ratio of the last async learn()
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        # To the microsecond: runs started together (a sweep) get run names, so directories, of their own.
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
         self.run_name = f"{env_id.replace('/', '-')}__dqn__seed{config.seed}__{stamp}"
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / self.run_name
         self.progress, self.tensorboard = progress, tensorboard
@@ -651,10 +652,7 @@ class DQN:
         the replay buffer, so that ``learn`` continues exactly where the run stopped."""
         path = ckpt.resolve_checkpoint(path)
         state = ckpt.load_checkpoint(path)
-        config = DQNConfig.from_dict(state["config"])
-        if device is not None:
-            config.device = device
-            config.validate()
+        config = _config_on(state["config"], device)
         if run_dir is None and path.parent.name == "checkpoints":
             run_dir = path.parent.parent
         agent = cls(state["env_id"], config, q_network=q_network, run_dir=run_dir, **kwargs)
@@ -663,10 +661,17 @@ class DQN:
         return agent
 
     @classmethod
-    def resume(cls, run_dir: str | os.PathLike, **kwargs) -> "DQN":
-        """The agent of a run directory at its newest checkpoint, ready to ``learn`` on."""
-        read_config(run_dir)
-        return cls.load(run_dir, run_dir=run_dir, **kwargs)
+    def resume(cls, run_dir: str | os.PathLike, *, device: str | None = None, **kwargs) -> "DQN":
+        """The agent of a run directory at its newest checkpoint, ready to ``learn`` on. A run
+        with no checkpoint yet (stopped before its first, or killed) starts over: the agent is
+        new, with the run's config, name and total steps, at step 0 (``env_steps``)."""
+        record = read_config(run_dir)
+        if ckpt.latest_checkpoint(run_dir) is not None:
+            return cls.load(run_dir, run_dir=run_dir, device=device, **kwargs)
+        agent = cls(record["env_id"], _config_on(record["config"], device), run_dir=run_dir, **kwargs)
+        agent.run_name = record["run_name"]
+        agent._unfinished_total_steps = record.get("learn_total_steps")
+        return agent
 
     def _restore(self, state: dict, load_buffer: bool) -> None:
         self.learner.load_state_dict(state["learner"])
@@ -693,6 +698,15 @@ class DQN:
 
     def close(self) -> None:
         self.env.close()
+
+
+def _config_on(fields: dict, device: str | None) -> DQNConfig:
+    """A saved config, moved to ``device`` if one is given."""
+    config = DQNConfig.from_dict(fields)
+    if device is not None:
+        config.device = device
+        config.validate()
+    return config
 
 
 def write_gif(path: str | os.PathLike, frames: list[np.ndarray], fps: int = 30) -> None:

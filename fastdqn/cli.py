@@ -187,11 +187,9 @@ def _stopped(agent, status: int) -> int:
 
     print(f"\nstopped at step {agent.env_steps:,}", file=sys.stderr)
     checkpoints = list_checkpoints(checkpoint_dir(agent.run_dir))
-    if not checkpoints:
-        print("no checkpoint was written: nothing to resume", file=sys.stderr)
-        return status
-    step = checkpoint_step(checkpoints[-1])
-    resumed_from = "" if step == agent.env_steps else f" (from its checkpoint at step {step:,})"
+    step = checkpoint_step(checkpoints[-1]) if checkpoints else 0
+    resumed_from = "" if step == agent.env_steps else \
+        f" (from its checkpoint at step {step:,})" if checkpoints else " (it has no checkpoint: that starts it over)"
     print(f"continue with: fastdqn train --resume {agent.run_dir}{resumed_from}", file=sys.stderr)
     return status
 
@@ -213,6 +211,8 @@ def _agent_to_train(args):
         RunDirectoryLock(args.resume).release()  # in use by another run: say so before loading it
         agent = DQN.resume(args.resume, device=args.device, progress=not args.no_progress,
                            tensorboard=not args.no_tensorboard)
+        if agent.env_steps == 0:
+            print(f"{args.resume} holds no checkpoint: the run starts over from step 0", file=sys.stderr)
         total = args.total_steps or agent.scheduled_total_steps
         # With its steps taken, a run has something left only if it was stopped at its end
         # (in its final evaluation), and that is the total it goes on to.

@@ -154,11 +154,25 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self._lock = RunDirectoryLock(self.run_dir)  # before anything is written
         try:
+            self._check_it_is_this_run(config_record)
             self._open(config_record, total_steps=total_steps, start_step=start_step,
                        wall_time_offset=wall_time_offset, resume=resume, tensorboard=tensorboard, progress=progress)
         except BaseException:
             self._lock.release()
             raise
+
+    def _check_it_is_this_run(self, config_record: dict) -> None:
+        """ValueError if the directory holds another run (its config.json names another run):
+        writing into it would mix the two runs' rows and checkpoints."""
+        if not (self.run_dir / "config.json").exists():
+            return
+        try:
+            existing = read_config(self.run_dir).get("run_name")
+        except ValueError:
+            existing = None
+        if existing != config_record["run_name"]:
+            raise ValueError(f"{self.run_dir} holds another run ({existing or 'unreadable config.json'}); "
+                             "continue it with DQN.resume (fastdqn train --resume), or choose another run directory")
 
     def _open(self, config_record: dict, *, total_steps: int, start_step: int, wall_time_offset: float,
               resume: bool, tensorboard: bool, progress: bool) -> None:
@@ -177,7 +191,8 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             # As in the CSVs, what was logged after the step resumed from is dropped; that step's own stays.
-            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1 if resume else None)
+            # A run that starts over (resumed with no checkpoint) drops all.
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1 if resume else 0)
         self._progress = make_progress(total_steps, start_step, config_record.get("env_id", "train")) \
             if progress else None
         self._postfix = ProgressPostfix()

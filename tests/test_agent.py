@@ -3,7 +3,11 @@
 import dataclasses
 import math
 import os
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -495,3 +499,14 @@ def test_short_atari_run(tmp_path, env_id, backend):
     assert len(dqn.buffer) > 0 and dqn.buffer.frame_stack == 4
     assert any(not torch.equal(b, p) for b, p in zip(before, dqn.q_network.parameters()))
     assert type(dqn.q_network).__name__ == "NatureCNN"
+
+
+def test_the_keras_rl_example_runs_again_into_a_directory_of_its_own(tmp_path):
+    example = Path(__file__).parent.parent / "examples" / "keras_rl_cartpole.py"
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, str(example)], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert len(re.findall(r"Episode \d: reward: [\d.]+", proc.stdout)) == 5
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all((run / "dqn_CartPole-v0_weights.pt").is_file() for run in runs)

@@ -224,8 +224,13 @@ def test_ctrl_c_stops_at_the_next_step_with_its_checkpoint(tmp_path, monkeypatch
     rows = read_csv(path / "metrics.csv")
     assert rows[-1]["step"] == stopped  # the stop's cut has its metrics row, as a checkpoint's step has
     checkpoints = list_checkpoints(path / "checkpoints")
-    if not checkpoint_interval and not checkpoint_on_stop:
-        assert not checkpoints and "nothing to resume" in err
+    if not checkpoint_interval and not checkpoint_on_stop:  # resume starts the run over
+        assert not checkpoints and f"--resume {path} (it has no checkpoint: that starts it over)" in err
+        monkeypatch.setattr(Learner, "act", act)
+        assert main(["train", "--resume", str(path), "--no-progress", "--no-tensorboard"]) == 0
+        assert "holds no checkpoint: the run starts over from step 0" in capfd.readouterr().err
+        assert [r["step"] for r in read_csv(path / "metrics.csv")] == [200.0, 400.0, 600.0]
+        assert load_checkpoint(list_checkpoints(path / "checkpoints")[-1])["counters"]["env_steps"] == 600
         return
     stop_checkpoint = checkpoint_on_stop and not second_ctrl_c
     assert load_checkpoint(checkpoints[-1])["counters"]["env_steps"] == (stopped if stop_checkpoint else 400)

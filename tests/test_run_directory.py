@@ -8,9 +8,10 @@ import sys
 import time
 
 import pytest
+import torch
 
 from fastdqn.cli import main
-from fastdqn.metrics import RunDirectoryInUse, RunDirectoryLock
+from fastdqn.metrics import RunDirectoryInUse, RunDirectoryLock, read_csv
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Box (low|high)'s precision lowered.*")
 
@@ -109,3 +110,47 @@ def test_run_files_get_the_permissions_the_umask_gives(tmp_path, umask):
     files = [tmp_path / "agent.pt", *(tmp_path / "run").glob("*.*"), *(tmp_path / "run" / "checkpoints").iterdir()]
     assert {p.suffix for p in files} >= {".pt", ".replay", ".json", ".csv"}
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}
+
+
+def test_a_new_agent_refuses_a_directory_that_holds_another_run(tmp_path):
+    from fastdqn import DQN
+    from test_agent import tiny
+
+    run_dir = tmp_path / "run"
+    first = DQN("CartPole-v1", tiny(total_steps=200, checkpoint_interval=200, save_buffer=True), run_dir=run_dir, progress=False,
+                tensorboard=False)
+    first.learn()
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    second = DQN("Acrobot-v1", tiny(total_steps=100), run_dir=run_dir, progress=False, tensorboard=False)
+    assert second.run_name != first.run_name
+    with pytest.raises(ValueError, match=rf"{run_dir} holds another run \({first.run_name}\); continue it with "
+                                         r"DQN.resume"):
+        second.learn()
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    assert second.env_steps == 0
+    first.learn(300)  # its own directory, still
+    DQN.resume(run_dir, progress=False, tensorboard=False).learn(400)
+    first.close()
+    second.close()
+
+
+def test_resuming_a_run_with_no_checkpoint_starts_it_over_as_it_was_started(tmp_path):
+    from fastdqn import DQN
+    from test_agent import tiny
+
+    config = tiny(total_steps=300, checkpoint_on_stop=False)
+    assert config.checkpoint_interval == 0
+    made = DQN("CartPole-v1", config, run_dir=tmp_path / "killed", progress=False, tensorboard=False)
+    made.request_stop()
+    with pytest.raises(KeyboardInterrupt):
+        made.learn(200)  # stopped at its first step: the config and a row, but no checkpoint
+    resumed = DQN.resume(tmp_path / "killed", progress=False, tensorboard=False)
+    assert (resumed.env_steps, resumed.run_name, resumed.scheduled_total_steps) == (0, made.run_name, 200)
+    resumed.learn()
+    fresh = DQN("CartPole-v1", config, run_dir=tmp_path / "fresh", progress=False, tensorboard=False)
+    fresh.learn(200)
+    assert resumed.env_steps == fresh.env_steps
+    for a, b in zip(resumed.learner.q_network.parameters(), fresh.learner.q_network.parameters(), strict=True):
+        assert torch.equal(a, b)
+    rows = {name: read_csv(tmp_path / name / "metrics.csv") for name in ("killed", "fresh")}
+    assert [r["step"] for r in rows["killed"]] == [r["step"] for r in rows["fresh"]]
