@@ -341,7 +341,7 @@ class _EnvpoolVecEnv(VecEnv):
                 warnings.filterwarnings("ignore", message=r".*precision lowered by casting to float32",
                                         category=UserWarning)
                 observation_space, action_space = self._pool.observation_space, self._pool.action_space
-            _check_discrete(env_id, action_space)
+            _check_spaces(env_id, observation_space, action_space)
             super().__init__(env_id, "envpool", mode, num_envs, batch_size, atari, observation_space, action_space)
             self._layout = _EnvpoolLayout.of(self._pool, atari is not None)
         except BaseException:
@@ -448,7 +448,7 @@ class _GymnasiumVecEnv(VecEnv):
 
         self._vec = SyncVectorEnv([make_one for _ in range(num_envs)], autoreset_mode=AutoresetMode.NEXT_STEP)
         try:
-            _check_discrete(env_id, self._vec.single_action_space)
+            _check_spaces(env_id, self._vec.single_observation_space, self._vec.single_action_space)
             super().__init__(env_id, "gymnasium", mode, num_envs, num_envs, atari,
                              self._vec.single_observation_space, self._vec.single_action_space)
         except BaseException:
@@ -589,7 +589,10 @@ class AtariPreprocessing(gym.Wrapper):
             self._stack[-1] = frame
 
 
-def _check_discrete(env_id: str, action_space: Any) -> None:
+def _check_spaces(env_id: str, observation_space: Any, action_space: Any) -> None:
+    if not isinstance(observation_space, gym.spaces.Box) or not observation_space.shape \
+            or np.dtype(observation_space.dtype).kind not in "uif":
+        raise ValueError(f"DQN needs a numeric Box observation space (an array); {env_id} has {observation_space}")
     if not isinstance(action_space, gym.spaces.Discrete) or int(action_space.start) != 0:
         raise ValueError(f"DQN needs a Discrete action space starting at 0; {env_id} has {action_space}")
 
@@ -706,6 +709,6 @@ def make_env(
 
 
 def _unknown_id_message(env_id: str, known: list[str], where: str) -> str:
-    close = difflib.get_close_matches(env_id, known, n=5, cutoff=0.6)
+    close = difflib.get_close_matches(env_id, list(dict.fromkeys(known)), n=5, cutoff=0.6)  # an id may be in both lists
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return f"unknown env_id {env_id!r}: not registered with {where}{hint}"

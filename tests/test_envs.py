@@ -6,6 +6,7 @@ Atari preprocessing as the reference for the gymnasium fallback.
 """
 
 import dataclasses
+import re
 
 import envpool
 import gymnasium as gym
@@ -438,6 +439,18 @@ def test_unknown_env_id_suggests_close_matches():
         make_env("ALE/Pong-v5", backend="envpool")
     with pytest.raises(ValueError, match="unknown env_id 'NoSuchGame-v0'"):
         make_env("NoSuchGame-v0")
+    with pytest.raises(ValueError) as error:  # an id both envpool and gymnasium know is suggested once
+        make_env("CartPol-v1")
+    suggested = re.findall(r"'([^']+)'", str(error.value).split("did you mean")[1])
+    assert suggested[0] == "CartPole-v1" and len(suggested) == len(set(suggested))
+
+
+@pytest.mark.parametrize("env_id, backend, space", [("FrozenLake-v1", "auto", r"Discrete\(16\)"),
+                                                    ("FrozenLake-v1", "gymnasium", r"Discrete\(16\)"),
+                                                    ("Blackjack-v1", "gymnasium", r"Tuple\(Discrete")])
+def test_an_env_without_array_observations_is_refused_by_name(env_id, backend, space):
+    with pytest.raises(ValueError, match=rf"DQN needs a numeric Box observation space \(an array\); {env_id} has {space}"):
+        make_env(env_id, backend=backend)
 
 
 @pytest.mark.parametrize(
