@@ -114,6 +114,8 @@ class DQN:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
         self.run_name = f"{env_id.replace('/', '-')}__dqn__seed{config.seed}__{stamp}"
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / self.run_name
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ValueError(f"run_dir must be a directory, got {self.run_dir}, which is a file")
         self.progress, self.tensorboard = progress, tensorboard
         if config.torch_threads:
             torch.set_num_threads(config.effective_torch_threads)
@@ -166,10 +168,13 @@ class DQN:
         kwargs = dict(frame_stack=self.env.frame_stack, num_envs=c.num_envs, obs_dtype=self.env.obs_dtype,
                       action_dtype=np.int64, n_step=c.n_step, gamma=c.gamma,
                       seed=int(self.np_rng.integers(2**31)))
-        if c.prioritized:
-            return PrioritizedReplayBuffer(c.buffer_size, self.obs_shape, alpha=c.per_alpha, beta=c.per_beta,
-                                           eps=c.per_eps, **kwargs)
-        return ReplayBuffer(c.buffer_size, self.obs_shape, **kwargs)
+        try:
+            if c.prioritized:
+                return PrioritizedReplayBuffer(c.buffer_size, self.obs_shape, alpha=c.per_alpha, beta=c.per_beta,
+                                               eps=c.per_eps, **kwargs)
+            return ReplayBuffer(c.buffer_size, self.obs_shape, **kwargs)
+        except ValueError as e:  # the config's settings checked, what the buffer refuses is its size
+            raise ValueError(f"buffer_size={c.buffer_size} does not fit this run: {e}") from None
 
     @property
     def unfinished_total_steps(self) -> int | None:

@@ -145,7 +145,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for non-checkpoint files
-        raise ValueError(f"{path} is not a fastdqn checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        # Not torch's message: it suggests weights_only=False, which would run code from the file.
+        raise ValueError(f"{path} is not a fastdqn checkpoint (torch.load could not read it: {type(e).__name__})") \
+            from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a fastdqn checkpoint")
     if state.get("version") != VERSION:

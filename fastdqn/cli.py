@@ -36,9 +36,15 @@ def _usage_errors(command: str):
     """The errors that fastdqn raises for bad input (a wrong value, type or path) as one-line UsageErrors."""
     try:
         yield
-    except (ValueError, TypeError, FileNotFoundError, RunDirectoryInUse) as e:
+    except (ValueError, TypeError, OSError, ImportError, RunDirectoryInUse) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, ModuleNotFoundError) and e.name in _TRAIN_EXTRA:
+            message += f" ({command} needs the train extra: pip install 'fastdqn[train]')"
         raise UsageError(f"fastdqn {command}: error: {message}") from e
+
+
+_TRAIN_EXTRA = ("torch", "envpool", "gymnasium", "ale_py", "tqdm", "tensorboard", "matplotlib", "PIL")
+"""Modules that ``pip install 'fastdqn[train]'`` brings, which the buffer alone does not need."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -118,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=_nonnegative_int, default=None)
     ev.add_argument("--device", default=None)
     ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
-    ev.add_argument("--video", default=None, metavar="FILE", help="record the first episode to this mp4/gif")
+    ev.add_argument("--video", default=None, metavar="FILE", help="record the first episode to this animated GIF (.gif)")
 
     plot = sub.add_parser("plot", help="write a learning-curve PNG of a run")
     plot.add_argument("run_dir", metavar="RUN_DIR")
@@ -237,13 +243,14 @@ def _agent_to_train(args):
         total = config.total_steps
     if agent.buffer is None:  # made now, as learn() would first: a size it refuses is a bad argument
         agent.buffer = agent._make_buffer()
+    Path(agent.run_dir).mkdir(parents=True, exist_ok=True)  # a path that cannot be one is a bad argument too
     return agent, total
 
 
 def _eval(args) -> int:
-    from fastdqn.agent import DQN
-
     with _usage_errors("eval"):  # a few games: any error is most likely the checkpoint's or the arguments'
+        from fastdqn.agent import DQN
+
         agent = DQN.load(args.path, device=args.device, load_buffer=False, progress=False, tensorboard=False)
         try:
             seed = args.seed if args.seed is not None else agent.config.seed + 1
@@ -261,9 +268,9 @@ def _eval(args) -> int:
 
 
 def _plot(args) -> int:
-    from fastdqn.plot import plot_run
-
     with _usage_errors("plot"):
+        from fastdqn.plot import plot_run
+
         print(plot_run(args.run_dir, args.out))
     return 0
 
@@ -285,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(str(e).splitlines()[0], file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside training (which stops at a cut): while starting, evaluating, plotting
+        print("\ninterrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -150,7 +150,8 @@ class DQNConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ["learning_starts", "eval_interval", "eval_episodes", "checkpoint_interval", "torch_threads"]:
+        for name in ["seed", "learning_starts", "eval_interval", "eval_episodes", "checkpoint_interval",
+                     "torch_threads"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):

@@ -21,7 +21,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-__all__ = ["ATARI_PROTOCOLS", "AtariPreprocessing", "AtariProtocol", "StepResult", "VecEnv", "make_env"]
+__all__ = ["ATARI_PROTOCOLS", "AtariPreprocessing", "AtariProtocol", "StepResult", "VecEnv", "env_backend",
+           "make_env"]
 
 ATARI_FRAME_SIZE = 84
 ATARI_FRAME_STACK = 4
@@ -664,8 +665,6 @@ def make_env(
     _check_int("seed", seed, 0, 2**31 - 1)
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if isinstance(protocol, str):
         if protocol not in ATARI_PROTOCOLS:
             raise ValueError(f"protocol must be one of {tuple(ATARI_PROTOCOLS)} or an AtariProtocol, got {protocol!r}")
@@ -683,18 +682,7 @@ def make_env(
         _check_int("max_episode_steps", max_episode_steps, 1)
         atari_protocol = dataclasses.replace(atari_protocol, max_episode_steps=max_episode_steps)
 
-    envpool_ids = _envpool_ids() if backend != "gymnasium" else []
-    use_envpool = env_id in envpool_ids
-    if backend == "envpool" and not use_envpool:
-        if not envpool_ids:
-            raise ImportError("backend='envpool' needs the envpool package (pip install envpool)")
-        raise ValueError(_unknown_id_message(env_id, envpool_ids, "envpool"))
-    if not use_envpool:
-        gymnasium_ids = _gymnasium_ids()
-        if env_id not in gymnasium_ids:
-            candidates = gymnasium_ids + ([] if backend == "gymnasium" else envpool_ids)
-            raise ValueError(_unknown_id_message(env_id, candidates, "envpool or gymnasium"
-                                                 if backend == "auto" else "gymnasium"))
+    if env_backend(env_id, backend) == "gymnasium":
         if batch_size != num_envs:
             raise ValueError(f"batch_size < num_envs (async mode) needs envpool; {env_id} runs on gymnasium")
         if num_threads is not None:
@@ -706,6 +694,26 @@ def make_env(
     if num_threads is None and module in _ONE_THREAD_ENVPOOL_MODULES:
         num_threads = 1
     return _EnvpoolVecEnv(env_id, num_envs, seed, mode, batch_size, atari, num_threads, max_episode_steps)
+
+
+def env_backend(env_id: str, backend: str = "auto") -> str:
+    """Which package makes ``env_id`` with ``make_env(..., backend=backend)``: "envpool" or
+    "gymnasium". ValueError, with close matches, for an id it does not know."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    envpool_ids = _envpool_ids() if backend != "gymnasium" else []
+    if env_id in envpool_ids:
+        return "envpool"
+    if backend == "envpool":
+        if not envpool_ids:
+            raise ImportError("backend='envpool' needs the envpool package (pip install envpool)")
+        raise ValueError(_unknown_id_message(env_id, envpool_ids, "envpool"))
+    gymnasium_ids = _gymnasium_ids()
+    if env_id not in gymnasium_ids:
+        candidates = gymnasium_ids + ([] if backend == "gymnasium" else envpool_ids)
+        raise ValueError(_unknown_id_message(env_id, candidates, "envpool or gymnasium"
+                                             if backend == "auto" else "gymnasium"))
+    return "gymnasium"
 
 
 def _unknown_id_message(env_id: str, known: list[str], where: str) -> str:

@@ -100,3 +100,11 @@ def test_a_failing_system_is_reported_and_the_others_still_run(tmp_path, capsys,
     saved = json.loads((tmp_path / "train-cpu.json").read_text())
     assert saved["envs"]["CartPole-v1"]["systems"] == figures
     assert "| CartPole-v1 | sync | failed: ValueError: no such thing |" in (tmp_path / "train-cpu.md").read_text()
+
+
+def test_an_unknown_env_id_is_refused_before_any_system_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench_train.main(["--env", "CartPole-v1", "--env", "CartPol-v1", "--steps", "100", "--out", str(tmp_path)])
+    assert stop.value.code == 2
+    assert "unknown env_id 'CartPol-v1'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing ran, no report replaced

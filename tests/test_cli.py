@@ -297,7 +297,11 @@ def test_run_dir_is_not_overwritten(run_dir, capsys):
     (["train", "--num-envs", "many"], "positive integer"),
     (["train", "--set", "gamma=2"], "gamma must be in [0, 1]"),
     (["train", "--set", "batch_size=big"], "batch_size expects an integer"),
-    (["train", "--set", "buffer_size=9"], "capacity must be >= 80"),
+    (["train", "--set", "buffer_size=9"], "buffer_size=9 does not fit this run: capacity must be >= 80"),
+    (["train", "--set", "seed=-1"], "seed must be >= 0, got -1"),
+    (["train", "--run-dir", "FILE"], "run_dir must be a directory, got"),
+    (["train", "--run-dir", "FILE/run"], "Not a directory"),
+    (["train", "--env", "Blackjack-v1", "--set", "backend=gymnasium"], "numeric Box observation space"),
     (["train", "--set", "learnig_rate=1"], "did you mean learning_rate"),
     (["train", "--set", "nokey"], "key=value"),
     (["train", "--device", "tpu"], "device must be one of"),
@@ -306,12 +310,17 @@ def test_run_dir_is_not_overwritten(run_dir, capsys):
     (["eval", "/nonexistent/ckpt.pt"], "neither a checkpoint file nor a run directory"),
     (["eval", "/tmp", "--epsilon", "3"], "[0, 1]"),
     (["eval", "RUN_DIR", "--video", "/nonexistent/dir/game.gif"], "folder /nonexistent/dir does not exist"),
+    (["eval", "FILE"], "is not a fastdqn checkpoint (torch.load could not read it"),
     (["plot", "/nonexistent/run"], "not a fastdqn run directory"),
+    (["plot", "RUN_DIR", "--out", "/nonexistent/dir/curve.png"], "No such file or directory"),
     (["bench", "nosuch"], "unknown benchmark"),
     (["frobnicate"], "invalid choice"),
     ([], "required"),
 ])
-def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys, request):
+def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys, request, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.touch()
+    argv = [a.replace("FILE", str(a_file)) for a in argv]
     if "RUN_DIR" in argv:  # a real run, so that the argument checked is the only thing wrong
         argv = [str(request.getfixturevalue("run_dir")) if a == "RUN_DIR" else a for a in argv]
         capsys.readouterr()  # what making the run printed
@@ -328,6 +337,26 @@ def test_console_entry_point_reports_errors_without_traceback(tmp_path):
                           cwd=tmp_path)  # outside the checkout: import the installed package, extension included
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "unknown env_id" in proc.stderr
+
+
+def test_a_missing_training_dependency_is_named_with_the_extra_that_brings_it(tmp_path):
+    code = "import sys; sys.modules['torch'] = None; from fastdqn.cli import main; sys.exit(main(['train']))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "needs the train extra: pip install 'fastdqn[train]'" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ctrl_c_outside_training_is_a_line_not_a_traceback(monkeypatch, capsys):
+    from fastdqn.agent import DQN
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DQN, "load", interrupted)
+    assert main(["eval", "/some/run"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted"
 
 
 def test_bench_dispatches_to_the_named_module(monkeypatch):

@@ -294,6 +294,13 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--num-envs must be positive, got {args.num_envs}")
     if args.repeats < 1:
         parser.error(f"--repeats must be positive, got {args.repeats}")
+    from fastdqn.envs import env_backend
+
+    for env_id in args.env or []:
+        try:
+            env_backend(env_id)
+        except ValueError as e:
+            parser.error(str(e))
 
     import torch
 
