@@ -130,17 +130,25 @@ class DQN:
             from fastdqn.pipeline import env_batch_size
 
             acting_batch = env_batch_size(config.num_envs, self.env)
+        self.custom_q_network = q_network is not None
         if q_network is None:
             q_network = build_q_network(self.obs_shape, self.num_actions, hidden_sizes=config.hidden_sizes,
                                         dueling=config.dueling)
-        self.learner = Learner(
-            q_network, obs_shape=self.obs_shape, obs_dtype=self.env.obs_dtype, batch_size=config.batch_size,
-            num_envs=acting_batch, device=self.device, lr=config.learning_rate, optimizer=config.optimizer,
-            adam_eps=config.adam_eps, loss=config.loss, double_dqn=config.double_dqn,
-            target_update_interval=config.target_update_interval, tau=config.tau,
-            max_grad_norm=config.max_grad_norm or None, prioritized=config.prioritized,
-            cuda_graph={"auto": "auto", "on": True, "off": False}[config.cuda_graph],
-            actor_copy=threaded, seed=int(self.np_rng.integers(2**63)))
+        try:
+            self.learner = Learner(
+                q_network, obs_shape=self.obs_shape, obs_dtype=self.env.obs_dtype, batch_size=config.batch_size,
+                num_envs=acting_batch, device=self.device, lr=config.learning_rate, optimizer=config.optimizer,
+                adam_eps=config.adam_eps, loss=config.loss, double_dqn=config.double_dqn,
+                target_update_interval=config.target_update_interval, tau=config.tau,
+                max_grad_norm=config.max_grad_norm or None, prioritized=config.prioritized,
+                cuda_graph={"auto": "auto", "on": True, "off": False}[config.cuda_graph],
+                actor_copy=threaded, seed=int(self.np_rng.integers(2**63)))
+            if self.learner.num_actions != self.num_actions:
+                raise ValueError(f"q_network must output one Q-value per action: {env_id} has {self.num_actions} "
+                                 f"actions, q_network outputs {self.learner.num_actions}")
+        except BaseException:
+            self.env.close()
+            raise
         self.q_network = self.learner.q_network
         self.buffer = None  # made on the first learn(): acting and evaluating need no replay
         self._batch = self._sample = self._stretch = None
@@ -535,7 +543,8 @@ class DQN:
                 "fastdqn_version": fastdqn.__version__, "device": str(self.device),
                 "backend": getattr(self.env, "backend", None), "protocol": self.config.protocol,
                 "pipeline": self.pipeline, "actor": self.actor if self.pipeline == "async" else None,
-                "learn_total_steps": total_steps, "config": self.config.to_dict()}
+                "learn_total_steps": total_steps, "config": self.config.to_dict(),
+                "custom_q_network": _class_name(self.q_network) if self.custom_q_network else None}
 
     # ------------------------------------------------------------------ acting
     @torch.no_grad()
@@ -624,6 +633,7 @@ class DQN:
     # ------------------------------------------------------------------ persistence
     def _state(self, with_rng: bool) -> dict:
         state = {"env_id": self.env_id, "run_name": self.run_name, "config": self.config.to_dict(),
+                 "custom_q_network": _class_name(self.q_network) if self.custom_q_network else None,
                  "learner": self.learner.state_dict(),
                  "counters": {"env_steps": self.env_steps, "episodes": self.episodes, "wall_time": self.wall_time,
                               "learn_total_steps": self._unfinished_total_steps},
@@ -657,6 +667,7 @@ class DQN:
         the replay buffer, so that ``learn`` continues exactly where the run stopped."""
         path = ckpt.resolve_checkpoint(path)
         state = ckpt.load_checkpoint(path)
+        _check_network_given(path, state, q_network)
         config = _config_on(state["config"], device)
         if run_dir is None and path.parent.name == "checkpoints":
             run_dir = path.parent.parent
@@ -673,6 +684,7 @@ class DQN:
         record = read_config(run_dir)
         if ckpt.latest_checkpoint(run_dir) is not None:
             return cls.load(run_dir, run_dir=run_dir, device=device, **kwargs)
+        _check_network_given(run_dir, record, kwargs.get("q_network"))
         agent = cls(record["env_id"], _config_on(record["config"], device), run_dir=run_dir, **kwargs)
         agent.run_name = record["run_name"]
         agent._unfinished_total_steps = record.get("learn_total_steps")
@@ -703,6 +715,17 @@ class DQN:
 
     def close(self) -> None:
         self.env.close()
+
+
+def _check_network_given(path, saved: dict, q_network: torch.nn.Module | None) -> None:
+    """A run trained with a network of the user's needs one of that architecture to go on."""
+    if saved.get("custom_q_network") and q_network is None:
+        raise ValueError(f"{path} was trained with a custom q_network ({saved['custom_q_network']}): pass "
+                         "q_network=<a network of that architecture> to DQN.load or DQN.resume")
+
+
+def _class_name(module: torch.nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
 def _config_on(fields: dict, device: str | None) -> DQNConfig:

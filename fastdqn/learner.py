@@ -631,7 +631,10 @@ class Learner:
         if missing:
             raise ValueError(f"learner state is missing {sorted(missing)}")
         # Network weights are copied in place, so the captured graphs keep pointing at them.
-        self.q_network.load_state_dict(state["q_network"])
+        try:
+            self.q_network.load_state_dict(state["q_network"])
+        except RuntimeError as e:  # torch's message lists every missing and unexpected key
+            raise ValueError(f"the saved q_network does not fit this one: {str(e).splitlines()[0]}") from e
         self.target_network.load_state_dict(state["target_network"])
         # A deep copy: torch's loader keeps tensors that already sit on the right device, which
         # would share optimizer moments with whoever handed us this state.

@@ -387,6 +387,45 @@ def test_custom_q_network_is_trained(tmp_path):
     assert any(not torch.equal(b, p) for b, p in zip(before, net.parameters()))
 
 
+def test_a_custom_q_network_must_give_a_q_value_per_action(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))  # CartPole has 2 actions
+    with pytest.raises(ValueError, match="q_network must output one Q-value per action: CartPole-v1 has 2 actions, "
+                                         "q_network outputs 3"):
+        agent(tmp_path, q_network=net)
+
+
+def test_a_custom_q_networks_run_is_loaded_and_resumed_with_a_network_of_its_architecture(tmp_path):
+    def network():
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+    trained = agent(tmp_path, q_network=network(), config=tiny(eval_episodes=0, checkpoint_interval=200,
+                                                               save_buffer=True))
+    trained.learn(200)
+    trained.save(tmp_path / "saved.pt")
+    for load in (lambda **kw: DQN.load(tmp_path / "saved.pt", **kw), lambda **kw: DQN.load(tmp_path / "run", **kw),
+                 lambda **kw: DQN.resume(tmp_path / "run", **kw)):
+        with pytest.raises(ValueError, match=r"was trained with a custom q_network \(torch.nn.modules.container."
+                                             r"Sequential\): pass q_network="):
+            load(progress=False, tensorboard=False)
+        other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+        with pytest.raises(ValueError, match="the saved q_network does not fit this one"):
+            load(q_network=other, progress=False, tensorboard=False)
+        loaded = load(q_network=network(), progress=False, tensorboard=False)
+        for a, b in zip(loaded.q_network.parameters(), trained.q_network.parameters(), strict=True):
+            assert torch.equal(a, b)
+        loaded.close()
+    resumed = DQN.resume(tmp_path / "run", q_network=network(), progress=False, tensorboard=False)
+    resumed.learn(300)
+    assert resumed.env_steps >= 300 and resumed.custom_q_network
+    unsaved = DQN("CartPole-v1", tiny(checkpoint_on_stop=False), q_network=network(), run_dir=tmp_path / "unsaved",
+                  progress=False, tensorboard=False)
+    unsaved.request_stop()
+    with pytest.raises(KeyboardInterrupt):
+        unsaved.learn(200)
+    with pytest.raises(ValueError, match="was trained with a custom q_network"):  # starting it over needs one too
+        DQN.resume(tmp_path / "unsaved", progress=False, tensorboard=False)
+
+
 def test_predict_is_greedy_argmax(tmp_path):
     dqn = agent(tmp_path)
     obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
