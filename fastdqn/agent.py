@@ -464,6 +464,10 @@ class DQN:
         stopped once it had stored its last step, the updates due, the last metrics row and
         the checkpoint; in any case the final evaluation, if it is not made yet."""
         step = self.env_steps
+        if not stopped_at_its_end and not self._final_evaluation_due(step, logger):
+            warnings.warn(f"learn({total}) has nothing to do: this agent has taken {step} steps (learn trains until "
+                          f"the agent has taken total_steps in all; learn({step + total}) takes {total} more)",
+                          stacklevel=3)
         if stopped_at_its_end:
             owed = self.updates_due(step) - self.learner.num_updates
             if owed > 0:
@@ -551,6 +555,8 @@ class DQN:
     def predict(self, obs, epsilon: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray | int:
         """Greedy (or epsilon-greedy) actions for one observation (returns an int) or a batch
         (returns an int64 array)."""
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
         obs = np.asarray(obs)
         single = obs.shape == self.obs_shape
         if not single and obs.shape[1:] != self.obs_shape:

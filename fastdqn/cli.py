@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=_nonnegative_int, default=None)
     ev.add_argument("--device", default=None)
     ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
-    ev.add_argument("--video", default=None, metavar="FILE", help="record the first episode to this animated GIF (.gif)")
+    ev.add_argument("--video", default=None, metavar="FILE", help="record the first episode as an animated GIF")
 
     plot = sub.add_parser("plot", help="write a learning-curve PNG of a run")
     plot.add_argument("run_dir", metavar="RUN_DIR")

@@ -121,7 +121,8 @@ def test_resuming_a_finished_run_does_not_evaluate_its_last_step_again(tmp_path,
     dqn = agent(tmp_path, config=tiny(eval_interval=150, checkpoint_interval=100, save_buffer=True, pipeline=pipeline))
     dqn.learn(200)
     resumed = DQN.resume(tmp_path / "run", progress=False, tensorboard=False)
-    resumed.learn(200)
+    with pytest.warns(UserWarning, match=r"learn\(200\) has nothing to do"):
+        resumed.learn(200)
     steps = [row["step"] for row in read_csv(tmp_path / "run" / "eval.csv")]
     assert steps == [150, 200]
 
@@ -329,7 +330,8 @@ def test_a_learn_stopped_after_its_last_step_finishes_the_runs_end_next_time(tmp
     assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["counters"]["env_steps"] == last
     assert [row["step"] for row in read_csv(tmp_path / "run" / "metrics.csv")][-1:] == [last]
     assert [row["step"] for row in read_csv(tmp_path / "run" / "eval.csv")] == [last]
-    dqn.learn(400)  # a finished run: nothing more
+    with pytest.warns(UserWarning, match="nothing to do"):  # a finished run: nothing more
+        dqn.learn(400)
     assert len(read_csv(tmp_path / "run" / "eval.csv")) == 1 and dqn.learner.num_updates == due
 
 
@@ -426,6 +428,20 @@ def test_a_custom_q_networks_run_is_loaded_and_resumed_with_a_network_of_its_arc
         DQN.resume(tmp_path / "unsaved", progress=False, tensorboard=False)
 
 
+def test_learn_to_a_total_already_reached_says_what_total_steps_counts(tmp_path):
+    dqn = agent(tmp_path, config=tiny(eval_episodes=0))
+    dqn.learn(200)
+    steps, updates = dqn.env_steps, dqn.learner.num_updates
+    with pytest.warns(UserWarning, match=rf"learn\({steps}\) has nothing to do: this agent has taken {steps} steps "
+                                         rf".*learn\({2 * steps}\) takes {steps} more"):
+        dqn.learn(steps)
+    with pytest.warns(UserWarning, match=rf"learn\(100\) has nothing to do: this agent has taken {steps} steps"):
+        dqn.learn(100)
+    assert (dqn.env_steps, dqn.learner.num_updates) == (steps, updates)
+    dqn.learn(2 * steps)
+    assert dqn.env_steps >= 2 * steps
+
+
 def test_predict_is_greedy_argmax(tmp_path):
     dqn = agent(tmp_path)
     obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
@@ -435,6 +451,9 @@ def test_predict_is_greedy_argmax(tmp_path):
     assert dqn.predict(obs[0]) == expected[0] and isinstance(dqn.predict(obs[0]), int)
     with pytest.raises(ValueError, match="obs must have shape"):
         dqn.predict(np.zeros((5, 3), np.float32))
+    for epsilon in (-0.1, 1.5, math.nan):
+        with pytest.raises(ValueError, match=r"epsilon must be in \[0, 1\]"):
+            dqn.predict(obs, epsilon=epsilon)
 
 
 def test_save_and_load_round_trip(tmp_path):
