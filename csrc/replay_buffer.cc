@@ -137,19 +137,34 @@ void ReplayBuffer::Add(const AddInput& in) {
     seen[e] = 1;
     envs[r] = e;
     if (!std::isfinite(in.rewards[r])) throw std::invalid_argument("rewards[" + Str(r) + "] is not finite");
+    const uint8_t* obs = in.obs + r * stack_bytes_;
     const Stream& st = streams_[e];
     if (st.episode_open) {
-      const int64_t end = st.end.load(std::memory_order_relaxed);
-      const uint8_t* last = frames_.get() + Row(e, end - 1) * fb;
-      if (std::memcmp(in.obs + r * stack_bytes_ + (k - 1) * fb, last, fb) != 0) {
-        throw std::invalid_argument("obs[" + Str(r) + "] does not continue env " + Str(e) +
-                                    "'s episode: it differs from the previous next_obs. Add the steps of an "
-                                    "episode in order, and never a step that only resets the env.");
+      // All k frames, padding included, not only the newest: samples rebuild obs from the
+      // ring, so a frame that differs here would come back as one that was never added.
+      Pick previous;  // the open episode's last next_obs, as a sample would rebuild it
+      previous.env = e;
+      previous.seq = st.end.load(std::memory_order_relaxed);
+      FindStackBegin(&previous);
+      for (int64_t j = k - 1; j >= 0; --j) {
+        const uint8_t* stored = StackFrame(previous, previous.seq - k + j);
+        if (stored != nullptr ? std::memcmp(obs + j * fb, stored, fb) != 0 : !AllZero(obs + j * fb, fb)) {
+          throw std::invalid_argument("obs[" + Str(r) + "] does not continue env " + Str(e) +
+                                      "'s episode: it differs from the previous next_obs (in frame " + Str(j) +
+                                      " of " + Str(k) + "). Add the steps of an episode in order, and never a "
+                                      "step that only resets the env.");
+        }
       }
     } else {
       bool zp = false;
-      start_frames[r] = StartFramesNeeded(in.obs + r * stack_bytes_, &zp);
+      start_frames[r] = StartFramesNeeded(obs, &zp);
       zero_pad[r] = zp;
+    }
+    // The ring keeps only next_obs's newest frame; its older ones are rebuilt from obs's.
+    if (std::memcmp(in.next_obs + r * stack_bytes_, obs + fb, (k - 1) * fb) != 0) {
+      throw std::invalid_argument("next_obs[" + Str(r) + "] does not follow obs[" + Str(r) + "]: with frame_stack " +
+                                  Str(k) + ", next_obs's oldest " + Str(k - 1) + " frames must be obs's newest " +
+                                  Str(k - 1));
     }
   }
 
@@ -246,7 +261,7 @@ void ReplayBuffer::PrioritizeCompleted(int64_t env, int64_t first, int64_t last)
 }
 
 bool ReplayBuffer::Resolve(Pick* pick, int64_t end) const {
-  const int64_t e = pick->env, q = pick->seq, k = config_.frame_stack;
+  const int64_t e = pick->env, q = pick->seq;
   if (q < ValidFloor(end) || q >= end || q < 0) return false;
   if (!(flags_[Row(e, q)] & kTransition)) return false;
 
@@ -268,29 +283,40 @@ bool ReplayBuffer::Resolve(Pick* pick, int64_t end) const {
   pick->terminated = terminated;
   pick->discount = terminated ? 0.0 : discount;
 
+  FindStackBegin(pick);
+  return true;
+}
+
+void ReplayBuffer::FindStackBegin(Pick* pick) const {
+  const int64_t q = pick->seq, k = config_.frame_stack;
   pick->stack_begin = q - k;
   pick->zero_pad = false;
   for (int64_t s = q - 1; s >= std::max<int64_t>(q - k, 0); --s) {
-    const uint8_t flags = flags_[Row(e, s)];
+    const uint8_t flags = flags_[Row(pick->env, s)];
     if (flags & kStackBegin) {
       pick->stack_begin = s;
       pick->zero_pad = flags & kZeroPad;
       break;
     }
   }
-  return true;
+}
+
+const uint8_t* ReplayBuffer::StackFrame(const Pick& p, int64_t seq) const {
+  if (seq < p.stack_begin) {
+    if (p.zero_pad) return nullptr;
+    seq = p.stack_begin;
+  }
+  return frames_.get() + Row(p.env, seq) * config_.frame_bytes;
 }
 
 void ReplayBuffer::Copy(const Pick& p, const BatchOutput& out, int64_t b) const {
   const int64_t k = config_.frame_stack, fb = config_.frame_bytes, ab = config_.action_bytes;
-  const uint8_t* frames = frames_.get();
   auto put = [&](uint8_t* dst, int64_t seq) {
-    if (seq >= p.stack_begin) {
-      std::memcpy(dst, frames + Row(p.env, seq) * fb, fb);
-    } else if (p.zero_pad) {
-      std::memset(dst, 0, fb);
+    const uint8_t* src = StackFrame(p, seq);
+    if (src != nullptr) {
+      std::memcpy(dst, src, fb);
     } else {
-      std::memcpy(dst, frames + Row(p.env, p.stack_begin) * fb, fb);
+      std::memset(dst, 0, fb);
     }
   };
   const int64_t first = p.seq - k;  // seq of the observation's oldest frame

@@ -20,6 +20,13 @@
 // slot flagged kStackBegin, and older positions are padding (a copy of that frame or
 // zeros, as kZeroPad says).
 //
+// Exactness. Only the newest frame of a next observation is stored, so Add() accepts
+// only rows whose stacks it can rebuild byte for byte: every row's next_obs is its obs
+// one frame on (next_obs frames [0, k-1) equal obs frames [1, k)), and a row that
+// continues an open episode has an obs equal, all k frames, to that episode's previous
+// next_obs as rebuilt from the ring, start padding included. Anything else would be
+// sampled as stacks that were never added.
+//
 // Validity. A transition at seq q of an env whose published end is `end` is valid iff
 //   - its slot is a transition slot (not a start frame),
 //   - its n-step window is complete: q+n-1 < end, or the episode ended before that, and
@@ -168,6 +175,11 @@ class ReplayBuffer {
   // The number of start frames to store for an episode's first observation.
   int64_t StartFramesNeeded(const uint8_t* stack, bool* zero_pad) const;
 
+  // Sets the stack start of the observation whose newest frame is at pick->seq - 1.
+  void FindStackBegin(Pick* pick) const;
+  // The frame at position `seq` of that observation (padding copies its oldest stored
+  // frame); nullptr where the position is zero padding.
+  const uint8_t* StackFrame(const Pick& pick, int64_t seq) const;
   // Completes `pick` (n-step window, stack start) and says whether it is valid under `end`.
   bool Resolve(Pick* pick, int64_t end) const;
   void Copy(const Pick& pick, const BatchOutput& out, int64_t b) const;

@@ -182,6 +182,12 @@ class ReplayBuffer:
         truncated), its next ``add`` starts a new episode. With auto-resetting vector envs,
         never add the step that only resets. ``env_ids`` (distinct ints) adds rows for those
         envs only, e.g. the envs an async envpool ``recv`` returned.
+
+        Each frame is stored once, so stacks must roll as an env's frame stack does: with
+        ``frame_stack=k > 1`` each ``next_obs`` is its ``obs`` one frame on (its oldest ``k-1``
+        frames are ``obs``'s newest ``k-1``), and while an episode goes on each ``obs`` is its
+        env's previous ``next_obs``. Other rows could not be returned as added: they raise
+        ``ValueError`` before anything changes.
         """
         env_ids = self._env_ids(env_ids, distinct=True)
         rows = self.num_envs if env_ids is None else len(env_ids)

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fastdqn import ReplayBuffer
@@ -99,15 +99,24 @@ def make_buffers(c):
     return buf, ref
 
 
+# A long stream: many episodes of every start padding, ending both ways, through many wraps of the rings.
+LONG = dict(num_envs=3, frame_stack=4, n_step=3, extra_slots=30, vector=False, values=256, p_end=0.05, p_skip=0.3,
+            p_restart=0.02, steps=2000, gamma=0.99, seed=1)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(configs)
+@example(LONG)
 def test_every_transition_matches_the_reference(c):
     buf, ref = make_buffers(c)
     rng = np.random.default_rng(c["seed"])
-    for _ in play(buf, ref, rng, c["steps"], c["values"], c["p_end"], c["p_skip"], p_restart=c["p_restart"]):
+    for t, _ in enumerate(play(buf, ref, rng, c["steps"], c["values"], c["p_end"], c["p_skip"],
+                               p_restart=c["p_restart"])):
         expected = ref.valid()
         assert len(buf) == len(ref)
         assert buf.valid_indices().tolist() == sorted(expected)
+        if expected and t % 100 == 99:
+            assert_matches(buf.get(sorted(expected)), expected)
     if expected:
         assert_matches(buf.get(sorted(expected)), expected)
         assert_matches(buf.sample(64), expected)

@@ -14,11 +14,17 @@ def make(**kw):
     return ReplayBuffer(**args)
 
 
+def stack(newest, num_envs=2):
+    """Every env's observation whose frames are all value ``f`` for f in newest-K+1..newest, none below 1:
+    frame 1 repeated as envpool pads the first observation."""
+    values = np.maximum(np.arange(newest - K + 1, newest + 1), 1).astype(np.uint8)
+    return np.ascontiguousarray(np.broadcast_to(values[:, None, None], (num_envs, K, *FRAME)))
+
+
 def step(num_envs=2, value=1):
-    obs = np.full((num_envs, K, *FRAME), value, np.uint8)
-    nxt = obs.copy()
-    nxt[:, -1] = value + 1
-    return dict(obs=obs, actions=np.zeros(num_envs, np.int64), rewards=np.ones(num_envs, np.float32), next_obs=nxt,
+    """Step `value` of an episode of every env (value 1 starts it); step value+1 continues it."""
+    return dict(obs=stack(value, num_envs), actions=np.zeros(num_envs, np.int64),
+                rewards=np.ones(num_envs, np.float32), next_obs=stack(value + 1, num_envs),
                 terminated=np.zeros(num_envs, bool), truncated=np.zeros(num_envs, bool))
 
 
@@ -80,11 +86,70 @@ def test_a_row_that_does_not_continue_its_episode_is_rejected_atomically():
     buf = make()
     buf.add(**step())
     before = snapshot(buf)
-    bad = step(value=2)  # row 0 continues (its newest frame is 2), row 1 does not
+    bad = step(value=2)  # row 0 continues, row 1 does not: its newest frame is not the last one added
     bad["obs"][1, -1] = 7
     with pytest.raises(ValueError, match=r"obs\[1\] does not continue env 1's episode"):
         buf.add(**bad)
     assert_same(before, snapshot(buf))
+
+
+FIRST_OBSERVATIONS = {  # an episode's first frames (values), padded each way the buffer rebuilds
+    "repeats": [5, 5, 5, 5],
+    "zeros": [0, 0, 0, 5],
+    "some repeats": [5, 5, 6, 7],
+    "none": [4, 5, 6, 7],
+}
+
+
+def frames(values):
+    return np.asarray(values, np.uint8)[:, None, None] * np.ones(FRAME, np.uint8)
+
+
+@pytest.mark.parametrize("padding", FIRST_OBSERVATIONS)
+@pytest.mark.parametrize("frame", range(K))
+@pytest.mark.parametrize("added", [1, 2, K + 1])  # steps before: start padding still in the stack, or long gone
+def test_obs_must_continue_the_episode_in_every_frame(padding, frame, added):
+    """The whole stack is compared, padding included, not only its newest frame."""
+    buf = make()
+    values = FIRST_OBSERVATIONS[padding] + list(range(100, 100 + added + 1))  # frame values as the episode goes on
+    history = [np.stack([frames(values[t:t + K])] * 2) for t in range(added + 2)]  # both envs' obs at step t
+    for t in range(added):
+        buf.add(**{**step(), "obs": history[t], "next_obs": history[t + 1]})
+    before = snapshot(buf)
+    obs, nxt = history[added].copy(), history[added + 1].copy()
+    obs[0, frame] += 1  # row 0 is env 1: the message names the row, then the env
+    if frame > 0:
+        nxt[0, frame - 1] += 1  # next_obs still follows obs: only the continuation is wrong
+    with pytest.raises(ValueError, match=rf"obs\[0\] does not continue env 1's episode: it differs from the previous "
+                                         rf"next_obs \(in frame {frame} of {K}\)"):
+        buf.add(**{**step(), "obs": obs, "next_obs": nxt}, env_ids=[1, 0])
+    assert_same(before, snapshot(buf))
+    buf.add(**{**step(), "obs": history[added], "next_obs": history[added + 1]}, env_ids=[1, 0])  # the true step
+    assert len(buf) == before[0] + 2
+
+
+@pytest.mark.parametrize("frame", range(K - 1))
+@pytest.mark.parametrize("episode_open", [False, True])
+def test_next_obs_must_be_obs_one_frame_on(frame, episode_open):
+    buf = make()
+    if episode_open:
+        buf.add(**step())
+    before = snapshot(buf)
+    bad = step(value=2 if episode_open else 1)  # row 0 is fine, row 1's next_obs skips or repeats a frame
+    bad["next_obs"][1, frame] += 1
+    with pytest.raises(ValueError, match=rf"next_obs\[1\] does not follow obs\[1\]: with frame_stack {K}, "
+                                         rf"next_obs's oldest {K - 1} frames must be obs's newest {K - 1}"):
+        buf.add(**bad)
+    assert_same(before, snapshot(buf))
+
+
+def test_the_stacks_of_the_issue_are_refused():
+    """The review's example: each next_obs all ones more than obs, not obs one frame on."""
+    buf = ReplayBuffer(1000, (4, 2, 2), frame_stack=4, seed=0)
+    obs = np.zeros((1, 4, 2, 2), np.uint8)
+    with pytest.raises(ValueError, match=r"next_obs\[0\] does not follow obs\[0\]"):
+        buf.add(obs, np.zeros(1, np.int64), np.ones(1, np.float32), obs + 1, np.zeros(1, bool), np.zeros(1, bool))
+    assert len(buf) == 0
 
 
 @pytest.mark.parametrize(("env_ids", "error", "match"), [
