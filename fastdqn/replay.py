@@ -10,6 +10,7 @@ are documented in ``csrc/replay_buffer.h``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import os
 from typing import Iterator
@@ -102,12 +103,30 @@ def _numeric_dtype(name: str, dtype) -> np.dtype:
     return dtype
 
 
-def _column(name: str, value, rows: int, dtype: np.dtype, kinds: str) -> np.ndarray:
-    array = np.asarray(value)
+@functools.lru_cache(maxsize=None)
+def _cast_bounds(source: np.dtype, target: np.dtype) -> tuple[int, int] | None:
+    """The values that a cast between integer (or bool) dtypes keeps; None where every value
+    casts safely or the dtypes are not both integers (cached: `add` asks on every call)."""
+    if source.kind not in "biu" or target.kind not in "biu" or np.can_cast(source, target):
+        return None
+    if target.kind == "b":
+        return 0, 1
+    info = np.iinfo(target)
+    return int(info.min), int(info.max)
+
+
+def _column(name: str, value, rows: int, dtype, kinds: str) -> np.ndarray:
+    array, dtype = np.asarray(value), np.dtype(dtype)
     if array.dtype.kind not in kinds:
         raise TypeError(f"{name} must have a dtype of kind {kinds!r} (convertible to {dtype}), got {array.dtype}")
     if array.shape != (rows,):
         raise ValueError(f"{name} must have shape ({rows},), got {array.shape}")
+    # Casting would wrap integers that do not fit (300 -> 44 in uint8) and fold flags (2 -> True) silently.
+    bounds = _cast_bounds(array.dtype, dtype)
+    if bounds is not None and array.size:
+        (low, high), smallest, largest = bounds, int(array.min()), int(array.max())
+        if smallest < low or largest > high:
+            raise ValueError(f"{name} must be in [{low}, {high}] to fit {dtype}, got values from {smallest} to {largest}")
     return np.ascontiguousarray(array, dtype=dtype)
 
 
@@ -187,7 +206,8 @@ class ReplayBuffer:
         ``frame_stack=k > 1`` each ``next_obs`` is its ``obs`` one frame on (its oldest ``k-1``
         frames are ``obs``'s newest ``k-1``), and while an episode goes on each ``obs`` is its
         env's previous ``next_obs``. Other rows could not be returned as added: they raise
-        ``ValueError`` before anything changes.
+        ``ValueError`` before anything changes, as do integer actions outside ``action_dtype``'s
+        range and integer flags other than 0 and 1 (a cast would wrap or fold them).
         """
         env_ids = self._env_ids(env_ids, distinct=True)
         rows = self.num_envs if env_ids is None else len(env_ids)

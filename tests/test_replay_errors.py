@@ -1,5 +1,7 @@
 """Bad input gets a clear error before any state changes."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -237,3 +239,44 @@ def test_prioritized_errors_change_nothing():
     with pytest.raises(ValueError, match="negative"):
         buf.sampling_mass([-1])
     assert buf.sampling_mass([10**9]).tolist() == [0.0]  # never added: no mass
+
+
+@pytest.mark.parametrize(("action_dtype", "actions", "bounds"), [
+    (np.uint8, [0, 300], "[0, 255]"),
+    (np.uint8, [-1, 0], "[0, 255]"),
+    (np.int8, [0, 128], "[-128, 127]"),
+    (np.int8, [-129, 0], "[-128, 127]"),
+    (np.uint64, [-1, 0], f"[0, {2**64 - 1}]"),
+    (np.int64, np.array([0, 2**63], np.uint64), f"[{-2**63}, {2**63 - 1}]"),
+    (np.bool_, [0, 2], "[0, 1]"),
+])
+def test_actions_that_do_not_fit_the_action_dtype(action_dtype, actions, bounds):
+    buf = make(action_dtype=action_dtype)
+    buf.add(**step())
+    before = snapshot(buf)
+    dtype = np.dtype(action_dtype)
+    with pytest.raises(ValueError, match=rf"actions must be in {re.escape(bounds)} to fit {dtype}"):
+        buf.add(**{**step(value=2), "actions": np.asarray(actions)})
+    assert_same(before, snapshot(buf))
+
+
+@pytest.mark.parametrize(("action_dtype", "actions"), [
+    (np.uint8, [0, 255]), (np.int8, [-128, 127]), (np.uint64, np.array([0, 2**64 - 1], np.uint64)),
+    (np.int64, np.array([0, 2**63 - 1], np.uint64)), (np.bool_, [1, 0]), (np.float32, [-7, 300])])
+def test_actions_at_the_ends_of_the_action_dtype_are_stored_exactly(action_dtype, actions):
+    buf = make(action_dtype=action_dtype)
+    buf.add(**{**step(), "actions": np.asarray(actions), "terminated": np.ones(2, bool)})
+    stored = buf.get(buf.valid_indices()).actions
+    assert stored.dtype == np.dtype(action_dtype) and stored.tolist() == np.asarray(actions).tolist()
+
+
+@pytest.mark.parametrize("field", ["terminated", "truncated"])
+def test_integer_flags_must_be_0_or_1(field):
+    buf = make()
+    buf.add(**step())
+    before = snapshot(buf)
+    with pytest.raises(ValueError, match=rf"{field} must be in \[0, 1\] to fit bool, got values from 0 to 2"):
+        buf.add(**{**step(value=2), field: np.array([0, 2])})
+    assert_same(before, snapshot(buf))
+    buf.add(**{**step(value=2), field: np.array([0, 1])})  # 0 and 1 are the flags they say
+    assert buf._core.state()["episode_open"] == [True, False]
