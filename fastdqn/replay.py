@@ -348,20 +348,33 @@ class PrioritizedReplayBuffer(ReplayBuffer):
     priority). New transitions get the largest priority seen so far. Batches are drawn
     stratified, one draw per equal slice of the total priority, and carry ``weights``
     ``(N * P(i)) ** -beta`` normalized by the largest possible weight, that of the lowest
-    priority held (so the weights are at most 1).
+    priority held (so the weights are at most 1). ``alpha`` and ``eps`` are fixed at
+    construction (read-only); ``beta`` may be set at any time.
     """
 
     prioritized = True
 
     def __init__(self, capacity, obs_shape, frame_stack=1, num_envs=1, obs_dtype=np.uint8, action_dtype=np.int64,
                  n_step=1, gamma=0.99, seed=None, alpha=0.6, beta=0.4, eps=1e-6):
-        self.alpha = _real("alpha", alpha, 0.0, float("inf"))
-        self.eps = _real("eps", eps, 0.0, float("inf"))
-        if self.eps <= 0.0:
+        self._alpha = _real("alpha", alpha, 0.0, float("inf"))
+        self._eps = _real("eps", eps, 0.0, float("inf"))
+        if self._eps <= 0.0:
             raise ValueError("eps must be > 0: a zero priority would hide a transition forever")
         self._init(capacity, obs_shape, frame_stack, num_envs, obs_dtype, action_dtype, n_step, gamma, seed,
-                   alpha=self.alpha, eps=self.eps)
+                   alpha=self._alpha, eps=self._eps)
         self.beta = beta
+
+    # Read-only: the sum tree holds (priority + eps) ** alpha, so changing either would need
+    # every leaf recomputed; an assignment raises AttributeError rather than being ignored.
+    @property
+    def alpha(self) -> float:
+        """How much priorities count, fixed at construction."""
+        return self._alpha
+
+    @property
+    def eps(self) -> float:
+        """Added to every priority, fixed at construction."""
+        return self._eps
 
     @property
     def beta(self) -> float:

@@ -123,3 +123,15 @@ def test_beta_is_settable_and_used_by_prefetchers():
     buf.beta = 1.0
     with buf.prefetch(32) as pf:
         assert pf.next().weights.min() < 1.0
+
+
+def test_alpha_and_eps_cannot_be_reassigned():
+    """The tree holds (priority + eps) ** alpha: an assignment raises instead of being ignored."""
+    buf, _, _ = filled()
+    for name in ("alpha", "eps"):
+        with pytest.raises(AttributeError, match=name):
+            setattr(buf, name, 2.0)
+    assert (buf.alpha, buf.eps) == (ALPHA, EPS)
+    index = buf.valid_indices()[:1]
+    buf.update_priorities(index, [3.0])
+    np.testing.assert_allclose(buf.sampling_mass(index), (3.0 + EPS) ** ALPHA)
