@@ -74,18 +74,19 @@ ReplayBuffer::ReplayBuffer(const BufferConfig& config) : config_(config) {
   if (c.frame_bytes < 1) throw std::invalid_argument("a frame must hold at least one byte");
   if (c.action_bytes < 1) throw std::invalid_argument("an action must hold at least one byte");
   if (!(c.gamma >= 0.0 && c.gamma <= 1.0)) throw std::invalid_argument("gamma must be in [0, 1], got " + std::to_string(c.gamma));
-  if (c.capacity <= 0 || c.capacity % c.num_envs != 0) {
-    throw std::invalid_argument("capacity must be a positive multiple of num_envs, got " + Str(c.capacity));
-  }
   // A row may write frame_stack + 1 slots; the invalid region next to the cursor and an
   // n-step window must still leave room to sample.
   const int64_t min_slots = 2 * (c.frame_stack + c.n_step) + 2;
   slots_per_env_ = c.capacity / c.num_envs;
   if (slots_per_env_ < min_slots) {
+    // The error names the capacity as given, and how it became too few slots.
+    const std::string rounded = c.capacity % c.num_envs == 0 ? "" : ", which rounds down to " +
+        Str(slots_per_env_) + " slots per env (each env's ring holds capacity // num_envs)";
     throw std::invalid_argument("capacity must be >= " + Str(min_slots * c.num_envs) + " (" + Str(min_slots) +
                                 " slots per env for frame_stack=" + Str(c.frame_stack) + ", n_step=" + Str(c.n_step) +
-                                "), got " + Str(c.capacity));
+                                " and num_envs=" + Str(c.num_envs) + "), got " + Str(c.capacity) + rounded);
   }
+  config_.capacity = slots_per_env_ * c.num_envs;
   if (c.prioritized) {
     if (!(c.alpha >= 0.0 && std::isfinite(c.alpha))) throw std::invalid_argument("alpha must be >= 0");
     if (!(c.eps > 0.0 && std::isfinite(c.eps))) {

@@ -63,7 +63,7 @@
 namespace fastdqn {
 
 struct BufferConfig {
-  int64_t capacity = 0;      // total slots over all envs; a multiple of num_envs
+  int64_t capacity = 0;      // total slots over all envs; the buffer rounds it down to a multiple of num_envs
   int64_t num_envs = 1;
   int64_t frame_stack = 1;   // k: frames per observation
   int64_t frame_bytes = 0;   // bytes of one stored frame

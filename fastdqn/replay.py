@@ -157,7 +157,8 @@ class ReplayBuffer:
     def _init(self, capacity, obs_shape, frame_stack, num_envs, obs_dtype, action_dtype, n_step, gamma, seed,
               alpha, eps):
         self.num_envs = _int("num_envs", num_envs, 1)
-        self.capacity = _int("capacity", capacity, 1) // self.num_envs * self.num_envs
+        requested_capacity = _int("capacity", capacity, 1)
+        self.capacity = requested_capacity // self.num_envs * self.num_envs
         self.frame_stack = _int("frame_stack", frame_stack, 1)
         if isinstance(obs_shape, numbers.Integral):
             obs_shape = (obs_shape,)
@@ -182,7 +183,8 @@ class ReplayBuffer:
             raise ValueError(f"seed must be < 2**64, got {seed}")
         self._templates = {}  # one-row batches of each kind, to check caller-provided arrays against
         frame_bytes = int(np.prod(self.frame_shape)) * self.obs_dtype.itemsize
-        self._core = _core.ReplayBuffer(self.capacity, self.num_envs, self.frame_stack, frame_bytes,
+        # The capacity as given: the core rounds it the same way, and its errors name what was passed.
+        self._core = _core.ReplayBuffer(requested_capacity, self.num_envs, self.frame_stack, frame_bytes,
                                         self.action_dtype.itemsize, self.n_step, self.gamma, self.seed,
                                         self.prioritized, alpha, eps)
 

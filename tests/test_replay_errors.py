@@ -44,7 +44,10 @@ def assert_same(a, b):
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     (dict(capacity=0), ValueError, "capacity"),
     (dict(capacity=-5), ValueError, "capacity"),
-    (dict(capacity=10), ValueError, "capacity must be >= "),
+    (dict(capacity=10), ValueError, r"capacity must be >= 28 \(14 slots per env for frame_stack=4, n_step=2 and "
+                                    r"num_envs=2\), got 10$"),
+    (dict(capacity=45, num_envs=4), ValueError, r"capacity must be >= 56 \(.*\), got 45, which rounds down to 11 "
+                                                r"slots per env \(each env's ring holds capacity // num_envs\)$"),
     (dict(capacity=1.5), TypeError, "capacity"),
     (dict(obs_shape=(3, *FRAME)), ValueError, "obs_shape"),
     (dict(obs_shape=(K,)), ValueError, "obs_shape"),
