@@ -163,7 +163,7 @@ class ReplayBuffer:
         if isinstance(obs_shape, numbers.Integral):
             obs_shape = (obs_shape,)
         try:
-            self.obs_shape = tuple(_int("obs_shape[i]", d, 1) for d in obs_shape)
+            self.obs_shape = tuple(_int(f"obs_shape[{i}]", d, 1) for i, d in enumerate(obs_shape))
         except TypeError as error:
             raise TypeError(f"obs_shape must be a tuple of positive ints, got {obs_shape!r}") from error
         if not self.obs_shape:

@@ -52,6 +52,8 @@ def assert_same(a, b):
     (dict(obs_shape=(3, *FRAME)), ValueError, "obs_shape"),
     (dict(obs_shape=(K,)), ValueError, "obs_shape"),
     (dict(obs_shape="abc"), TypeError, "obs_shape"),
+    (dict(obs_shape=(K, 3, 0)), ValueError, r"obs_shape\[2\] must be >= 1, got 0"),
+    (dict(obs_shape=(0,), frame_stack=1), ValueError, r"obs_shape\[0\] must be >= 1, got 0"),
     (dict(n_step=0), ValueError, "n_step"),
     (dict(gamma=1.5), ValueError, "gamma"),
     (dict(gamma=-0.1), ValueError, "gamma"),
