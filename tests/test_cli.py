@@ -279,6 +279,18 @@ def test_eval_records_a_gif_of_an_atari_game(tmp_path, capsys):
     assert "mean return" in capsys.readouterr().out
 
 
+def test_eval_records_a_gif_of_the_default_cartpole_run(run_dir, tmp_path, capsys):
+    """gymnasium renders classic control with pygame, which the train extra brings."""
+    video = tmp_path / "cartpole.gif"
+    assert main(["eval", str(run_dir), "--episodes", "1", "--epsilon", "0", "--video", str(video)]) == 0
+    from PIL import Image
+
+    returned = float(re.search(r"mean return ([\d.]+)", capsys.readouterr().out)[1])
+    with Image.open(video) as gif:
+        assert gif.size == (600, 400) and gif.n_frames >= 9  # CartPole's renderer; an episode lasts 9 steps or more
+    assert returned >= 8
+
+
 def test_plot_writes_a_png(run_dir, tmp_path):
     out = tmp_path / "curve.png"
     assert main(["plot", str(run_dir), "--out", str(out)]) == 0

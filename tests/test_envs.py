@@ -6,6 +6,7 @@ Atari preprocessing as the reference for the gymnasium fallback.
 """
 
 import dataclasses
+import importlib.util
 import re
 
 import envpool
@@ -443,6 +444,13 @@ def test_unknown_env_id_suggests_close_matches():
         make_env("CartPol-v1")
     suggested = re.findall(r"'([^']+)'", str(error.value).split("did you mean")[1])
     assert suggested[0] == "CartPole-v1" and len(suggested) == len(set(suggested))
+
+
+def test_a_gymnasium_env_whose_dependency_is_missing_raises_import_error():
+    if importlib.util.find_spec("Box2D") is not None:  # not in fastdqn's extras
+        pytest.skip("Box2D is installed")
+    with pytest.raises(ImportError, match="LunarLander-v3 needs a package that is not installed: Box2D"):
+        make_env("LunarLander-v3", backend="gymnasium")
 
 
 @pytest.mark.parametrize("env_id, backend, space", [("FrozenLake-v1", "auto", r"Discrete\(16\)"),
