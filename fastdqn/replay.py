@@ -115,6 +115,14 @@ def _cast_bounds(source: np.dtype, target: np.dtype) -> tuple[int, int] | None:
     return int(info.min), int(info.max)
 
 
+def _indices(indices) -> np.ndarray:
+    """Transition indices as a flat int64 array; TypeError for non-integers (a cast would truncate 1.7 to 1)."""
+    array = np.asarray(indices)
+    if array.size and array.dtype.kind not in "iu":
+        raise TypeError(f"indices must be integers, got dtype {array.dtype}")
+    return np.ascontiguousarray(array, dtype=np.int64).reshape(-1)
+
+
 def _column(name: str, value, rows: int, dtype, kinds: str) -> np.ndarray:
     array, dtype = np.asarray(value), np.dtype(dtype)
     if array.dtype.kind not in kinds:
@@ -148,6 +156,9 @@ class ReplayBuffer:
     """
 
     prioritized = False
+    _SETTINGS = frozenset({"capacity", "obs_shape", "frame_shape", "frame_stack", "num_envs", "obs_dtype",
+                           "action_dtype", "n_step", "gamma", "seed"})
+    """Fixed at construction: the C++ core holds them, and ``save`` writes them."""
 
     def __init__(self, capacity, obs_shape, frame_stack=1, num_envs=1, obs_dtype=np.uint8, action_dtype=np.int64,
                  n_step=1, gamma=0.99, seed=None):
@@ -187,6 +198,12 @@ class ReplayBuffer:
         self._core = _core.ReplayBuffer(requested_capacity, self.num_envs, self.frame_stack, frame_bytes,
                                         self.action_dtype.itemsize, self.n_step, self.gamma, self.seed,
                                         self.prioritized, alpha, eps)
+
+    def __setattr__(self, name: str, value) -> None:
+        # An assignment the core would never see (and save would write) raises instead.
+        if name in self._SETTINGS and name in self.__dict__:
+            raise AttributeError(f"{name} is fixed at construction: make a new buffer to change it")
+        super().__setattr__(name, value)
 
     def __len__(self) -> int:
         return self._core.size()
@@ -315,7 +332,7 @@ class ReplayBuffer:
 
     def get(self, indices) -> Batch:
         """The transitions at ``indices`` (as returned by ``sample``), if they are still valid."""
-        indices = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
+        indices = _indices(indices)
         out = self.empty_batch(max(indices.size, 1))
         out = Batch(**{k: v[: indices.size] for k, v in out.arrays().items()})
         self._core.get(indices, out.arrays())
@@ -414,7 +431,7 @@ class PrioritizedReplayBuffer(ReplayBuffer):
 
     def sampling_mass(self, indices) -> np.ndarray:
         """``(priority + eps) ** alpha`` of each index: its unnormalized chance to be drawn (0 if it cannot be)."""
-        return self._core.sampling_mass(np.ascontiguousarray(indices, dtype=np.int64).reshape(-1))
+        return self._core.sampling_mass(_indices(indices))
 
     def priority_total(self) -> float:
         """The sum tree's total of priority**alpha over the valid transitions."""

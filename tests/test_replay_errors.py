@@ -285,3 +285,34 @@ def test_integer_flags_must_be_0_or_1(field):
     assert_same(before, snapshot(buf))
     buf.add(**{**step(value=2), field: np.array([0, 1])})  # 0 and 1 are the flags they say
     assert buf._core.state()["episode_open"] == [True, False]
+
+
+@pytest.mark.parametrize("kind", [ReplayBuffer, PrioritizedReplayBuffer])
+def test_settings_are_fixed_at_construction_and_saved_as_made(kind, tmp_path):
+    """The core holds them and save writes them: an assignment raises rather than being ignored
+    by one and written by the other."""
+    buf = kind(64, (K, *FRAME), frame_stack=K, num_envs=2, n_step=2, gamma=0.9, seed=3)
+    for name, value in [("gamma", 0.5), ("n_step", 3), ("capacity", 128), ("seed", 4), ("frame_stack", 1),
+                        ("num_envs", 1), ("obs_shape", (2,)), ("frame_shape", (2,)), ("obs_dtype", np.float32),
+                        ("action_dtype", np.int32)]:
+        with pytest.raises(AttributeError, match=f"{name} is fixed at construction"):
+            setattr(buf, name, value)
+    buf.add(**step())
+    buf.add(**{**step(value=2), "terminated": np.ones(2, bool)})
+    buf.save(tmp_path / "buf.fdqn")
+    loaded = kind.load(tmp_path / "buf.fdqn")
+    assert (loaded.gamma, loaded.n_step, loaded.seed) == (0.9, 2, 3)
+    np.testing.assert_array_equal(loaded.get(loaded.valid_indices()).discounts,
+                                  buf.get(buf.valid_indices()).discounts)
+
+
+def test_indices_must_be_integers():
+    buf = PrioritizedReplayBuffer(64, (K, *FRAME), frame_stack=K, num_envs=2, seed=0)
+    buf.add(**step())
+    buf.add(**{**step(value=2), "terminated": np.ones(2, bool)})
+    index = int(buf.valid_indices()[0])
+    for read in (buf.get, buf.sampling_mass):
+        with pytest.raises(TypeError, match="indices must be integers, got dtype float64"):
+            read([index + 0.7])  # would have read index
+    assert buf.get([index]).indices.tolist() == [index] and buf.sampling_mass([index]).shape == (1,)
+    assert buf.get([]).indices.size == 0
