@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ HOLD = "import sys, time; from fastdqn.metrics import RunDirectoryLock; RunDirec
 @contextlib.contextmanager
 def held_by_another_process(run_dir):
     """The run directory's lock, held by a second Python process until the block ends (SIGKILL)."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(run_dir).parent)  # outside the checkout: the installed package, extension included
     try:
         assert holder.stdout.readline().strip() == "held"
         yield holder.pid
