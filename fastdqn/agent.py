@@ -181,7 +181,9 @@ class DQN:
                 return PrioritizedReplayBuffer(c.buffer_size, self.obs_shape, alpha=c.per_alpha, beta=c.per_beta,
                                                eps=c.per_eps, **kwargs)
             return ReplayBuffer(c.buffer_size, self.obs_shape, **kwargs)
-        except ValueError as e:  # the config's settings checked, what the buffer refuses is its size
+        except ValueError as e:
+            if not str(e).startswith("capacity"):
+                raise
             raise ValueError(f"buffer_size={c.buffer_size} does not fit this run: {e}") from None
 
     @property
@@ -305,15 +307,15 @@ class DQN:
         if self._batch is None:
             self._batch, self._sample = self._sampling()
             self._stretch = self._stretch_batches()
+        if c.torch_threads:  # OpenMP's thread count is per thread: set it in whichever thread learns
+            torch.set_num_threads(c.effective_torch_threads)
+        stopped_at_its_end = self._unfinished_total_steps is not None and self._unfinished_total_steps <= self.env_steps
         # RunDirectoryInUse (another run writes run_dir) comes before anything changes.
         logger = RunLogger(self.run_dir, self._config_record(total), total_steps=total,
                            start_step=self.env_steps, wall_time_offset=self.wall_time, resume=self.env_steps > 0,
                            tensorboard=self.tensorboard, progress=self.progress)
-        stopped_at_its_end = self._unfinished_total_steps is not None and self._unfinished_total_steps <= self.env_steps
-        self._unfinished_total_steps = total
-        if c.torch_threads:  # OpenMP's thread count is per thread: set it in whichever thread learns
-            torch.set_num_threads(c.effective_torch_threads)
         try:
+            self._unfinished_total_steps = total
             if self.env_steps >= total:  # no step to take
                 self._finish_run(total, logger, stopped_at_its_end)
             elif self.pipeline == "async" and self.actor == "thread":
@@ -683,17 +685,28 @@ class DQN:
         return agent
 
     @classmethod
-    def resume(cls, run_dir: str | os.PathLike, *, device: str | None = None, **kwargs) -> "DQN":
+    def resume(cls, run_dir: str | os.PathLike, *, device: str | None = None,
+               q_network: torch.nn.Module | None = None, load_buffer: bool = True, **kwargs) -> "DQN":
         """The agent of a run directory at its newest checkpoint, ready to ``learn`` on. A run
-        with no checkpoint yet (stopped before its first, or killed) starts over: the agent is
-        new, with the run's config, name and total steps, at step 0 (``env_steps``)."""
+        with no checkpoint that did not finish (stopped before its first checkpoint, or killed)
+        starts over: the agent is new, with the run's config, name and total steps, at step 0
+        (``env_steps``), and its learn() rewrites the run's logs. A finished run without a
+        checkpoint (they were deleted) raises ValueError: its logs are all that is left of it."""
         record = read_config(run_dir)
         if ckpt.latest_checkpoint(run_dir) is not None:
-            return cls.load(run_dir, run_dir=run_dir, device=device, **kwargs)
-        _check_network_given(run_dir, record, kwargs.get("q_network"))
-        agent = cls(record["env_id"], _config_on(record["config"], device), run_dir=run_dir, **kwargs)
+            return cls.load(run_dir, run_dir=run_dir, device=device, q_network=q_network, load_buffer=load_buffer,
+                            **kwargs)
+        _check_network_given(run_dir, record, q_network)
+        total = record.get("learn_total_steps")
+        metrics = Path(run_dir) / "metrics.csv"
+        logged = [row["step"] for row in read_csv(metrics)] if metrics.is_file() else []
+        if total is not None and logged and max(logged) >= total:
+            raise ValueError(f"{run_dir} finished its {total} steps and holds no checkpoint to go on from "
+                             "(starting it over would overwrite its logs): start a new run instead")
+        agent = cls(record["env_id"], _config_on(record["config"], device), q_network=q_network, run_dir=run_dir,
+                    **kwargs)
         agent.run_name = record["run_name"]
-        agent._unfinished_total_steps = record.get("learn_total_steps")
+        agent._unfinished_total_steps = total
         return agent
 
     def _restore(self, state: dict, load_buffer: bool) -> None:

@@ -144,10 +144,14 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     path = Path(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for non-checkpoint files
-        # Not torch's message: it suggests weights_only=False, which would run code from the file.
-        raise ValueError(f"{path} is not a fastdqn checkpoint (torch.load could not read it: {type(e).__name__})") \
-            from None
+    except OSError:  # the file could not be read at all: that error as it is
+        raise
+    except Exception as e:  # torch raises several types for files that are not checkpoints
+        first = (str(e).splitlines() or [""])[0]
+        # Not torch's advice to load with weights_only=False, which would run code from the file.
+        reason = type(e).__name__ if not first or "weights_only" in first.lower() or "weights only" in first.lower() \
+            else f"{type(e).__name__}: {first}"
+        raise ValueError(f"{path} is not a fastdqn checkpoint (torch.load could not read it: {reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a fastdqn checkpoint")
     if state.get("version") != VERSION:

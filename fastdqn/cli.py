@@ -36,15 +36,23 @@ def _usage_errors(command: str):
     """The errors that fastdqn raises for bad input (a wrong value, type or path) as one-line UsageErrors."""
     try:
         yield
-    except (ValueError, TypeError, OSError, ImportError, RunDirectoryInUse) as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if isinstance(e, ModuleNotFoundError) and e.name in _TRAIN_EXTRA:
-            message += f" ({command} needs the train extra: pip install 'fastdqn[train]')"
-        raise UsageError(f"fastdqn {command}: error: {message}") from e
+    except (ValueError, TypeError, RunDirectoryInUse, *_BAD_PATH) as e:
+        raise UsageError(f"fastdqn {command}: error: {_first_line(e)}") from e
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] == "fastdqn":  # fastdqn's own: a bug, with its traceback
+            raise
+        hint = f" ({command} needs the train extra: pip install 'fastdqn[train]')" if e.name in _TRAIN_EXTRA else ""
+        raise UsageError(f"fastdqn {command}: error: {_first_line(e)}{hint}") from e
 
 
+_BAD_PATH = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+"""The OSErrors of a path given wrong; others (a failing disk) keep their traceback."""
 _TRAIN_EXTRA = ("torch", "envpool", "gymnasium", "ale_py", "tqdm", "tensorboard", "matplotlib", "PIL")
 """Modules that ``pip install 'fastdqn[train]'`` brings, which the buffer alone does not need."""
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 class _Parser(argparse.ArgumentParser):
@@ -244,6 +252,8 @@ def _agent_to_train(args):
     if agent.buffer is None:  # made now, as learn() would first: a size it refuses is a bad argument
         agent.buffer = agent._make_buffer()
     Path(agent.run_dir).mkdir(parents=True, exist_ok=True)  # a path that cannot be one is a bad argument too
+    if agent.tensorboard:  # imported by learn(): missing, it is named now, in one line
+        importlib.import_module("torch.utils.tensorboard")
     return agent, total
 
 

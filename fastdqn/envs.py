@@ -449,8 +449,8 @@ class _GymnasiumVecEnv(VecEnv):
 
         try:
             self._vec = SyncVectorEnv([make_one for _ in range(num_envs)], autoreset_mode=AutoresetMode.NEXT_STEP)
-        except gym.error.DependencyNotInstalled as e:  # an ImportError, as any other missing package raises
-            raise ImportError(f"{env_id} needs a package that is not installed: {e}") from e
+        except gym.error.DependencyNotInstalled as e:  # raised as any other missing package is
+            raise ModuleNotFoundError(f"{env_id} needs a package that is not installed: {e}") from e
         try:
             _check_spaces(env_id, self._vec.single_observation_space, self._vec.single_action_space)
             super().__init__(env_id, "gymnasium", mode, num_envs, num_envs, atari,

@@ -12,7 +12,9 @@ A run directory is everything a person needs to see what a run did::
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import json
 import math
@@ -20,6 +22,8 @@ import os
 import secrets
 import sys
 import time
+import warnings
+import weakref
 from pathlib import Path
 
 from fastdqn.progress import ProgressPostfix, make_progress
@@ -101,11 +105,13 @@ class RunDirectoryLock:
     files as leftovers of killed saves. So the second one fails at once with
     ``RunDirectoryInUse``, before it writes anything. The kernel drops the lock when its
     holder dies, however it dies: a killed run leaves no stale lock behind, and the file
-    itself (which names the holder's process id) stays. Where ``fcntl`` is missing
-    (Windows), nothing is locked.
+    itself (which names the holder's process id) stays. Where no lock can be taken (Windows,
+    a file system without flock, a lock file of another user's that this one cannot open),
+    the run goes on unlocked, with a warning.
     """
 
     NAME = ".lock"
+    _UNSUPPORTED = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EACCES, errno.EPERM, errno.EROFS)
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self._fd: int | None = None
@@ -116,27 +122,50 @@ class RunDirectoryLock:
         self._fcntl = fcntl
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / self.NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = self._open(run_dir / self.NAME)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BaseException:
+                os.close(fd)
+                raise
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+            holder = self._holder(run_dir / self.NAME)
             raise RunDirectoryInUse(f"{run_dir} is in use by another run (process {holder}); "
                                     "wait for it to end, or choose another run directory") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as error:
+            if error.errno not in self._UNSUPPORTED:
+                raise
+            warnings.warn(f"could not lock {run_dir} ({error.strerror}): another run writing it at the same time "
+                          "would go unnoticed", stacklevel=3)
+            return
+        with contextlib.suppress(OSError):  # read-only where another user's lock file is (see _open)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        self._close = weakref.finalize(self, os.close, fd)  # a lock never released is dropped with this object
+
+    @staticmethod
+    def _open(path: Path) -> int:
+        """The lock file, writable if it may be (the umask gives its permissions, as for the run's
+        other files), else read-only: flock needs no write access."""
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except PermissionError:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    @staticmethod
+    def _holder(path: Path) -> str:
+        with contextlib.suppress(OSError):
+            return path.read_text()[:32].strip() or "unknown"
+        return "unknown"
 
     def release(self) -> None:
         if self._fd is not None:
             # Unlocked explicitly: a forked actor process shares the descriptor, and the lock
             # would outlive this close while the child lives.
             self._fcntl.flock(self._fd, self._fcntl.LOCK_UN)
-            os.close(self._fd)
+            self._close()
             self._fd = None
 
 
@@ -152,13 +181,16 @@ class RunLogger:
                  start_step: int = 0, wall_time_offset: float = 0.0, resume: bool = False,
                  tensorboard: bool = True, progress: bool = True):
         self.run_dir = Path(run_dir)
-        self._lock = RunDirectoryLock(self.run_dir)  # before anything is written
+        # What close() closes, in reverse order of opening: the lock, taken before anything is
+        # written, goes last. A failure while opening closes what was opened.
+        self._opened = contextlib.ExitStack()
         try:
+            self._opened.callback(RunDirectoryLock(self.run_dir).release)
             self._check_it_is_this_run(config_record)
             self._open(config_record, total_steps=total_steps, start_step=start_step,
                        wall_time_offset=wall_time_offset, resume=resume, tensorboard=tensorboard, progress=progress)
         except BaseException:
-            self._lock.release()
+            self._opened.close()
             raise
 
     def _check_it_is_this_run(self, config_record: dict) -> None:
@@ -176,6 +208,12 @@ class RunLogger:
 
     def _open(self, config_record: dict, *, total_steps: int, start_step: int, wall_time_offset: float,
               resume: bool, tensorboard: bool, progress: bool) -> None:
+        if tensorboard:  # imported first: a missing tensorboard leaves the directory untouched
+            from torch.utils.tensorboard import SummaryWriter
+        self._progress = make_progress(total_steps, start_step, config_record.get("env_id", "train")) \
+            if progress else None
+        if self._progress is not None:
+            self._opened.callback(self._progress.close)
         write_json(self.run_dir / "config.json", config_record)
         self._metrics, logged = self._open_csv("metrics.csv", METRIC_COLUMNS, resume, start_step)
         self.last_log_step: int | None = int(float(logged[-1]["step"])) if logged else None
@@ -186,15 +224,12 @@ class RunLogger:
         self._wall_offset = wall_time_offset
         self._t0 = time.perf_counter()
         self._last_step, self._last_time = start_step, self._t0
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # As in the CSVs, what was logged after the step resumed from is dropped; that step's own stays.
-            # A run that starts over (resumed with no checkpoint) drops all.
-            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1 if resume else 0)
-        self._progress = make_progress(total_steps, start_step, config_record.get("env_id", "train")) \
-            if progress else None
+        # As in the CSVs, what was logged after the step resumed from is dropped; that step's own stays.
+        # A run that starts over (resumed with no checkpoint) drops all.
+        self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1 if resume else 0) \
+            if tensorboard else None
+        if self._tb is not None:
+            self._opened.callback(self._tb.close)
         self._postfix = ProgressPostfix()
         self._postfix_text = ""  # the newest row's figures, shown until the next row
         self._progress_shown = self._t0
@@ -211,7 +246,7 @@ class RunLogger:
         writer.writeheader()
         writer.writerows(kept)
         atomic_write_bytes(path, text.getvalue().encode())
-        f = open(path, "a", newline="")
+        f = self._opened.enter_context(open(path, "a", newline=""))
         return (f, csv.DictWriter(f, fieldnames=columns)), kept
 
     def wall_time(self) -> float:
@@ -285,16 +320,8 @@ class RunLogger:
             self._tb.flush()
 
     def close(self) -> None:
-        try:
+        with self._opened:
             self.flush()
-            for f, _ in (self._metrics, self._eval):
-                f.close()
-            if self._tb is not None:
-                self._tb.close()
-            if self._progress is not None:
-                self._progress.close()
-        finally:
-            self._lock.release()
 
 
 def _cell(value):

@@ -359,6 +359,16 @@ def test_a_missing_training_dependency_is_named_with_the_extra_that_brings_it(tm
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("missing, one_line", [("tensorboard", True), ("fastdqn.learner", False)])
+def test_a_missing_third_party_module_is_one_line_and_fastdqns_own_a_traceback(tmp_path, missing, one_line):
+    code = (f"import sys; sys.modules[{missing!r}] = None; from fastdqn.cli import main; "
+            "sys.exit(main(['train', '--run-dir', 'run']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert ("Traceback" not in proc.stderr) == one_line and proc.returncode == (2 if one_line else 1)
+    assert f"import of {missing} halted" in proc.stderr.splitlines()[-1]
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
 def test_ctrl_c_outside_training_is_a_line_not_a_traceback(monkeypatch, capsys):
     from fastdqn.agent import DQN
 

@@ -16,7 +16,7 @@ from fastdqn.metrics import RunDirectoryInUse, RunDirectoryLock, read_csv
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Box (low|high)'s precision lowered.*")
 
-HOLD = "import sys, time; from fastdqn.metrics import RunDirectoryLock; RunDirectoryLock(sys.argv[1]); " \
+HOLD = "import sys, time; from fastdqn.metrics import RunDirectoryLock; lock = RunDirectoryLock(sys.argv[1]); " \
        "print('held', flush=True); time.sleep(120)"
 
 
@@ -95,7 +95,7 @@ def test_resume_of_a_run_in_use_is_a_one_line_error(tmp_path, capsys):
     assert (run_dir / "metrics.csv").read_bytes() == metrics_before
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o077])
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_run_files_get_the_permissions_the_umask_gives(tmp_path, umask):
     from fastdqn import DQN
     from test_agent import tiny
@@ -109,7 +109,8 @@ def test_run_files_get_the_permissions_the_umask_gives(tmp_path, umask):
         agent.close()
     finally:
         os.umask(previous)
-    files = [tmp_path / "agent.pt", *(tmp_path / "run").glob("*.*"), *(tmp_path / "run" / "checkpoints").iterdir()]
+    files = [tmp_path / "agent.pt", tmp_path / "run" / ".lock", *(tmp_path / "run").glob("*.*"),
+             *(tmp_path / "run" / "checkpoints").iterdir()]
     assert {p.suffix for p in files} >= {".pt", ".replay", ".json", ".csv"}
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}
 
@@ -156,3 +157,54 @@ def test_resuming_a_run_with_no_checkpoint_starts_it_over_as_it_was_started(tmp_
         assert torch.equal(a, b)
     rows = {name: read_csv(tmp_path / name / "metrics.csv") for name in ("killed", "fresh")}
     assert [r["step"] for r in rows["killed"]] == [r["step"] for r in rows["fresh"]]
+
+
+def test_where_no_lock_can_be_taken_the_run_goes_on_unlocked_with_a_warning(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def unsupported(fd, operation):  # Lustre without -o flock, some network file systems
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    with pytest.warns(UserWarning, match=r"could not lock .*\(Function not implemented\): another run writing it"):
+        lock = RunDirectoryLock(tmp_path)
+    lock.release()
+
+
+def test_a_lock_dropped_without_release_is_released_with_it(tmp_path):
+    import gc
+
+    lock = RunDirectoryLock(tmp_path)
+    del lock
+    gc.collect()
+    RunDirectoryLock(tmp_path).release()
+
+
+def test_a_finished_run_whose_checkpoints_are_gone_is_not_started_over(tmp_path):
+    import shutil
+
+    from fastdqn import DQN
+    from test_agent import tiny
+
+    run_dir = tmp_path / "run"
+    DQN("CartPole-v1", tiny(total_steps=200), run_dir=run_dir, progress=False, tensorboard=False).learn()
+    shutil.rmtree(run_dir / "checkpoints")
+    logs = {name: (run_dir / name).read_bytes() for name in ("metrics.csv", "eval.csv", "config.json")}
+    with pytest.raises(ValueError, match="finished its 200 steps and holds no checkpoint to go on from"):
+        DQN.resume(run_dir, progress=False, tensorboard=False)
+    assert {name: (run_dir / name).read_bytes() for name in logs} == logs
+
+
+def test_resume_takes_the_same_arguments_with_or_without_a_checkpoint(tmp_path):
+    from fastdqn import DQN
+    from test_agent import tiny
+
+    for name, checkpoint_on_stop in (("with", True), ("without", False)):
+        agent = DQN("CartPole-v1", tiny(checkpoint_on_stop=checkpoint_on_stop, save_buffer=True),
+                    run_dir=tmp_path / name, progress=False, tensorboard=False)
+        agent.request_stop()
+        with pytest.raises(KeyboardInterrupt):
+            agent.learn(200)
+        resumed = DQN.resume(tmp_path / name, load_buffer=False, device="cpu", progress=False, tensorboard=False)
+        assert resumed.buffer is None and resumed.env_steps == (agent.env_steps if checkpoint_on_stop else 0)
