@@ -33,7 +33,6 @@ import os
 import random
 import signal
 import sys
-import threading
 import warnings
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from fastdqn.envs import make_env
 from fastdqn.learner import Learner
 from fastdqn.metrics import RunLogger, atomic_write_bytes, read_config, read_csv
 from fastdqn.networks import build_q_network
+from fastdqn.signals import handling
 
 
 def linear_schedule(start: float, end: float, duration: float, t: float) -> float:
@@ -386,20 +386,12 @@ class DQN:
         """In the main thread, with Python's own Ctrl-C handler in place: the first Ctrl-C asks
         for a stop at a cut (``request_stop``), and puts that handler back, so that a second one
         stops at once (raising KeyboardInterrupt wherever it lands)."""
-        if threading.current_thread() is not threading.main_thread() \
-                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            yield
-            return
-
         def on_ctrl_c(signum, frame):
             signal.signal(signal.SIGINT, signal.default_int_handler)
             self._ctrl_c()
 
-        signal.signal(signal.SIGINT, on_ctrl_c)
-        try:
+        with handling(signal.SIGINT, on_ctrl_c, over_ctrl_c_default=True):
             yield
-        finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def _stop_at_cut(self, logger: RunLogger, step: int, checkpoint_due: bool) -> None:
         """A cut's checkpoint, when one is due there or the cut is a requested stop's (with

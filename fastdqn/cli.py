@@ -19,10 +19,10 @@ import json
 import signal
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 from fastdqn.metrics import RunDirectoryInUse, RunDirectoryLock, read_config, read_csv
+from fastdqn.signals import handling
 
 BENCHMARKS = ("buffer", "learner", "train")
 
@@ -172,11 +172,7 @@ def _sigterm_as_ctrl_c(agent, received: list[int]):
     """SIGTERM (a job's time limit, a preempted machine) stops training as Ctrl-C does: the first
     at a cut, with its checkpoint (see DQN.learn), a second at once. It goes through the SIGINT
     handler in place (the async pipeline's, or learn()'s); where SIGINT is ignored (a job started
-    in the background), it asks the agent directly. Signals reach the main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
+    in the background), it asks the agent directly."""
     def on_sigterm(signum, frame):
         received.append(signum)
         handler = signal.getsignal(signal.SIGINT)
@@ -187,11 +183,8 @@ def _sigterm_as_ctrl_c(agent, received: list[int]):
         else:
             agent._ctrl_c_again()
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
+    with handling(signal.SIGTERM, on_sigterm):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _stopped(agent, status: int) -> int:

@@ -51,6 +51,7 @@ from fastdqn.agent import env_seed, next_boundary
 from fastdqn.envs import make_env
 from fastdqn.learner import network_tensors
 from fastdqn.rate_limiter import RateLimiter
+from fastdqn.signals import handling
 
 __all__ = ["ActorWeights", "AsyncPipeline", "Stopwatch", "env_batch_size"]
 
@@ -386,24 +387,16 @@ class AsyncPipeline:
         learner waits for nothing the actor holds, the second Ctrl-C raises at once. Only the
         main thread gets signals; a caller with a SIGINT handler of its own keeps it.
         """
+        def on_ctrl_c(signum, frame):
+            if self.agent.stop_requested:
+                self._stop_at_once()
+            else:
+                self.agent._ctrl_c()
+
         self.agent._stop_at_once = self._stop_at_once  # also for SIGTERM where SIGINT is ignored (the CLI)
         try:
-            if threading.current_thread() is not threading.main_thread() \
-                    or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            with handling(signal.SIGINT, on_ctrl_c, over_ctrl_c_default=True):
                 yield
-                return
-
-            def on_ctrl_c(signum, frame):
-                if self.agent.stop_requested:
-                    self._stop_at_once()
-                else:
-                    self.agent._ctrl_c()
-
-            previous = signal.signal(signal.SIGINT, on_ctrl_c)
-            try:
-                yield
-            finally:
-                signal.signal(signal.SIGINT, previous)
         finally:
             self.agent._stop_at_once = None
 
