@@ -29,6 +29,7 @@ import datetime
 import importlib.util
 import io
 import math
+import numbers
 import os
 import random
 import signal
@@ -302,6 +303,9 @@ class DQN:
         total = self.scheduled_total_steps if total_steps is None else total_steps
         if isinstance(total, bool) or not isinstance(total, int) or total < 1:
             raise ValueError(f"total_steps must be a positive int, got {total!r}")
+        if self.env_steps < total <= c.learning_starts:
+            warnings.warn(f"learn({total}) makes no update: learning starts after learning_starts="
+                          f"{c.learning_starts} steps, so it only fills the buffer", stacklevel=2)
         if self.buffer is None:
             self.buffer = self._make_buffer()
         if self._batch is None:
@@ -549,13 +553,22 @@ class DQN:
     def predict(self, obs, epsilon: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray | int:
         """Greedy (or epsilon-greedy) actions for one observation (returns an int) or a batch
         (returns an int64 array)."""
+        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+            raise TypeError(f"epsilon must be a number, got {type(epsilon).__name__}")
         if not 0.0 <= epsilon <= 1.0:
             raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+        if rng is not None and not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
         obs = np.asarray(obs)
         single = obs.shape == self.obs_shape
         if not single and obs.shape[1:] != self.obs_shape:
             raise ValueError(f"obs must have shape {self.obs_shape} or (N, *{self.obs_shape}), got {obs.shape}")
-        batch = obs[None] if single else obs
+        expected = self.env.obs_dtype
+        # Integer observations (uint8 frames, scaled by the network) must come as the env gives
+        # them: frames already scaled to [0, 1] would be scaled again, silently.
+        if obs.dtype != expected and (expected.kind in "iu" or obs.dtype.kind not in "biuf"):
+            raise TypeError(f"obs must have dtype {expected}, as the env gives it, got {obs.dtype}")
+        batch = (obs[None] if single else obs).astype(expected, copy=False)
         q = self.q_network(torch.as_tensor(batch, device=self.device))
         actions = q.argmax(dim=1).cpu().numpy()
         if epsilon > 0:
@@ -570,8 +583,9 @@ class DQN:
         config's protocol) and return {"env", "episodes", "mean_return", "std_return",
         "returns", "protocol"}. Each of up to 8 envs plays the same number of episodes, so
         short episodes are not over-represented."""
-        if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        if isinstance(episodes, bool) or not isinstance(episodes, numbers.Integral) or episodes < 1:
             raise ValueError(f"episodes must be a positive int, got {episodes!r}")
+        episodes = int(episodes)
         epsilon = self.config.eval_epsilon if epsilon is None else epsilon
         if not 0.0 <= epsilon <= 1.0:
             raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")

@@ -12,15 +12,21 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, fields
+
+import numpy as np
+
+MAX_SEED = 2**31 - 2
+"""The largest seed: evaluation seeds its envs with seed + 1, and envs take seeds below 2**31."""
 
 
 @dataclass
 class DQNConfig:
     # --- run -----------------------------------------------------------------
     seed: int = 0
-    """Seeds the environments, the replay buffer, numpy, python and torch."""
+    """Seeds the environments, the replay buffer, numpy, python and torch (0 to 2**31 - 2)."""
     total_steps: int = 50_000
     """Environment steps to train for (summed over all envs) when none are given to ``learn``."""
     num_envs: int = 8
@@ -138,6 +144,12 @@ class DQNConfig:
     def __post_init__(self):
         if isinstance(self.hidden_sizes, list):  # as read back from config.json
             self.hidden_sizes = tuple(self.hidden_sizes)
+        hints = typing.get_type_hints(DQNConfig)
+        for f in fields(self):  # numpy scalars (np.int64(32)) become the Python numbers config.json can hold
+            value = getattr(self, f.name)
+            if isinstance(value, np.generic) and not isinstance(value, np.bool_) and hints[f.name] in (int, float):
+                if hints[f.name] is float or isinstance(value, np.integer):
+                    setattr(self, f.name, hints[f.name](value))
         self.validate()
 
     def validate(self) -> None:
@@ -154,20 +166,19 @@ class DQNConfig:
                      "torch_threads"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
-            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
-        if not self.adam_eps > 0:
-            raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
-        if not self.max_grad_norm >= 0:
-            raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        if self.seed > MAX_SEED:
+            raise ValueError(f"seed must be <= {MAX_SEED}, got {self.seed}")
+        for name in ["learning_rate", "adam_eps", "per_eps"]:
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a positive finite number, got {getattr(self, name)}")
+        if not 0 <= self.max_grad_norm < math.inf:
+            raise ValueError(f"max_grad_norm must be >= 0 and finite (0 disables clipping), got {self.max_grad_norm}")
         for name in ["gamma", "start_epsilon", "end_epsilon", "exploration_fraction", "per_alpha",
                      "per_beta", "eval_epsilon"]:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 < self.tau <= 1.0:
             raise ValueError(f"tau must be in (0, 1], got {self.tau}")
-        if not self.per_eps > 0:
-            raise ValueError(f"per_eps must be > 0, got {self.per_eps}")
         if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
             raise ValueError(f"hidden_sizes must be one or more positive widths, got {self.hidden_sizes}")
         choices = {"device": ("auto", "cpu", "cuda"), "cuda_graph": ("auto", "on", "off"),
@@ -176,7 +187,7 @@ class DQNConfig:
                    "pipeline": ("sync", "async", "auto"), "actor": ("auto", "thread", "process")}
         for name, allowed in choices.items():
             value = getattr(self, name)
-            if value not in allowed and not (name == "device" and value.startswith("cuda:")):
+            if value not in allowed and not (name == "device" and re.fullmatch(r"cuda:\d+", value)):
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
     # --- construction ----------------------------------------------------------

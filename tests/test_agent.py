@@ -493,7 +493,35 @@ def test_bad_arguments_raise_before_any_work(tmp_path):
         dqn.evaluate(1, epsilon=1.5)
     with pytest.raises(ValueError, match="gif"):
         dqn.evaluate(1, video=tmp_path / "x.mp4")
+    obs = np.zeros((2, 4), np.float32)
+    with pytest.raises(TypeError, match="epsilon must be a number, got str"):
+        dqn.predict(obs, epsilon="0.1")
+    with pytest.raises(TypeError, match="rng must be a numpy Generator"):
+        dqn.predict(obs, epsilon=0.5, rng=0)
+    with pytest.raises(TypeError, match="obs must have dtype float32"):
+        dqn.predict(obs.astype(str))
     assert not (tmp_path / "run").exists()
+    np.testing.assert_array_equal(dqn.predict(obs.astype(np.float64)), dqn.predict(obs))  # a float obs is cast
+    assert dqn.evaluate(np.int64(1), epsilon=0.0)["episodes"] == 1
+
+
+def test_predict_takes_image_frames_only_as_the_env_gives_them(tmp_path):
+    from fastdqn.config import DQNConfig
+
+    pong = DQN("Pong-v5", DQNConfig.preset("atari", buffer_size=1_000), run_dir=tmp_path / "run", progress=False,
+               tensorboard=False)
+    frames = np.random.default_rng(0).integers(0, 256, (2, 4, 84, 84), dtype=np.uint8)
+    assert pong.predict(frames).shape == (2,)
+    with pytest.raises(TypeError, match="obs must have dtype uint8, as the env gives it, got float32"):
+        pong.predict(frames.astype(np.float32) / 255)  # scaled twice, silently, if it were taken
+    pong.close()
+
+
+def test_learning_that_ends_before_learning_starts_says_it_makes_no_update(tmp_path):
+    dqn = agent(tmp_path, config=tiny(learning_starts=500))
+    with pytest.warns(UserWarning, match=r"learn\(300\) makes no update: learning starts after learning_starts=500"):
+        dqn.learn(300)
+    assert dqn.learner.num_updates == 0
 
 
 def test_config_validation_and_overrides():
@@ -515,6 +543,16 @@ def test_config_validation_and_overrides():
         DQNConfig.preset("pong")
     assert DQNConfig.from_dict(config.to_dict()) == config
     assert set(DQNConfig.field_docs()) == set(config.to_dict())
+    for field, value, match in [("seed", 2**31 - 1, "seed must be <= 2147483646"),
+                                ("max_grad_norm", math.inf, "max_grad_norm must be >= 0 and finite"),
+                                ("adam_eps", math.inf, "adam_eps must be a positive finite number"),
+                                ("per_eps", 0.0, "per_eps must be a positive finite number"),
+                                ("device", "cuda:x", "device must be one of")]:
+        with pytest.raises(ValueError, match=match):
+            DQNConfig(**{field: value})
+    numpy_config = DQNConfig(batch_size=np.int64(32), learning_rate=np.float32(0.5), seed=np.uint8(3))
+    assert numpy_config.to_dict() == DQNConfig(batch_size=32, learning_rate=0.5, seed=3).to_dict()
+    assert type(numpy_config.batch_size) is int and type(numpy_config.learning_rate) is float
 
 
 def test_torch_threads_are_capped_at_the_cores_the_process_may_use(monkeypatch, torch_threads_restored):
