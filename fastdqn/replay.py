@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 import os
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -71,10 +73,18 @@ class FrameBatch:
     arrays = Batch.arrays
 
     def unpack(self, frame_stack: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(obs, next_obs)`` as separate arrays (copies)."""
+        """``(obs, next_obs)`` as separate arrays (copies), shaped as ``sample`` returns them;
+        ``frame_stack`` is the buffer's."""
+        frame_stack = _int("frame_stack", frame_stack, 1)
+        if frame_stack >= self.frames.shape[1]:  # the frames hold frame_stack + n_step columns, n_step >= 1
+            raise ValueError(f"frame_stack must be the buffer's, below the {self.frames.shape[1]} frames per sample "
+                             f"(frame_stack + n_step), got {frame_stack}")
         columns = self.next_offset[:, None] + np.arange(frame_stack)
         next_obs = np.take_along_axis(self.frames, columns.reshape(columns.shape + (1,) * (self.frames.ndim - 2)), axis=1)
-        return self.frames[:, :frame_stack].copy(), next_obs
+        obs = self.frames[:, :frame_stack].copy()
+        if frame_stack == 1:  # no stack axis: each frame is a whole observation
+            return obs[:, 0], next_obs[:, 0]
+        return obs, next_obs
 
 
 def _int(name: str, value, minimum: int) -> int:
@@ -195,9 +205,14 @@ class ReplayBuffer:
         self._templates = {}  # one-row batches of each kind, to check caller-provided arrays against
         frame_bytes = int(np.prod(self.frame_shape)) * self.obs_dtype.itemsize
         # The capacity as given: the core rounds it the same way, and its errors name what was passed.
-        self._core = _core.ReplayBuffer(requested_capacity, self.num_envs, self.frame_stack, frame_bytes,
-                                        self.action_dtype.itemsize, self.n_step, self.gamma, self.seed,
-                                        self.prioritized, alpha, eps)
+        try:
+            self._core = _core.ReplayBuffer(requested_capacity, self.num_envs, self.frame_stack, frame_bytes,
+                                            self.action_dtype.itemsize, self.n_step, self.gamma, self.seed,
+                                            self.prioritized, alpha, eps)
+        except MemoryError:
+            raise MemoryError(f"a buffer of capacity {requested_capacity:,} with {frame_bytes:,}-byte frames needs "
+                              f"{requested_capacity * frame_bytes / 1e9:.1f} GB, which this machine would not "
+                              "reserve") from None
 
     def __setattr__(self, name: str, value) -> None:
         # An assignment the core would never see (and save would write) raises instead.
@@ -207,6 +222,10 @@ class ReplayBuffer:
 
     def __len__(self) -> int:
         return self._core.size()
+
+    def __reduce_ex__(self, protocol):
+        # copy.copy would alias the C++ storage, and pickling cannot reach it.
+        raise TypeError(f"a {type(self).__name__} cannot be copied or pickled: save() it and load() the file")
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(capacity={self.capacity}, obs_shape={self.obs_shape}, "
@@ -382,6 +401,9 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         self._init(capacity, obs_shape, frame_stack, num_envs, obs_dtype, action_dtype, n_step, gamma, seed,
                    alpha=self._alpha, eps=self._eps)
         self.beta = beta
+        # Above it, (priority + eps) ** alpha over every slot could sum past the largest double.
+        exponent = (math.log(sys.float_info.max) - math.log(self.capacity)) / self._alpha if self._alpha > 0 else math.inf
+        self._largest_priority = math.exp(exponent) - self._eps if exponent < math.log(sys.float_info.max) else math.inf
 
     # Read-only: the sum tree holds (priority + eps) ** alpha, so changing either would need
     # every leaf recomputed; an assignment raises AttributeError rather than being ignored.
@@ -421,12 +443,18 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         """
         indices = np.asarray(indices)
         priorities = np.asarray(priorities)
+        if indices.shape != priorities.shape or indices.ndim != 1:
+            raise ValueError(f"indices and priorities must be 1-D of one length, got {indices.shape} and {priorities.shape}")
+        if indices.size == 0:  # [] reads as float64
+            return
         if indices.dtype.kind not in "iu":
             raise TypeError(f"indices must be integers, got {indices.dtype}")
         if priorities.dtype.kind not in "iuf":
             raise TypeError(f"priorities must be numbers, got {priorities.dtype}")
-        if indices.shape != priorities.shape or indices.ndim != 1:
-            raise ValueError(f"indices and priorities must be 1-D of one length, got {indices.shape} and {priorities.shape}")
+        top = float(np.max(priorities))
+        if math.isfinite(top) and top > self._largest_priority:
+            raise ValueError(f"priorities must be at most {self._largest_priority:.3g}: (priority + eps) ** alpha, summed "
+                             f"over the capacity, must stay finite; got {top:.3g}")
         self._core.update_priorities(np.ascontiguousarray(indices, np.int64), np.ascontiguousarray(priorities, np.float64))
 
     def sampling_mass(self, indices) -> np.ndarray:
@@ -454,10 +482,14 @@ class Prefetcher:
             raise ValueError("out must hold at least one batch")
         for batch in out:
             buffer._check_out(batch, Batch)
+        arrays = [array for batch in out for array in batch.arrays().values()]
+        if any(np.may_share_memory(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1:]):
+            raise ValueError("out's batches must not share memory: the worker fills one while you read another")
         if len(buffer) == 0:
             raise ValueError("cannot prefetch from an empty buffer")
         self._batches = list(out)
         self._core = _core.Prefetcher(buffer._core, [b.arrays() for b in self._batches], batch_size)
+        self._closed = False
 
     def next(self) -> Batch:
         return self._batches[self._core.next()]
@@ -466,9 +498,12 @@ class Prefetcher:
         return self
 
     def __next__(self) -> Batch:
+        if self._closed:
+            raise StopIteration
         return self.next()
 
     def close(self) -> None:
+        self._closed = True
         self._core.close()
 
     def __enter__(self) -> Prefetcher:

@@ -176,6 +176,13 @@ def load(path: str | os.PathLike, expected: type = replay.ReplayBuffer) -> repla
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no replay buffer file at {str(path)!r}")
+    try:
+        return _load(path, expected)
+    except ReplayFileError as error:  # named, for a run's checkpoint whose buffer file is the bad one
+        raise ReplayFileError(f"{path}: {error}") from None
+
+
+def _load(path: Path, expected: type) -> replay.ReplayBuffer:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         header = _read_header(f, size)

@@ -139,11 +139,11 @@ def test_samples_into_preallocated_and_shared_frame_layouts(c):
     assert_matches(out, expected)
     frames = buf.sample_frames(16)
     obs, next_obs = frames.unpack(buf.frame_stack)
+    assert obs.shape == next_obs.shape == (16, *buf.obs_shape)  # as sample gives them, frame_stack 1 too
     for b, index in enumerate(frames.indices):
         want = expected[int(index)]
-        stack = lambda x: x if buf.frame_stack > 1 else x[0]  # noqa: E731
-        np.testing.assert_array_equal(stack(obs[b]), want["obs"])
-        np.testing.assert_array_equal(stack(next_obs[b]), want["next_obs"])
+        np.testing.assert_array_equal(obs[b], want["obs"])
+        np.testing.assert_array_equal(next_obs[b], want["next_obs"])
         assert frames.discounts[b] == pytest.approx(want["discount"], rel=1e-6)
 
 

@@ -1,5 +1,6 @@
 """Bad input gets a clear error before any state changes."""
 
+import os
 import re
 
 import numpy as np
@@ -316,3 +317,58 @@ def test_indices_must_be_integers():
             read([index + 0.7])  # would have read index
     assert buf.get([index]).indices.tolist() == [index] and buf.sampling_mass([index]).shape == (1,)
     assert buf.get([]).indices.size == 0
+
+
+def test_misuse_of_batches_prefetchers_and_copies_is_refused(tmp_path):
+    import copy
+    import pickle
+
+    buf = make()
+    buf.add(**step())
+    buf.add(**{**step(value=2), "terminated": np.ones(2, bool)})
+    frames = buf.sample_frames(4)
+    for wrong in (K + buf.n_step, 0):
+        with pytest.raises(ValueError, match="frame_stack"):
+            frames.unpack(wrong)
+    batch = buf.empty_batch(4)
+    with pytest.raises(ValueError, match="out's batches must not share memory"):
+        buf.prefetch(4, out=[batch, batch])
+    prefetcher = buf.prefetch(4)
+    prefetcher.next()
+    prefetcher.close()
+    assert list(prefetcher) == []  # a closed prefetcher ends its iteration
+    for duplicate in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="cannot be copied or pickled: save\\(\\) it and load\\(\\) the file"):
+            duplicate(buf)
+
+
+def test_priorities_whose_sum_could_overflow_are_refused_and_empty_updates_are_fine():
+    buf = PrioritizedReplayBuffer(64, (K, *FRAME), frame_stack=K, num_envs=2, alpha=1.0, seed=0)
+    buf.add(**step())
+    buf.add(**{**step(value=2), "terminated": np.ones(2, bool)})
+    indices = buf.valid_indices()
+    total = buf.priority_total()
+    with pytest.raises(ValueError, match=r"priorities must be at most 2\.\d+e\+306"):
+        buf.update_priorities(indices, np.full(indices.size, 1e308))
+    assert buf.priority_total() == total
+    buf.update_priorities([], [])
+    buf.update_priorities(indices, np.full(indices.size, 1e300))
+    assert np.isfinite(buf.sample(8).weights).all()
+
+
+def test_a_bad_buffer_file_is_named_in_the_error(tmp_path):
+    from fastdqn.replay_file import ReplayFileError
+
+    path = tmp_path / "cut.fdqn"
+    buf = make()
+    buf.add(**step())
+    buf.save(path)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ReplayFileError, match=re.escape(str(path)) + ": "):
+        ReplayBuffer.load(path)
+
+
+@pytest.mark.skipif(bool(os.environ.get("FASTDQN_SANITIZED")), reason="ASan aborts on an allocation this large")
+def test_a_buffer_too_large_to_reserve_says_how_large():
+    with pytest.raises(MemoryError, match=r"capacity 10,000,000,000,000 with 7,056-byte frames needs 70560000\.0 GB"):
+        ReplayBuffer(10**13, (4, 84, 84), frame_stack=4)
