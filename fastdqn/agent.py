@@ -593,6 +593,8 @@ class DQN:
             raise ValueError(f"video must be a .gif file (written with Pillow), got {video}")
         if video is not None and not Path(video).parent.is_dir():  # found out now, not after the games
             raise ValueError(f"video's folder {Path(video).parent} does not exist")
+        if video is not None and not os.access(Path(video).parent, os.W_OK):
+            raise ValueError(f"video's folder {Path(video).parent} is not writable")
         if video is not None and not self.env.is_image and importlib.util.find_spec("pygame") is None:
             raise ValueError(f"video of {self.env_id} needs gymnasium's renderer: "
                              "pip install 'gymnasium[classic-control]'")

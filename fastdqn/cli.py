@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import json
 import signal
@@ -37,6 +38,10 @@ def _usage_errors(command: str):
     try:
         yield
     except (ValueError, TypeError, RunDirectoryInUse, *_BAD_PATH) as e:
+        raise UsageError(f"fastdqn {command}: error: {_first_line(e)}") from e
+    except OSError as e:
+        if e.errno != errno.EROFS:  # a path on a read-only file system is given wrong too
+            raise
         raise UsageError(f"fastdqn {command}: error: {_first_line(e)}") from e
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] == "fastdqn":  # fastdqn's own: a bug, with its traceback

@@ -37,13 +37,15 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         if points:
             xs, means, stds = zip(*points)
             ax.errorbar(xs, means, yerr=stds, fmt="o-", color="tab:orange", capsize=3,
-                        label=f"evaluation (mean +- std, {evals[-1]['protocol']})")
+                        label="evaluation (mean +- std)")
         ax.set_xlabel(x_label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("episode return")
     axes[0].legend(loc="best", fontsize=8)
     fig.suptitle(f"{record.get('env_id', '?')}: {record.get('run_name', run_dir.name)}", fontsize=10)
-    fig.tight_layout()
+    if evals:  # the protocol in full, under the plots: too long for a legend
+        fig.text(0.01, 0.01, f"evaluation: {evals[-1]['protocol']}", fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.05 if evals else 0, 1, 1))
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
@@ -54,4 +56,4 @@ def _line(ax, rows, x_key, y_key, scale, **style) -> None:
               if isinstance(r.get(y_key), float) and not math.isnan(r[y_key])]
     if points:
         xs, ys = zip(*points)
-        ax.plot(xs, ys, **style)
+        ax.plot(xs, ys, marker="o" if len(points) == 1 else None, **style)  # one row: a point, not an empty line

@@ -157,7 +157,7 @@ def test_quick_run_of_fastdqn_writes_a_consistent_report(tmp_path, capsys):
                        "--machine", "smoke", "--torch-threads", "1", "--json"])
     printed = json.loads(capsys.readouterr().out)
     assert code == 0
-    assert json.loads((tmp_path / "buffer-smoke.json").read_text()) == printed
+    assert json.loads((tmp_path / "buffer-smoke-quick.json").read_text()) == printed  # never a real run's name
     report = printed
     assert report["schema"] == bench.SCHEMA and report["settings"]["fill"] == bench.QUICK["fill"]
     assert report["machine"]["versions"]["numpy"] == np.__version__ and report["torch_threads"] == 1
@@ -200,6 +200,6 @@ def test_quick_run_of_fastdqn_writes_a_consistent_report(tmp_path, capsys):
         assert save["status"].startswith("skipped: save/load not available")
     assert not any(tmp_path.glob("fastdqn-bench-*")), "the save/load files are cleaned up"
 
-    markdown = (tmp_path / "buffer-smoke.md").read_text()
+    markdown = (tmp_path / "buffer-smoke-quick.md").read_text()
     assert "| fastdqn `sample(out=)` |" in markdown and "memory-copy limit" in markdown
     assert "| SB3 |" not in markdown  # peers not selected get no rows

@@ -291,6 +291,18 @@ def test_eval_records_a_gif_of_the_default_cartpole_run(run_dir, tmp_path, capsy
     assert returned >= 8
 
 
+def test_eval_refuses_a_video_folder_it_cannot_write_before_the_games(run_dir, tmp_path, monkeypatch, capsys):
+    import os
+
+    from fastdqn.agent import DQN
+
+    played = []
+    monkeypatch.setattr(DQN, "_play", lambda *args: played.append(args))
+    monkeypatch.setattr(os, "access", lambda path, mode: not (str(path) == str(tmp_path) and mode == os.W_OK))
+    assert main(["eval", str(run_dir), "--video", str(tmp_path / "game.gif")]) == 2  # as on a read-only mount
+    assert f"video's folder {tmp_path} is not writable" in capsys.readouterr().err and not played
+
+
 def test_plot_writes_a_png(run_dir, tmp_path):
     out = tmp_path / "curve.png"
     assert main(["plot", str(run_dir), "--out", str(out)]) == 0

@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="greedy evaluation episodes after training (default 10; 0 for Atari, whose short "
                              "runs learn nothing and whose untrained agents can stall a game until its time limit)")
     parser.add_argument("--out", default="benchmarks/results", help="directory for train-<device>.json and .md")
-    parser.add_argument("--json", action="store_true", help="print the JSON report to stdout")
+    parser.add_argument("--json", action="store_true", help="print the JSON report to stdout: each system to its "
+                        "figures (with several --env, each env to such an object)")
     args = parser.parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(systems) - set(SYSTEMS)
