@@ -69,9 +69,10 @@ step() {
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
   echo "=== [$(elapsed) s] $name (limit ${limit} s): $*" | tee -a "$LOG"
-  # --foreground: the signal goes to the command once; without it timeout also signals its whole
-  # process group, and a second SIGINT/SIGTERM would stop training at once, skipping its checkpoint.
-  timeout --foreground -s "${STOP_SIGNAL:-INT}" -k 20 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  # With STOP_SIGNAL (the Pong run), --foreground: the signal goes to the command once. Without it
+  # timeout also signals its whole process group, and that second SIGTERM would stop training at
+  # once, skipping its checkpoint. Other steps keep the group kill, for their child processes.
+  timeout ${STOP_SIGNAL:+--foreground} -s "${STOP_SIGNAL:-INT}" -k 20 "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   local took=$(( $(date +%s) - t0 ))
   echo "=== $name: exit $rc after $took s" | tee -a "$LOG"

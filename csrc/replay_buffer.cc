@@ -397,8 +397,9 @@ void ReplayBuffer::DrawPrioritized(uint64_t call, uint64_t attempt, std::vector<
                                             : "no transition can be sampled yet: every held transition waits for "
                                               "its n-step window to complete");
   }
-  const double n = static_cast<double>(tree_->NonzeroCount());
-  const double max_weight = std::pow(n * tree_->MinNonzero() / total, -beta);
+  // (N * P(i)) ** -beta over its largest value, (N * P(min)) ** -beta, is (p_i / p_min) ** -beta:
+  // computed so, it stays finite for any priorities whose total does.
+  const double min_priority = tree_->MinNonzero();
   for (int64_t i = 0; i < count; ++i) {
     Pick& pick = picks[i];
     bool found = false;
@@ -412,7 +413,7 @@ void ReplayBuffer::DrawPrioritized(uint64_t call, uint64_t attempt, std::vector<
       pick.env = e;
       pick.seq = slot + (ends[e] - 1 - slot) / slots_per_env_ * slots_per_env_;
       found = Resolve(&pick, ends[e]);
-      if (found) weights[i] = static_cast<float>(std::pow(n * priority / total, -beta) / max_weight);
+      if (found) weights[i] = static_cast<float>(std::pow(priority / min_priority, -beta));
     }
     if (!found) throw std::runtime_error("prioritized sampling found no valid transition: the sum tree is inconsistent");
   }

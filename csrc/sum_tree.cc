@@ -17,7 +17,6 @@ SumTree::SumTree(int64_t num_leaves) : num_leaves_(num_leaves), first_leaf_(1) {
 
 void SumTree::Set(int64_t leaf, double value) {
   int64_t node = first_leaf_ + leaf;
-  nonzero_count_ += (value != 0.0) - (sum_[node] != 0.0);
   sum_[node] = value;
   min_[node] = value != 0.0 ? value : kInf;
   for (node /= 2; node >= 1; node /= 2) {
@@ -41,12 +40,10 @@ int64_t SumTree::Find(double mass) const {
 }
 
 void SumTree::Rebuild(const double* leaves) {
-  nonzero_count_ = 0;
   for (int64_t i = 0; i < first_leaf_; ++i) {
     const double value = i < num_leaves_ ? leaves[i] : 0.0;
     sum_[first_leaf_ + i] = value;
     min_[first_leaf_ + i] = value != 0.0 ? value : kInf;
-    nonzero_count_ += value != 0.0;
   }
   for (int64_t node = first_leaf_ - 1; node >= 1; --node) {
     sum_[node] = sum_[2 * node] + sum_[2 * node + 1];

@@ -22,7 +22,6 @@ class SumTree {
   double Total() const { return sum_[1]; }
   // The smallest nonzero leaf; +inf while every leaf is zero.
   double MinNonzero() const { return min_[1]; }
-  int64_t NonzeroCount() const { return nonzero_count_; }
 
   double Get(int64_t leaf) const { return sum_[first_leaf_ + leaf]; }
   void Set(int64_t leaf, double value);
@@ -37,7 +36,6 @@ class SumTree {
  private:
   int64_t num_leaves_;
   int64_t first_leaf_;  // a power of two: leaves are sum_[first_leaf_, first_leaf_ + num_leaves_)
-  int64_t nonzero_count_ = 0;
   std::vector<double> sum_;
   std::vector<double> min_;
 };

@@ -303,7 +303,8 @@ class DQN:
         total = self.scheduled_total_steps if total_steps is None else total_steps
         if isinstance(total, bool) or not isinstance(total, int) or total < 1:
             raise ValueError(f"total_steps must be a positive int, got {total!r}")
-        if self.env_steps < total <= c.learning_starts:
+        last_step = self.env_steps + math.ceil(max(total - self.env_steps, 0) / c.num_envs) * c.num_envs
+        if last_step > self.env_steps and self.updates_due(last_step) == 0:  # not the gap between two rounds
             warnings.warn(f"learn({total}) makes no update: learning starts after learning_starts="
                           f"{c.learning_starts} steps, so it only fills the buffer", stacklevel=2)
         if self.buffer is None:

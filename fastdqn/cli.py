@@ -19,6 +19,7 @@ import importlib
 import json
 import signal
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -250,6 +251,7 @@ def _agent_to_train(args):
     if agent.buffer is None:  # made now, as learn() would first: a size it refuses is a bad argument
         agent.buffer = agent._make_buffer()
     Path(agent.run_dir).mkdir(parents=True, exist_ok=True)  # a path that cannot be one is a bad argument too
+    tempfile.TemporaryFile(dir=agent.run_dir).close()  # and so is a folder it cannot write (read-only)
     if agent.tensorboard:  # imported by learn(): missing, it is named now, in one line
         importlib.import_module("torch.utils.tensorboard")
     return agent, total

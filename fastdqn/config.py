@@ -144,18 +144,14 @@ class DQNConfig:
     def __post_init__(self):
         if isinstance(self.hidden_sizes, list):  # as read back from config.json
             self.hidden_sizes = tuple(self.hidden_sizes)
-        hints = typing.get_type_hints(DQNConfig)
-        for f in fields(self):  # numpy scalars (np.int64(32)) become the Python numbers config.json can hold
-            value = getattr(self, f.name)
-            if isinstance(value, np.generic) and not isinstance(value, np.bool_) and hints[f.name] in (int, float):
-                if hints[f.name] is float or isinstance(value, np.integer):
-                    setattr(self, f.name, hints[f.name](value))
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError/TypeError naming the first field that is out of range."""
+        """Raise ValueError/TypeError naming the first field that is out of range. Numpy
+        scalars (``np.int64(32)``, ``np.True_``) become the Python values config.json holds."""
         hints = typing.get_type_hints(DQNConfig)
         for f in fields(self):
+            setattr(self, f.name, _python_scalars(getattr(self, f.name)))
             _check_type(f.name, getattr(self, f.name), hints[f.name])
         positive = ["total_steps", "num_envs", "batch_size", "buffer_size", "train_frequency",
                     "gradient_steps", "target_update_interval", "n_step", "log_interval"]
@@ -187,7 +183,7 @@ class DQNConfig:
                    "pipeline": ("sync", "async", "auto"), "actor": ("auto", "thread", "process")}
         for name, allowed in choices.items():
             value = getattr(self, name)
-            if value not in allowed and not (name == "device" and re.fullmatch(r"cuda:\d+", value)):
+            if value not in allowed and not (name == "device" and re.fullmatch(r"cuda:[0-9]+", value)):
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
     # --- construction ----------------------------------------------------------
@@ -264,6 +260,14 @@ def _parse(name: str, text: str, hint):
         pass
     expected = {bool: "true/false", int: "an integer", float: "a number"}.get(hint, "comma-separated integers")
     raise ValueError(f"{name} expects {expected}, got {text!r}")
+
+
+def _python_scalars(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple):
+        return tuple(v.item() if isinstance(v, np.generic) else v for v in value)
+    return value
 
 
 def _check_type(name: str, value, hint) -> None:

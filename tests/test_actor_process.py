@@ -408,8 +408,7 @@ def test_episode_statistics_cross_the_process_boundary(tmp_path):
     rows = {}
     for pipeline in ("sync", "async"):
         agent = make_agent(tmp_path / pipeline, small_config(pipeline=pipeline, learning_starts=2_000))
-        with pytest.warns(UserWarning, match="makes no update"):  # random actions throughout: no lag
-            agent.learn()
+        agent.learn()  # random actions throughout: the lag does not matter
         rows[pipeline] = [(r["step"], r["episodes"], r["episode_return"]) for r in
                           read_csv(tmp_path / pipeline / "metrics.csv")]
     assert rows["sync"] == rows["async"] and len(rows["sync"]) >= 5

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -522,6 +523,10 @@ def test_learning_that_ends_before_learning_starts_says_it_makes_no_update(tmp_p
     with pytest.warns(UserWarning, match=r"learn\(300\) makes no update: learning starts after learning_starts=500"):
         dqn.learn(300)
     assert dqn.learner.num_updates == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ending at learning_starts makes the first update: no warning
+        dqn.learn(500)
+    assert dqn.learner.num_updates > 0
 
 
 def test_config_validation_and_overrides():
@@ -553,6 +558,11 @@ def test_config_validation_and_overrides():
     numpy_config = DQNConfig(batch_size=np.int64(32), learning_rate=np.float32(0.5), seed=np.uint8(3))
     assert numpy_config.to_dict() == DQNConfig(batch_size=32, learning_rate=0.5, seed=3).to_dict()
     assert type(numpy_config.batch_size) is int and type(numpy_config.learning_rate) is float
+    numpy_config.batch_size, numpy_config.dueling = np.int64(16), np.True_  # assigned later: validate converts
+    numpy_config.hidden_sizes = tuple(np.array([8, 8]))
+    numpy_config.validate()
+    assert (type(numpy_config.batch_size), type(numpy_config.dueling)) == (int, bool)
+    assert numpy_config.hidden_sizes == (8, 8) and type(numpy_config.hidden_sizes[0]) is int
 
 
 def test_torch_threads_are_capped_at_the_cores_the_process_may_use(monkeypatch, torch_threads_restored):

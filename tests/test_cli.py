@@ -291,6 +291,20 @@ def test_eval_records_a_gif_of_the_default_cartpole_run(run_dir, tmp_path, capsy
     assert returned >= 8
 
 
+def test_a_run_directory_on_a_read_only_file_system_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "run"))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    assert main(["train", "--run-dir", str(tmp_path / "run"), *QUICK]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastdqn train: error: [Errno 30] Read-only file system") and len(err.splitlines()) == 1
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
 def test_eval_refuses_a_video_folder_it_cannot_write_before_the_games(run_dir, tmp_path, monkeypatch, capsys):
     import os
 
