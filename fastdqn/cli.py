@@ -67,10 +67,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _int_at_least(minimum: int, what: str):
-    """An argparse type: an integer (underscores allowed, as in 1_000_000) of at least `minimum`."""
+    """An argparse type: an integer (as in 1_000_000 or 1e6, like --set) of at least `minimum`."""
     def parse(text: str) -> int:
+        from fastdqn.config import parse_int
+
         try:
-            value = int(text.replace("_", ""))
+            value = parse_int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if value < minimum:

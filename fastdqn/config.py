@@ -237,6 +237,13 @@ class DQNConfig:
         return dict(_FIELD_DOCS)
 
 
+def parse_int(text: str) -> int:
+    """An integer as typed on a command line, 1_000_000 and 1e6 included; ValueError otherwise."""
+    if "e" in text.lower() and float(text).is_integer():
+        return int(float(text))
+    return int(text.replace("_", ""))
+
+
 def _parse(name: str, text: str, hint):
     try:
         if hint is bool:
@@ -247,9 +254,7 @@ def _parse(name: str, text: str, hint):
                 return False
             raise ValueError
         if hint is int:
-            if "e" in text.lower() and float(text).is_integer():  # 1e6
-                return int(float(text))
-            return int(text.replace("_", ""))
+            return parse_int(text)
         if hint is float:
             return float(text)
         if hint is str:

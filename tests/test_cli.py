@@ -13,6 +13,7 @@ import pytest
 from faults import default_ctrl_c, failing_on_call
 
 from fastdqn.cli import main
+from fastdqn.config import DQNConfig
 from fastdqn.metrics import read_csv
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Box (low|high)'s precision lowered.*")
@@ -27,6 +28,14 @@ def run_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "run"
     assert main(["train", "--run-dir", str(path), "--seed", "4", *QUICK]) == 0
     return path
+
+
+def test_integer_flags_read_as_set_does():
+    from fastdqn.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--total-steps", "1e3", "--num-envs", "1_0", "--seed", "7"])
+    assert (args.total_steps, args.num_envs, args.seed) == (1000, 10, 7)
+    assert DQNConfig().with_overrides(["total_steps=1e3"]).total_steps == 1000
 
 
 def test_train_writes_a_run_directory(run_dir):
@@ -333,6 +342,7 @@ def test_run_dir_is_not_overwritten(run_dir, capsys):
     (["train", "--preset", "pongg"], "unknown preset"),
     (["train", "--total-steps", "0"], "positive integer"),
     (["train", "--num-envs", "many"], "positive integer"),
+    (["train", "--total-steps", "1.5e0"], "positive integer, got '1.5e0'"),
     (["train", "--set", "gamma=2"], "gamma must be in [0, 1]"),
     (["train", "--set", "batch_size=big"], "batch_size expects an integer"),
     (["train", "--set", "buffer_size=9"], "buffer_size=9 does not fit this run: capacity must be >= 80"),
