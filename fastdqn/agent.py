@@ -131,7 +131,8 @@ class DQN:
             from fastdqn.pipeline import env_batch_size
 
             acting_batch = env_batch_size(config.num_envs, self.env)
-        self.custom_q_network = q_network is not None
+        # The class of a network of the user's (recorded in checkpoints: loading needs one like it), else None.
+        self.custom_q_network = _class_name(q_network) if q_network is not None else None
         if q_network is None:
             q_network = build_q_network(self.obs_shape, self.num_actions, hidden_sizes=config.hidden_sizes,
                                         dueling=config.dueling)
@@ -547,17 +548,14 @@ class DQN:
                 "backend": getattr(self.env, "backend", None), "protocol": self.config.protocol,
                 "pipeline": self.pipeline, "actor": self.actor if self.pipeline == "async" else None,
                 "learn_total_steps": total_steps, "config": self.config.to_dict(),
-                "custom_q_network": _class_name(self.q_network) if self.custom_q_network else None}
+                "custom_q_network": self.custom_q_network}
 
     # ------------------------------------------------------------------ acting
     @torch.no_grad()
     def predict(self, obs, epsilon: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray | int:
         """Greedy (or epsilon-greedy) actions for one observation (returns an int) or a batch
         (returns an int64 array)."""
-        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
-            raise TypeError(f"epsilon must be a number, got {type(epsilon).__name__}")
-        if not 0.0 <= epsilon <= 1.0:
-            raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+        _check_epsilon(epsilon)
         if rng is not None and not isinstance(rng, np.random.Generator):
             raise TypeError(f"rng must be a numpy Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
         obs = np.asarray(obs)
@@ -588,8 +586,7 @@ class DQN:
             raise ValueError(f"episodes must be a positive int, got {episodes!r}")
         episodes = int(episodes)
         epsilon = self.config.eval_epsilon if epsilon is None else epsilon
-        if not 0.0 <= epsilon <= 1.0:
-            raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+        _check_epsilon(epsilon)
         if video is not None and Path(video).suffix.lower() != ".gif":
             raise ValueError(f"video must be a .gif file (written with Pillow), got {video}")
         if video is not None and not Path(video).parent.is_dir():  # found out now, not after the games
@@ -650,7 +647,7 @@ class DQN:
     # ------------------------------------------------------------------ persistence
     def _state(self, with_rng: bool) -> dict:
         state = {"env_id": self.env_id, "run_name": self.run_name, "config": self.config.to_dict(),
-                 "custom_q_network": _class_name(self.q_network) if self.custom_q_network else None,
+                 "custom_q_network": self.custom_q_network,
                  "learner": self.learner.state_dict(),
                  "counters": {"env_steps": self.env_steps, "episodes": self.episodes, "wall_time": self.wall_time,
                               "learn_total_steps": self._unfinished_total_steps},
@@ -750,6 +747,13 @@ def _check_network_given(path, saved: dict, q_network: torch.nn.Module | None) -
     if saved.get("custom_q_network") and q_network is None:
         raise ValueError(f"{path} was trained with a custom q_network ({saved['custom_q_network']}): pass "
                          "q_network=<a network of that architecture> to DQN.load or DQN.resume")
+
+
+def _check_epsilon(epsilon) -> None:
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+        raise TypeError(f"epsilon must be a number, got {type(epsilon).__name__}")
+    if not 0.0 <= epsilon <= 1.0:
+        raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
 
 
 def _class_name(module: torch.nn.Module) -> str:

@@ -445,17 +445,16 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         priorities = np.asarray(priorities)
         if indices.shape != priorities.shape or indices.ndim != 1:
             raise ValueError(f"indices and priorities must be 1-D of one length, got {indices.shape} and {priorities.shape}")
-        if indices.size == 0:  # [] reads as float64
+        if indices.size == 0:
             return
-        if indices.dtype.kind not in "iu":
-            raise TypeError(f"indices must be integers, got {indices.dtype}")
+        indices = _indices(indices)
         if priorities.dtype.kind not in "iuf":
             raise TypeError(f"priorities must be numbers, got {priorities.dtype}")
         top = float(np.max(priorities))
         if math.isfinite(top) and top > self._largest_priority:
             raise ValueError(f"priorities must be at most {self._largest_priority:.3g}: (priority + eps) ** alpha, summed "
                              f"over the capacity, must stay finite; got {top:.3g}")
-        self._core.update_priorities(np.ascontiguousarray(indices, np.int64), np.ascontiguousarray(priorities, np.float64))
+        self._core.update_priorities(indices, np.ascontiguousarray(priorities, np.float64))
 
     def sampling_mass(self, indices) -> np.ndarray:
         """``(priority + eps) ** alpha`` of each index: its unnormalized chance to be drawn (0 if it cannot be)."""
