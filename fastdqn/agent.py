@@ -563,10 +563,15 @@ class DQN:
         if not single and obs.shape[1:] != self.obs_shape:
             raise ValueError(f"obs must have shape {self.obs_shape} or (N, *{self.obs_shape}), got {obs.shape}")
         expected = self.env.obs_dtype
-        # Integer observations (uint8 frames, scaled by the network) must come as the env gives
-        # them: frames already scaled to [0, 1] would be scaled again, silently.
-        if obs.dtype != expected and (expected.kind in "iu" or obs.dtype.kind not in "biuf"):
+        # Integer observations (uint8 frames, scaled by the network) must come as integers the
+        # env's dtype holds: frames already scaled to [0, 1] would be scaled again, silently.
+        integers = expected.kind in "iu" and obs.dtype.kind in "iu"
+        if obs.dtype != expected and not integers and (expected.kind in "iu" or obs.dtype.kind not in "biuf"):
             raise TypeError(f"obs must have dtype {expected}, as the env gives it, got {obs.dtype}")
+        if integers and obs.dtype != expected and obs.size and not (
+                np.iinfo(expected).min <= obs.min() and obs.max() <= np.iinfo(expected).max):
+            raise ValueError(f"obs values must fit the env's dtype {expected}, got values from "
+                             f"{obs.min()} to {obs.max()}")
         batch = (obs[None] if single else obs).astype(expected, copy=False)
         q = self.q_network(torch.as_tensor(batch, device=self.device))
         actions = q.argmax(dim=1).cpu().numpy()

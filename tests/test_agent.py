@@ -506,7 +506,7 @@ def test_bad_arguments_raise_before_any_work(tmp_path):
     assert dqn.evaluate(np.int64(1), epsilon=0.0)["episodes"] == 1
 
 
-def test_predict_takes_image_frames_only_as_the_env_gives_them(tmp_path):
+def test_predict_takes_image_frames_only_as_integers_the_env_gives(tmp_path):
     from fastdqn.config import DQNConfig
 
     pong = DQN("Pong-v5", DQNConfig.preset("atari", buffer_size=1_000), run_dir=tmp_path / "run", progress=False,
@@ -515,6 +515,10 @@ def test_predict_takes_image_frames_only_as_the_env_gives_them(tmp_path):
     assert pong.predict(frames).shape == (2,)
     with pytest.raises(TypeError, match="obs must have dtype uint8, as the env gives it, got float32"):
         pong.predict(frames.astype(np.float32) / 255)  # scaled twice, silently, if it were taken
+    np.testing.assert_array_equal(pong.predict(frames.astype(np.int64)), pong.predict(frames))  # as a list gives them
+    assert pong.predict(frames[0].tolist()) == pong.predict(frames[0])
+    with pytest.raises(ValueError, match="obs values must fit the env's dtype uint8, got values from 0 to 256"):
+        pong.predict(frames.astype(np.int64) + (frames == frames.max()))
     pong.close()
 
 
