@@ -269,7 +269,9 @@ class ActorProcess:
         # The forked copy of the learner's env has lost its worker threads (envpool): destroying
         # it would wait for them forever. It is kept, and this process ends without destructors.
         self._forked_env = agent.env
+        t = time.perf_counter()
         agent.env = agent._make_train_env(agent.env_steps)
+        watch.lap("make_env", t)
         steps = agent._acted_steps(self.total)
         actor_tensors = network_tensors(learner.actor_network)
         step, slot, loaded = agent.env_steps, 0, agent.env_steps

@@ -418,8 +418,10 @@ class AsyncPipeline:
         epsilon = c.start_epsilon
         while step < total:
             segment_start = step  # a requested stop cuts the segment once it has a step of its own
+            t = time.perf_counter()
             env = make_env(agent.env_id, n, env_seed(c.seed, step), mode="train", protocol=c.protocol,
                            backend=c.backend, batch_size=batch)
+            watch.lap("make_env", t)
             try:
                 last_obs = np.zeros((n, *agent.obs_shape), agent.env.obs_dtype)
                 last_actions = np.zeros(n, np.int64)

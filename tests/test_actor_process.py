@@ -257,7 +257,7 @@ def test_the_report_holds_the_sync_schedule_and_where_the_time_went(tmp_path):
     assert report["actor"] == "process" and report["env_steps"] == agent.env_steps == 2_000
     assert report["updates"] == agent.learner.num_updates == agent.updates_due(2_000)
     assert report["replay_ratio"] == pytest.approx(agent.learner.num_updates / 2_000, abs=1e-4)
-    assert set(report["time_s"]["actor"]) == {"act", "env", "hand-off", "wait"}
+    assert set(report["time_s"]["actor"]) == {"act", "env", "hand-off", "make_env", "wait"}
     assert {"learn", "wait", "publish"} <= set(report["time_s"]["learner"])
     assert torch.get_num_threads() == threads  # the learner's thread count is put back
 

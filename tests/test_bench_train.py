@@ -45,9 +45,13 @@ def test_json_maps_each_system_to_its_figures(tmp_path, capsys):
         assert result["updates"] == expected
         assert result["replay_ratio"] == pytest.approx(expected / steps, abs=1e-4)
         assert result["updates_per_s"] == pytest.approx(expected / result["wall_s"], rel=1e-2, abs=0.1)
+    # The async pipeline makes its envs inside learn(); the others make them before it, untimed.
+    make_env = figures["async"]["time_s"]["actor"]["make_env"]
+    assert figures["async"]["env_setup_s"] == make_env > 0
     assert json.loads((tmp_path / "train-cpu.json").read_text())["envs"]["CartPole-v1"]["torch_threads"] == config.torch_threads
     markdown = (tmp_path / "train-cpu.md").read_text()
     assert f"median of {repeats} interleaved runs" in markdown and "| CartPole-v1 | async |" in markdown
+    assert f"async: its wall time leaves out making its own envs inside learn() ({make_env:.2f} s)" in markdown
 
 
 def test_markdown_gives_the_ratio_to_sb3_run_by_run():

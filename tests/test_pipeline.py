@@ -527,7 +527,8 @@ def test_atari_frame_stacks_in_async_batches_with_a_checkpoint_mid_run(tmp_path)
     assert (tmp_path / "run" / "checkpoints").is_dir()
     # Where each thread's time went, each part counted once: within the run's wall time.
     times = report["time_s"]
-    assert {"env", "act", "store", "wait", "checkpoint"} <= set(times["actor"])
+    assert {"env", "act", "store", "wait", "checkpoint", "make_env"} <= set(times["actor"])
+    assert times["actor"]["make_env"] > 0  # the envs of both segments (before and after the checkpoint)
     assert {"sample", "update", "wait"} <= set(times["learner"])
     for thread in ("actor", "learner"):
         assert sum(times[thread].values()) <= report["wall_s"] * 1.01, thread

@@ -19,9 +19,10 @@ returns the same figures as SB3's runner (env steps/s, updates/s, replay ratio) 
   weights it must act with); the learner's learn (storing, updates, logs), publish (weight
   snapshots) and wait (for the actor's next step).
 
-The learning systems are timed over ``learn()``, their envs made before it, as SB3's are; but
-the async pipeline makes envs of its own inside ``learn()`` (envpool's async mode, or in the
-actor process), so its time includes that: about a second for 16 Atari envs.
+The learning systems are timed over ``learn()``, their envs made before it, as SB3's are. The
+async pipeline makes envs of its own inside ``learn()`` (envpool's async mode, or in the actor
+process): its actor times that (``make_env``, about a second for 16 Atari envs), and it is
+taken out of the async wall time, as ``env_setup_s``, so that all systems are timed alike.
 
 ``gpu_busy`` is the mean of NVML's utilization (the fraction of time a kernel was running),
 sampled every 50 ms during learning; None where NVML is not available.
@@ -153,8 +154,9 @@ def run_async(env_id: str, config, eval_episodes: int) -> dict:
             agent.learn(config.total_steps)
             wall = time.perf_counter() - start
         report = agent.pipeline_report
-        result = dict(figures(agent.env_steps, agent.learner.num_updates, wall), gpu_busy=busy.fraction(),
-                      time_s=report["time_s"],
+        env_setup = report["time_s"]["actor"].get("make_env", 0.0)
+        result = dict(figures(agent.env_steps, agent.learner.num_updates, wall - env_setup), gpu_busy=busy.fraction(),
+                      env_setup_s=env_setup, time_s=report["time_s"],
                       **{key: report[key] for key in _ASYNC_DETAILS if key in report})
         _evaluate(agent, eval_episodes, result)
         agent.close()

@@ -200,6 +200,9 @@ def to_markdown(report: dict) -> str:
                 if name in ("sync", "async") and sb3_runs and len(sb3_runs) == len(r["runs_steps_per_s"]):
                     lines.append(f"  - {name} vs SB3, run by run (the runs of one repeat follow each other): "
                                  + ", ".join(f"{ours / theirs:.2f}x" for ours, theirs in zip(r["runs_steps_per_s"], sb3_runs)))
+            if "env_setup_s" in r:
+                lines.append(f"  - {name}: its wall time leaves out making its own envs inside learn() "
+                             f"({r['env_setup_s']:.2f} s), as the others make theirs before learning")
             for note in r.get("notes", []):
                 lines.append(f"  - {name}: {note}")
             if "steps_per_s" in r and "error" in r:
