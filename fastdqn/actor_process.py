@@ -175,6 +175,9 @@ class ActorProcess:
                 if self._process.is_alive():
                     self._process.kill()
                     self._process.join()
+                if self._process.exitcode != 0 and exc[0] is not ActorProcessError:  # not told yet
+                    warnings.warn(f"the actor process did not end cleanly (exit code {self._process.exitcode}; "
+                                  f"-N: killed by signal N)", RuntimeWarning, stacklevel=2)
         finally:
             self._receive.close()
             self._send.close()
