@@ -199,6 +199,9 @@ void ReplayBuffer::Add(const AddInput& in) {
     for (int64_t j = 0; j < start_frames[r]; ++j, ++seq) {
       const int64_t row = claim(e, seq);
       std::memcpy(frames_.get() + row * fb, obs + (k - start_frames[r] + j) * fb, fb);
+      // A frame-only row has no action or reward; zeroed, so that save writes no stale heap bytes.
+      std::memset(actions_.get() + row * ab, 0, ab);
+      rewards_[row] = 0.0f;
       flags_[row] = j == 0 ? static_cast<uint8_t>(kStackBegin | (zero_pad[r] ? kZeroPad : 0)) : 0;
     }
     if (!st.episode_open) st.episode_first_seq = seq;

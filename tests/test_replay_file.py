@@ -199,3 +199,22 @@ def test_paths(tmp_path):
         buf.save(tmp_path)
     with pytest.raises(ValueError, match="compression"):
         buf.save(tmp_path / "x", compression="gzip")
+
+
+def test_the_same_adds_save_the_same_bytes_whatever_was_in_memory_before(tmp_path):
+    """A frame-only row (an episode's first frames) has no action or reward: the file holds
+    zeros there, not whatever the heap held (a freed buffer's values, here)."""
+    def saved(path, dirty):
+        if dirty:  # a freed buffer of the same size, its rows full of non-zero values
+            old = ReplayBuffer(100, (3,), seed=1)
+            for t in range(100):
+                old.add(np.full((1, 3), t + 1, np.uint8), [7], [-3.5], np.full((1, 3), t + 2, np.uint8), [False], [False])
+            del old
+        buf = ReplayBuffer(100, (3,), seed=0)
+        for t in range(30):
+            buf.add(np.full((1, 3), t % 10, np.uint8), [1], [0.5], np.full((1, 3), t % 10 + 1, np.uint8), [False],
+                    [t % 10 == 9])
+        buf.save(path)
+        return path.read_bytes()
+
+    assert saved(tmp_path / "clean.fdqn", dirty=False) == saved(tmp_path / "dirty.fdqn", dirty=True)
