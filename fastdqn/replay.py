@@ -311,8 +311,8 @@ class ReplayBuffer:
     def sample(self, batch_size: int, out: Batch | None = None) -> Batch:
         """Draws ``batch_size`` transitions uniformly (with replacement) from the valid ones.
 
-        With ``out``, fills those arrays in place (e.g. pinned torch tensors seen as numpy)
-        and returns it.
+        With ``out`` (``batch_size`` rows, as ``empty_batch(batch_size)`` makes), fills those
+        arrays in place (e.g. pinned torch tensors seen as numpy) and returns it.
         """
         return self._sample(batch_size, out, Batch, beta=0.0)
 
@@ -327,26 +327,34 @@ class ReplayBuffer:
         if out is None:
             out = self.empty_batch(batch_size) if kind is Batch else self.empty_frame_batch(batch_size)
         else:
-            self._check_out(out, kind)
+            self._check_out(out, kind, batch_size)
         self._core.sample(batch_size, out.arrays(), beta)
         return out
 
-    def _check_out(self, out, kind) -> None:
-        """Dtypes and trailing shapes of caller-provided arrays (the core checks their sizes)."""
+    def _check_out(self, out, kind, batch_size: int) -> None:
+        """Dtypes and shapes of caller-provided arrays. A uniform buffer's importance weights
+        are all 1: an ``out.weights`` given to one is filled with ones, once."""
         if not isinstance(out, kind):
             raise TypeError(f"out must be a {kind.__name__}, got {type(out).__name__}")
         if kind not in self._templates:
             self._templates[kind] = self.empty_batch(1) if kind is Batch else self.empty_frame_batch(1)
-        for name, template in self._templates[kind].arrays().items():
+        template_arrays = self._templates[kind].arrays()
+        if not self.prioritized and out.weights is not None:
+            template_arrays["weights"] = np.empty(1, np.float32)
+        for name, template in template_arrays.items():
             array = getattr(out, name)
             if not isinstance(array, np.ndarray) or array.dtype != template.dtype:
                 got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
                 raise TypeError(f"out.{name} must be a numpy array of dtype {template.dtype}, got {got}")
-            if array.shape[1:] != template.shape[1:]:
-                raise ValueError(f"out.{name} must have shape (batch_size, *{template.shape[1:]}), got {array.shape}")
+            if array.shape != (batch_size, *template.shape[1:]):
+                raise ValueError(f"out.{name} must have shape {(batch_size, *template.shape[1:])} "
+                                 f"(batch_size={batch_size} rows), got {array.shape}")
+        if not self.prioritized and out.weights is not None:
+            out.weights.fill(1.0)
 
-    def prefetch(self, batch_size: int, depth: int = 2, out: list[Batch] | None = None) -> Prefetcher:
-        """A C++ worker thread that samples the next batches while the caller trains."""
+    def prefetch(self, batch_size: int, depth: int | None = None, out: list[Batch] | None = None) -> Prefetcher:
+        """A C++ worker thread that samples the next batches while the caller trains, ``depth``
+        batches ahead (default 2), into ``out``'s batches if given (then ``depth`` is ``len(out)``)."""
         return Prefetcher(self, batch_size, depth, out)
 
     def get(self, indices) -> Batch:
@@ -473,14 +481,17 @@ class Prefetcher:
     A prioritized buffer's batches use its ``beta`` at the time they are drawn.
     """
 
-    def __init__(self, buffer: ReplayBuffer, batch_size: int, depth: int = 2, out: list[Batch] | None = None):
+    def __init__(self, buffer: ReplayBuffer, batch_size: int, depth: int | None = None,
+                 out: list[Batch] | None = None):
         batch_size = _int("batch_size", batch_size, 1)
         if out is None:
-            out = [buffer.empty_batch(batch_size) for _ in range(_int("depth", depth, 1))]
+            out = [buffer.empty_batch(batch_size) for _ in range(_int("depth", 2 if depth is None else depth, 1))]
         if not out:
             raise ValueError("out must hold at least one batch")
+        if depth is not None and depth != len(out):
+            raise ValueError(f"depth is len(out) when out is given: got depth={depth!r} and {len(out)} batches")
         for batch in out:
-            buffer._check_out(batch, Batch)
+            buffer._check_out(batch, Batch, batch_size)
         arrays = [array for batch in out for array in batch.arrays().values()]
         if any(np.may_share_memory(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1:]):
             raise ValueError("out's batches must not share memory: the worker fills one while you read another")

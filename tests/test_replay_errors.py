@@ -214,8 +214,19 @@ def test_sampling_errors():
     out.obs = np.zeros((4, K, *FRAME), np.float32)
     with pytest.raises(TypeError, match="out.obs"):
         buf.sample(4, out=out)
-    out = buf.empty_batch(4)
-    with pytest.raises(ValueError, match="bytes"):
+    for rows in (4, 16):
+        with pytest.raises(ValueError, match=re.escape(f"out.obs must have shape {(8, K, *FRAME)} (batch_size=8 rows), "
+                                                       f"got {(rows, K, *FRAME)}")):
+            buf.sample(8, out=buf.empty_batch(rows))
+    # A uniform buffer's importance weights are all 1: an out.weights (a batch made for either kind) gets ones.
+    out = buf.empty_batch(8)
+    out.weights = np.zeros(8, np.float32)
+    assert buf.sample(8, out=out).weights.tolist() == [1.0] * 8
+    with buf.prefetch(8, out=[out]) as batches:
+        out.weights[:] = 0  # filled once, when the prefetcher takes the batch
+        assert batches.next().weights.tolist() == [0.0] * 8
+    out.weights = np.zeros(8, np.float64)
+    with pytest.raises(TypeError, match="out.weights must be a numpy array of dtype float32, got float64"):
         buf.sample(8, out=out)
 
 
@@ -333,6 +344,10 @@ def test_misuse_of_batches_prefetchers_and_copies_is_refused(tmp_path):
     batch = buf.empty_batch(4)
     with pytest.raises(ValueError, match="out's batches must not share memory"):
         buf.prefetch(4, out=[batch, batch])
+    with pytest.raises(ValueError, match=r"depth is len\(out\) when out is given: got depth=3 and 1 batches"):
+        buf.prefetch(4, depth=3, out=[batch])
+    with buf.prefetch(4, depth=1, out=[batch]) as agreeing:
+        assert agreeing.next() is not None
     prefetcher = buf.prefetch(4)
     prefetcher.next()
     prefetcher.close()
