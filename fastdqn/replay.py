@@ -87,7 +87,17 @@ class FrameBatch:
         return obs, next_obs
 
 
+def _python_scalar(value, kinds: str):
+    """A 0-d array of one of ``kinds`` (a JAX or torch scalar) as a Python number; else ``value``."""
+    if not isinstance(value, (numbers.Number, np.ndarray)) and hasattr(value, "__array__") and np.ndim(value) == 0:
+        array = np.asarray(value)
+        if array.dtype.kind in kinds:
+            return array.item()
+    return value
+
+
 def _int(name: str, value, minimum: int) -> int:
+    value = _python_scalar(value, "iu")
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
@@ -96,6 +106,7 @@ def _int(name: str, value, minimum: int) -> int:
 
 
 def _real(name: str, value, low: float, high: float) -> float:
+    value = _python_scalar(value, "iuf")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not low <= value <= high:

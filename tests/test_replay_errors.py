@@ -387,3 +387,30 @@ def test_a_bad_buffer_file_is_named_in_the_error(tmp_path):
 def test_a_buffer_too_large_to_reserve_says_how_large():
     with pytest.raises(MemoryError, match=r"capacity 10,000,000,000,000 with 7,056-byte frames needs 70560000\.0 GB"):
         ReplayBuffer(10**13, (4, 84, 84), frame_stack=4)
+
+
+class ArrayScalar:
+    """A 0-d array of another library (a JAX or torch scalar), seen through ``__array__``."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.value, dtype)
+
+
+def test_integer_and_real_arguments_may_be_other_libraries_scalars():
+    buf = make(capacity=ArrayScalar(np.int64(64)), n_step=ArrayScalar(np.int32(2)))
+    assert (buf.capacity, buf.n_step) == (64, 2) and type(buf.n_step) is int
+    buf.add(**step())
+    buf.add(**{**step(value=2), "terminated": np.ones(2, bool)})
+    assert len(buf.sample(ArrayScalar(np.int32(3))).indices) == 3
+    for wrong in (ArrayScalar(3.0), ArrayScalar(np.array([3])), ArrayScalar(True)):
+        with pytest.raises(TypeError, match="batch_size must be an int, got ArrayScalar"):
+            buf.sample(wrong)
+    per = PrioritizedReplayBuffer(64, (K, *FRAME), frame_stack=K, num_envs=2, seed=0, alpha=ArrayScalar(np.float32(0.5)))
+    per.add(**step())
+    per.add(**{**step(value=2), "terminated": np.ones(2, bool)})
+    assert per.alpha == 0.5
+    per.beta = ArrayScalar(np.float64(0.25))
+    assert per.beta == 0.25 and len(per.sample(4, beta=ArrayScalar(np.float32(1.0))).weights) == 4
