@@ -80,7 +80,7 @@ ReplayBuffer::ReplayBuffer(const BufferConfig& config) : config_(config) {
   slots_per_env_ = c.capacity / c.num_envs;
   if (slots_per_env_ < min_slots) {
     // The error names the capacity as given, and how it became too few slots.
-    const std::string rounded = c.capacity % c.num_envs == 0 ? "" : ", which rounds down to " +
+    const std::string rounded = c.capacity % c.num_envs == 0 || c.capacity < 0 ? "" : ", which rounds down to " +
         Str(slots_per_env_) + " slots per env (each env's ring holds capacity // num_envs)";
     throw std::invalid_argument("capacity must be >= " + Str(min_slots * c.num_envs) + " (" + Str(min_slots) +
                                 " slots per env for frame_stack=" + Str(c.frame_stack) + ", n_step=" + Str(c.n_step) +

@@ -189,7 +189,7 @@ class ReplayBuffer:
     def _init(self, capacity, obs_shape, frame_stack, num_envs, obs_dtype, action_dtype, n_step, gamma, seed,
               alpha, eps):
         self.num_envs = _int("num_envs", num_envs, 1)
-        requested_capacity = _int("capacity", capacity, 1)
+        requested_capacity = _int("capacity", capacity, -math.inf)  # the core names the least it needs
         self.capacity = requested_capacity // self.num_envs * self.num_envs
         self.frame_stack = _int("frame_stack", frame_stack, 1)
         if isinstance(obs_shape, numbers.Integral):

@@ -43,8 +43,8 @@ def assert_same(a, b):
 
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
-    (dict(capacity=0), ValueError, "capacity"),
-    (dict(capacity=-5), ValueError, "capacity"),
+    (dict(capacity=0), ValueError, r"capacity must be >= 28 \(14 slots per env for .*\), got 0$"),
+    (dict(capacity=-5), ValueError, r"capacity must be >= 28 \(14 slots per env for .*\), got -5$"),
     (dict(capacity=10), ValueError, r"capacity must be >= 28 \(14 slots per env for frame_stack=4, n_step=2 and "
                                     r"num_envs=2\), got 10$"),
     (dict(capacity=45, num_envs=4), ValueError, r"capacity must be >= 56 \(.*\), got 45, which rounds down to 11 "
