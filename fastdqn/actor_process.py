@@ -76,6 +76,7 @@ from fastdqn.config import usable_cores
 from fastdqn.envs import StepResult
 from fastdqn.learner import network_tensors
 from fastdqn.pipeline import Stopwatch
+from fastdqn.signals import die_with_parent
 
 __all__ = ["ActorProcess", "ActorProcessError", "kept_from_forks", "policy_lag_steps"]
 
@@ -242,7 +243,7 @@ class ActorProcess:
         for stop in _STOP_SIGNALS:  # sent to the whole process group or job: the learner stops the actor
             signal.signal(stop, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-        _die_with_parent(self._parent_pid)
+        die_with_parent(self._parent_pid)
         self._receive.close()
         try:
             self._act()
@@ -449,12 +450,3 @@ def _uncollected_by_the_child():
         yield
     finally:
         gc.unfreeze()
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Have the kernel kill this process when its parent dies, even by SIGKILL (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)

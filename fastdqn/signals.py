@@ -1,8 +1,11 @@
-"""Signal handlers in place for the length of a block (Ctrl-C and SIGTERM during training)."""
+"""Signal handlers in place for the length of a block (Ctrl-C and SIGTERM during training), and
+child processes that die with their parent."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import signal
 import threading
 
@@ -24,3 +27,13 @@ def handling(signum: int, handler, *, over_ctrl_c_default: bool = False):
         yield
     finally:
         signal.signal(signum, previous)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this process when its parent dies, even by SIGKILL (Linux; elsewhere
+    nothing is done). Call it first thing in a child process."""
+    with contextlib.suppress(OSError, AttributeError):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)

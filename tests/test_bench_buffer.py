@@ -44,12 +44,22 @@ def test_settings_reject_bad_values_naming_them():
         bench.Settings(impls=("fastdqn", "dopamine"))
     with pytest.raises(ValueError, match="torch_threads"):
         bench.Settings(torch_threads=-1)
+    for seconds in (dict(warmup_seconds=float("inf")), dict(repeat_seconds=float("nan"))):
+        with pytest.raises(ValueError, match="repeat_seconds must be > 0 and warmup_seconds >= 0, both finite"):
+            bench.Settings(**seconds)
+    with pytest.raises(ValueError, match="tmpdir '/nonexistent' is not a directory"):
+        bench.Settings(tmpdir="/nonexistent")
 
 
-def test_command_line_reports_bad_options(capsys):
+def test_command_line_reports_bad_options(capsys, tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         bench.main(["--capacity", "800", "--fill", "808"])
     assert "fill must be" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "run", lambda settings: pytest.fail("the benchmark ran"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--out", str(tmp_path / "file" / "results")])
+    assert f"--out '{tmp_path / 'file' / 'results'}' cannot hold the report" in capsys.readouterr().err
 
 
 def test_ratios_and_targets_follow_from_the_numbers():
@@ -157,7 +167,8 @@ def test_quick_run_of_fastdqn_writes_a_consistent_report(tmp_path, capsys):
                        "--machine", "smoke", "--torch-threads", "1", "--json"])
     printed = json.loads(capsys.readouterr().out)
     assert code == 0
-    assert json.loads((tmp_path / "buffer-smoke-quick.json").read_text()) == printed  # never a real run's name
+    [path] = tmp_path.glob("buffer-smoke-quick-2*T*Z.json")  # never a real run's name, nor a plain quick run's
+    assert json.loads(path.read_text()) == printed
     report = printed
     assert report["schema"] == bench.SCHEMA and report["settings"]["fill"] == bench.QUICK["fill"]
     assert report["machine"]["versions"]["numpy"] == np.__version__ and report["torch_threads"] == 1
@@ -200,6 +211,6 @@ def test_quick_run_of_fastdqn_writes_a_consistent_report(tmp_path, capsys):
         assert save["status"].startswith("skipped: save/load not available")
     assert not any(tmp_path.glob("fastdqn-bench-*")), "the save/load files are cleaned up"
 
-    markdown = (tmp_path / "buffer-smoke-quick.md").read_text()
+    markdown = path.with_suffix(".md").read_text()
     assert "| fastdqn `sample(out=)` |" in markdown and "memory-copy limit" in markdown
     assert "| SB3 |" not in markdown  # peers not selected get no rows

@@ -17,9 +17,11 @@ def test_learner_bench_reports_every_case_on_its_gradient_path(tmp_path):
     assert all(r["iters"] == bench_learner.MLP_ITERS_FACTOR for r in mlp)
     assert all(r["updates_per_s"] > 0 for r in report["results"])
     assert [r["num_envs"] for r in report["act"]] == list(bench_learner.ACT_NUM_ENVS)
-    saved = json.loads((tmp_path / "learner-test.json").read_text())
+    [path] = tmp_path.glob("learner-test-2*T*Z.json")  # --iters and --warmup: not the default run's name
+    saved = json.loads(path.read_text())
     assert saved["results"] == json.loads(json.dumps(report["results"]))
-    markdown = (tmp_path / "learner-test.md").read_text()
+    assert saved["command"] == f"fastdqn bench learner --device cpu --iters 1 --warmup 1 --out {tmp_path} --machine test"
+    markdown = path.with_suffix(".md").read_text()
     assert "| mlp | 128 | obs | manual | eager |" in markdown and "| mlp | 128 | obs | autograd | eager |" in markdown
 
 
@@ -35,10 +37,23 @@ def test_a_failing_case_is_reported_and_the_others_still_run(tmp_path, monkeypat
     with pytest.raises(SystemExit, match="1 case"):
         bench_learner.main(["--device", "cpu", "--iters", "1", "--warmup", "1", "--out", str(tmp_path),
                             "--machine", "test"])
-    saved = json.loads((tmp_path / "learner-test.json").read_text())
+    [path] = tmp_path.glob("learner-test-*.json")
+    saved = json.loads(path.read_text())
     assert [r.get("error") for r in saved["results"]] == [
         "RuntimeError: capture failed" if layout == "frames" else None for *_, layout, _ in bench_learner.CASES]
     assert all(r["updates_per_s"] > 0 for r in saved["results"] if "error" not in r)
     assert len(saved["act"]) == len(bench_learner.ACT_NUM_ENVS)  # the cases after the failure ran
-    markdown = (tmp_path / "learner-test.md").read_text()
+    markdown = path.with_suffix(".md").read_text()
     assert "| nature_cnn | 32 | frames | autograd | eager | failed: RuntimeError: capture failed | – |" in markdown
+
+
+@pytest.mark.parametrize("flags,error", [
+    (["--device", "foo"], "--device must be auto, cpu, cuda or cuda:N, got 'foo'"),
+    (["--out", "FILE/sub"], "--out 'FILE/sub' cannot hold the report"),
+])
+def test_impossible_values_are_refused_before_any_case_runs(tmp_path, capsys, monkeypatch, flags, error):
+    monkeypatch.setattr(bench_learner, "measure", lambda *args: pytest.fail("a case ran"))
+    (tmp_path / "FILE").write_text("")
+    with pytest.raises(SystemExit) as stop:
+        bench_learner.main([f.replace("FILE", str(tmp_path / "FILE")) for f in flags])
+    assert stop.value.code == 2 and error.replace("FILE", str(tmp_path / "FILE")) in capsys.readouterr().err

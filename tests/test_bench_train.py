@@ -1,6 +1,7 @@
 """fastdqn bench train: SB3 gets fastdqn's schedule, and --json maps each system to its figures."""
 
 import json
+import sys
 
 import pytest
 
@@ -32,7 +33,7 @@ def test_json_maps_each_system_to_its_figures(tmp_path, capsys):
     steps, repeats = 1_200, 2
     bench_train.main(["--env", "CartPole-v1", "--steps", str(steps), "--systems", "envpool_raw,sync,async",
                       "--repeats", str(repeats), "--eval-episodes", "0", "--device", "cpu", "--out", str(tmp_path),
-                      "--json"])
+                      "--machine", "Test Box", "--json"])
     figures = json.loads(capsys.readouterr().out)
     assert set(figures) == {"envpool_raw", "sync", "async"}
     config = DQNConfig()
@@ -48,8 +49,15 @@ def test_json_maps_each_system_to_its_figures(tmp_path, capsys):
     # The async pipeline makes its envs inside learn(); the others make them before it, untimed.
     make_env = figures["async"]["time_s"]["actor"]["make_env"]
     assert figures["async"]["env_setup_s"] == make_env > 0
-    assert json.loads((tmp_path / "train-cpu.json").read_text())["envs"]["CartPole-v1"]["torch_threads"] == config.torch_threads
-    markdown = (tmp_path / "train-cpu.md").read_text()
+    # Not the default run: its start time in the names, so that it replaces no full run's report.
+    [report] = tmp_path.glob("train-test-box-2*T*Z.json")
+    saved = json.loads(report.read_text())
+    assert saved["envs"]["CartPole-v1"]["torch_threads"] == config.torch_threads and saved["complete"]
+    assert saved["command"].startswith("fastdqn bench train --env CartPole-v1 --steps 1200")
+    assert saved["machine"]["versions"].keys() >= {"stable-baselines3", "envpool", "gymnasium", "ale-py", "torch"}
+    assert figures["envpool_raw"]["backend"] == "envpool"
+    assert set(figures["envpool_raw"]["time_s"]) == {"env", "actions"}
+    markdown = report.with_suffix(".md").read_text()
     assert f"median of {repeats} interleaved runs" in markdown and "| CartPole-v1 | async |" in markdown
     assert f"async: its wall time leaves out making its own envs inside learn() ({make_env:.2f} s)" in markdown
 
@@ -101,9 +109,95 @@ def test_a_failing_system_is_reported_and_the_others_still_run(tmp_path, capsys,
     assert figures["sync"] == {"error": "ValueError: no such thing"}
     assert figures["async"]["steps_per_s"] == figures["envpool_raw"]["steps_per_s"] == 100.0
     assert "Traceback ..." in captured.err  # the run's own traceback, for whoever reads the log
-    saved = json.loads((tmp_path / "train-cpu.json").read_text())
+    [report] = tmp_path.glob("train-*.json")
+    saved = json.loads(report.read_text())
     assert saved["envs"]["CartPole-v1"]["systems"] == figures
-    assert "| CartPole-v1 | sync | failed: ValueError: no such thing |" in (tmp_path / "train-cpu.md").read_text()
+    assert "| CartPole-v1 | sync | failed: ValueError: no such thing |" in report.with_suffix(".md").read_text()
+
+
+def test_only_the_default_run_writes_the_report_the_readme_quotes(tmp_path, monkeypatch):
+    def in_fresh_process(fn, system, *args):
+        return {"env_steps": 100, "updates": 0, "wall_s": 1.0, "steps_per_s": 100.0, "updates_per_s": 0.0,
+                "replay_ratio": 0.0}
+
+    monkeypatch.setattr(bench_train, "in_fresh_process", in_fresh_process)
+    bench_train.main(["--device", "cpu", "--machine", "box", "--out", str(tmp_path), "--repeats", "2"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-box.json", "train-box.md"]
+    full = (tmp_path / "train-box.json").read_text()
+    bench_train.main(["--device", "cpu", "--machine", "box", "--out", str(tmp_path), "--systems", "envpool_raw"])
+    assert (tmp_path / "train-box.json").read_text() == full and len(list(tmp_path.glob("train-box-*Z.json"))) == 1
+
+
+def test_an_interrupted_run_says_its_report_is_incomplete(tmp_path, monkeypatch):
+    def in_fresh_process(fn, system, *args):
+        if system == "sync":
+            raise KeyboardInterrupt
+        return {"env_steps": 100, "updates": 0, "wall_s": 1.0, "steps_per_s": 100.0, "updates_per_s": 0.0,
+                "replay_ratio": 0.0}
+
+    monkeypatch.setattr(bench_train, "in_fresh_process", in_fresh_process)
+    with pytest.raises(KeyboardInterrupt):
+        bench_train.main(["--env", "CartPole-v1", "--device", "cpu", "--out", str(tmp_path), "--systems", "envpool_raw,sync"])
+    [report] = tmp_path.glob("train-*.json")
+    assert json.loads(report.read_text())["complete"] is False
+    assert "**Incomplete:**" in report.with_suffix(".md").read_text()
+
+
+def test_a_busy_machine_is_flagged_in_the_report():
+    report = {"date": "d", "device": "cpu", "envs": {},
+              "machine": {"cpu": "c", "cores": 2, "versions": {"torch": "t"}, "load_avg_1m": 1.5}}
+    assert "**The machine was busy:** a 1-min load average of 1.5 on 2 cores" in bench_train.to_markdown(report)
+    report["machine"]["load_avg_1m"] = 0.3
+    assert "machine was busy" not in bench_train.to_markdown(report)
+
+
+@pytest.mark.parametrize("flags,error", [
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--seed", "-1"], "--seed must be in [0, 2147483646], got -1"),
+    (["--eval-episodes", "-1"], "--eval-episodes must be >= 0, got -1"),
+    (["--num-envs", "3"], "CartPole-v1: SB3 steps all 3 envs together: train_frequency 256 must be a multiple of "
+                          "num_envs (or leave sb3 out of --systems)"),
+    (["--out", "FILE/sub"], "--out 'FILE/sub' cannot hold the report"),
+])
+def test_impossible_values_are_refused_before_any_system_runs(tmp_path, capsys, monkeypatch, flags, error):
+    import importlib.util
+
+    monkeypatch.setattr(bench_train, "in_fresh_process", lambda *args: pytest.fail("a system ran"))
+    find_spec = importlib.util.find_spec  # SB3 counted as installed (the test extra has none), so sb3 is checked too
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: find_spec("pytest") if name == "stable_baselines3"
+                        else find_spec(name, *a))
+    (tmp_path / "FILE").write_text("")
+    flags = [f.replace("FILE", str(tmp_path / "FILE")) for f in flags]
+    with pytest.raises(SystemExit) as stop:
+        bench_train.main(["--env", "CartPole-v1", "--out", str(tmp_path / "out"), *flags])
+    assert stop.value.code == 2
+    assert error.replace("FILE", str(tmp_path / "FILE")) in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_is_refused_where_there_is_none(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_train.main(["--device", "cuda", "--out", str(tmp_path)])
+    assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_sb3_is_left_out_when_not_installed_unless_asked_for(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "stable_baselines3"
+                        else find_spec(name, *a))
+    ran = []
+    monkeypatch.setattr(bench_train, "in_fresh_process", lambda fn, system, *args: ran.append(system) or {
+        "env_steps": 100, "updates": 0, "wall_s": 1.0, "steps_per_s": 100.0, "updates_per_s": 0.0, "replay_ratio": 0.0})
+    with pytest.raises(SystemExit):
+        bench_train.main(["--env", "CartPole-v1", "--systems", "sync,sb3", "--out", str(tmp_path)])
+    assert "--systems names sb3, but stable-baselines3 is not installed" in capsys.readouterr().err and not ran
+    bench_train.main(["--env", "CartPole-v1", "--out", str(tmp_path)])
+    assert ran == ["envpool_raw", "sync", "async"]
+    assert "stable-baselines3 is not installed: sb3 is not run" in capsys.readouterr().err
 
 
 def test_an_unknown_env_id_is_refused_before_any_system_runs(tmp_path, capsys):
@@ -112,3 +206,42 @@ def test_an_unknown_env_id_is_refused_before_any_system_runs(tmp_path, capsys):
     assert stop.value.code == 2
     assert "unknown env_id 'CartPol-v1'" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing ran, no report replaced
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_a_run_dies_with_the_benchmark_stopped_by_sigterm():
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    def children(pid):
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z" and b"resource_tracker" not in \
+                    (stat.parent / "cmdline").read_bytes():  # spawn's resource tracker goes of itself
+                found.append(int(stat.parent.name))
+        return found
+
+    bench = subprocess.Popen([sys.executable, "-c", "import time; from fastdqn.bench import train; "
+                              "train.in_fresh_process(time.sleep, 120)"])
+    try:
+        deadline = time.monotonic() + 60
+        while not children(bench.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        [run] = children(bench.pid)  # the spawned run
+        time.sleep(1)  # past its start, where it asks to die with its parent
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(30) == -signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{run}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stat = Path(f"/proc/{run}/stat")
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    finally:
+        bench.kill()
+        bench.wait()

@@ -37,8 +37,10 @@ import gc
 import importlib.util
 import itertools
 import json
+import math
 import multiprocessing
 import os
+import shlex
 import shutil
 import statistics
 import sys
@@ -52,7 +54,8 @@ import numpy as np
 
 from fastdqn.bench.buffer_subjects import (FRAME_BYTES, FRAME_SIDE, FRAME_STACK, NUM_ENVS, SUBJECTS, AtariStream,
                                           FastDQN, Subject)
-from fastdqn.bench.report import machine_info, slug, write_report
+from fastdqn.bench.report import busy_warning, check_out_dir, machine_info, report_stem, slug, write_report
+from fastdqn.signals import die_with_parent
 
 SCHEMA = 1
 IMPLS = ("fastdqn", "sb3", "cpprb", "torchrl")
@@ -118,8 +121,13 @@ class Settings:
             raise ValueError(f"batch_sizes must be positive integers, got {self.batch_sizes}")
         if self.repeats <= 0 or self.save_repeats <= 0:
             raise ValueError(f"repeats and save_repeats must be positive, got {self.repeats}, {self.save_repeats}")
-        if self.repeat_seconds <= 0 or self.warmup_seconds < 0:
-            raise ValueError("repeat_seconds must be > 0 and warmup_seconds >= 0")
+        if not (0 < self.repeat_seconds < math.inf and 0 <= self.warmup_seconds < math.inf):
+            raise ValueError(f"repeat_seconds must be > 0 and warmup_seconds >= 0, both finite; got "
+                             f"{self.repeat_seconds} and {self.warmup_seconds}")
+        if self.tmpdir is not None and not os.path.isdir(self.tmpdir):
+            raise ValueError(f"tmpdir {self.tmpdir!r} is not a directory")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads must be >= 0 (0: torch's default), got {self.torch_threads}")
         if self.mean_episode < 1:
@@ -510,16 +518,18 @@ def _combine_memcopy(runs: list[dict]) -> dict:
                        for size in done[0]["gather"]}}
 
 
-def _quiet_stdout() -> None:
-    """Sends a worker's stdout (peers log there) to stderr, keeping the parent's stdout for --json."""
+def _start_worker(parent_pid: int) -> None:
+    """Sends a worker's stdout (peers log there) to stderr, keeping the parent's stdout for
+    --json; the worker dies with the parent (stopped by SIGTERM, it runs no cleanup)."""
+    die_with_parent(parent_pid)
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 
 
 def _in_fresh_process(function, *args):
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context,
-                                                initializer=_quiet_stdout) as pool:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_start_worker,
+                                                initargs=(os.getpid(),)) as pool:
         return pool.submit(function, *args).result()
 
 
@@ -628,6 +638,7 @@ def render_markdown(report: dict) -> str:
         f"(torch threads: {report.get('torch_threads')}); fastdqn {versions['fastdqn']} ({machine['git']}); "
         f"SB3 {versions['stable-baselines3']}, cpprb {versions['cpprb']}, TorchRL {versions['torchrl']}.",
         "",
+        *([busy_warning(machine), ""] if busy_warning(machine) else []),
         f"Atari shapes: obs (4, 84, 84) uint8, frame_stack 4, {NUM_ENVS} envs adding together, mean episode "
         f"{settings['mean_episode']} steps. Each buffer holds {settings['capacity']:,} transitions and is filled with "
         f"{settings['fill']:,}. Rates are medians of {settings['repeats']} timed repeats of about "
@@ -844,14 +855,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = settings_from_args(args)
+        if args.out:
+            check_out_dir(args.out)
     except ValueError as error:
         parser.error(str(error))
+    started = datetime.datetime.now(datetime.timezone.utc)
     report = run(settings)
+    report["command"] = shlex.join(["fastdqn", "bench", "buffer", *(sys.argv[1:] if argv is None else argv)])
     log = Log("bench")
     if args.out:
         name = slug(args.machine) if args.machine else report["machine"]["slug"]
         name += "-quick" if args.quick else ""  # a smoke run never replaces a real run's report
-        base = write_report(args.out, f"buffer-{name}", report, render_markdown(report))
+        changed = [field.name for field in dataclasses.fields(Settings) if getattr(args, field.name, None) is not None]
+        base = write_report(args.out, report_stem("buffer", name, changed, started), report, render_markdown(report))
         log(f"wrote {base}.json and {base}.md ({report['seconds']:.0f} s)")
     if args.json:
         print(json.dumps(report, indent=2))

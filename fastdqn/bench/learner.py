@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -163,6 +165,7 @@ def to_markdown(report: dict) -> str:
              "Updates/s of one DQN update (host batch copy, forward, loss, backward, clip, Adam, target "
              "update), Nature CNN on 4x84x84 uint8 frames, MLP 4-120-84-2.", "",
              "Gradient: autograd, or fastdqn's hand-written MLP step (fastdqn.manual_mlp).", "",
+             *([report_io.busy_warning(m), ""] if report_io.busy_warning(m) else []),
              "| network | batch | batch layout | gradient | mode | updates/s | ms/update |",
              "| --- | ---: | --- | --- | --- | ---: | ---: |"]
     for r in report["results"]:
@@ -189,7 +192,10 @@ def main(argv=None) -> dict:
                         help="timed updates per case (default: 1000 on CUDA, 10 on CPU)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed updates first, including graph capture (default: 20 on CUDA, 2 on CPU)")
-    parser.add_argument("--out", default="benchmarks/results", help="directory for learner-<machine>.json and .md")
+    parser.add_argument("--out", default="benchmarks/results",
+                        help="directory for learner-<machine>.json and .md; a run with other --iters, --warmup or "
+                             "--threads than the defaults adds its start time to the names, so that it replaces "
+                             "no full run's report")
     parser.add_argument("--machine", help="machine name in the file names (default: GPU or CPU model)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="also print the JSON report to stdout")
@@ -198,6 +204,8 @@ def main(argv=None) -> dict:
         if args.threads < 1:
             parser.error("--threads must be at least 1")
         torch.set_num_threads(args.threads)
+    if args.device != "auto" and not re.fullmatch(r"cpu|cuda(:[0-9]+)?", args.device):
+        parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -207,12 +215,20 @@ def main(argv=None) -> dict:
     warmup = args.warmup if args.warmup is not None else (20 if on_cuda else 2)
     if iters < 1 or warmup < 0:
         parser.error("--iters must be at least 1 and --warmup at least 0")
+    try:
+        report_io.check_out_dir(args.out)
+    except ValueError as e:
+        parser.error(str(e))
 
     machine = machine_info(device)
-    report = {"benchmark": "learner", "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec="seconds"), "machine": machine, "settings": {"iters": iters, "warmup": warmup, **LEARNER_SETTINGS},
-        "results": [], "act": [], "graph_speedup": {}}
-    name = report_io.slug(args.machine) if args.machine else machine["slug"]
+    started = datetime.datetime.now(datetime.timezone.utc)
+    report = {"benchmark": "learner", "started": started.isoformat(timespec="seconds"), "machine": machine,
+              "command": shlex.join(["fastdqn", "bench", "learner", *(sys.argv[1:] if argv is None else argv)]),
+              "settings": {"iters": iters, "warmup": warmup, **LEARNER_SETTINGS},
+              "results": [], "act": [], "graph_speedup": {}}
+    changed = [flag for flag in ("iters", "warmup", "threads") if getattr(args, flag) is not None]
+    name = report_io.report_stem("learner", report_io.slug(args.machine) if args.machine else machine["slug"],
+                                 changed, started)
     modes = (False, True) if on_cuda else (False,)
     failures = 0
 
@@ -230,7 +246,7 @@ def main(argv=None) -> dict:
         return result
 
     def save() -> None:  # after every case, so that a run cut short keeps what it measured
-        report_io.write_report(args.out, f"learner-{name}", report, to_markdown(report))
+        report_io.write_report(args.out, name, report, to_markdown(report))
 
     log(f"{machine['slug']}: {iters} timed updates per case after {warmup} warm-up updates")
     for case in CASES:
@@ -256,7 +272,7 @@ def main(argv=None) -> dict:
             report["graph_speedup"][f"act-{num_envs}envs"] = pair[1]["calls_per_s"] / pair[0]["calls_per_s"]
         save()
 
-    log(f"wrote {Path(args.out) / f'learner-{name}'}.json and .md")
+    log(f"wrote {Path(args.out) / name}.json and .md")
     if args.json:
         print(json.dumps(report, indent=2))
     if failures:

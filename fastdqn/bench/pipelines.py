@@ -5,7 +5,9 @@ returns the same figures as SB3's runner (env steps/s, updates/s, replay ratio) 
 ``time_s``, the wall time each part took, and ``gpu_busy`` on CUDA:
 
 - ``envpool_raw``: the same envs (same count, same async batches as the async pipeline)
-  stepped with uniformly random actions and nothing else: the env-side limit.
+  stepped with uniformly random actions and nothing else: the env-side limit, with the least
+  Python a loop needs. Its ``env`` time counts the env calls alone, as the others' does;
+  ``backend`` says which library stepped them (gymnasium for ids envpool does not know).
 - ``sync``: the synchronous engine, its env stepping, acting, sampling and updates timed by
   wrapping those calls. On CUDA an update's time is the host's: queueing the step and
   waiting for its batch's copy to the device (the copy is part of ``update``).
@@ -94,18 +96,25 @@ def run_envpool_raw(env_id: str, config, eval_episodes: int = 0) -> dict:
         batch = env_batch_size(c.num_envs, probe)
     env = make(batch_size=batch)
     rng = np.random.default_rng(c.seed)
-    steps = 0
+    steps, in_env = 0, 0.0
     try:
         start = time.perf_counter()
         env.async_reset()
         while steps < c.total_steps:
+            t = time.perf_counter()
             result = env.recv()
+            in_env += time.perf_counter() - t
             steps += len(result.env_ids)
-            env.send(rng.integers(env.num_actions, size=len(result.env_ids)), result.env_ids)
+            actions = rng.integers(env.num_actions, size=len(result.env_ids))
+            t = time.perf_counter()
+            env.send(actions, result.env_ids)
+            in_env += time.perf_counter() - t
         wall = time.perf_counter() - start
     finally:
         env.close()
-    return dict(figures(steps, 0, wall), env_batch=batch, time_s={"env": round(wall, 3)})
+    # time_s as the learning systems' env time counts it: the env calls alone, and the rest (random actions, the loop).
+    return dict(figures(steps, 0, wall), env_batch=batch, backend=env.backend,
+                time_s={"env": round(in_env, 3), "actions": round(wall - in_env, 3)})
 
 
 def _timed(function, seconds: dict, name: str):
@@ -129,7 +138,8 @@ def run_sync(env_id: str, config, eval_episodes: int) -> dict:
         agent.buffer = agent._make_buffer()
         agent.env.step = _timed(agent.env.step, seconds, "env")
         agent.learner.act = _timed(agent.learner.act, seconds, "act")
-        agent.learner.update = _timed(agent.learner.update, seconds, "update")
+        for method in ("update", "target_values"):  # on CPU, a run of updates' targets comes in one forward pass
+            setattr(agent.learner, method, _timed(getattr(agent.learner, method), seconds, "update"))
         for method in ("sample", "sample_frames"):
             setattr(agent.buffer, method, _timed(getattr(agent.buffer, method), seconds, "sample"))
         with GpuBusy() as busy:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import json
 import os
 import platform
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 from fastdqn.metrics import atomic_write_bytes
@@ -68,6 +70,37 @@ def machine_info(packages: tuple[str, ...] = ()) -> dict:
     if torch.cuda.is_available():
         info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, slug=slug(torch.cuda.get_device_name()))
     return info
+
+
+def busy_warning(machine: dict) -> str | None:
+    """A line for the report when other work was running as the benchmark started: its
+    systems then get unequal shares of the cores, and their ratios can be far off."""
+    load, cores = machine.get("load_avg_1m"), machine.get("cores")
+    if load is None or not cores or load <= 0.25 * cores:
+        return None
+    return (f"**The machine was busy:** a 1-min load average of {load} on {cores} cores at the start. The systems "
+            "compete with other work for the cores, unequally, so their rates and ratios may be far off; rerun "
+            "on a quiet machine.")
+
+
+def report_stem(benchmark: str, machine: str, changed: list[str], started: datetime.datetime) -> str:
+    """The file stem of a run's report: ``benchmark-machine`` for a run of the benchmark's
+    default settings (the run the README quotes). A run that ``changed`` some (their flags)
+    also gets its start time, so that it never replaces a full run's report."""
+    stem = f"{benchmark}-{machine}"
+    return f"{stem}-{started.strftime('%Y%m%dT%H%M%SZ')}" if changed else stem
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> None:
+    """Makes ``out_dir`` and checks that a file can be written there, before any work is
+    done: raises ValueError naming it otherwise."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise ValueError(f"--out {str(out)!r} cannot hold the report: {error.strerror or error}") from None
 
 
 def write_report(out_dir: str | os.PathLike, stem: str, report: dict, markdown: str) -> Path:

@@ -30,18 +30,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import multiprocessing
+import os
+import re
+import shlex
 import sys
 import time
 import traceback
 import warnings
 
-from fastdqn.bench.report import machine_info, write_report
+from fastdqn.bench.report import busy_warning, check_out_dir, machine_info, report_stem, slug, write_report
 from fastdqn.bench.pipelines import figures, run_async, run_envpool_raw, run_sync
+from fastdqn.signals import die_with_parent
 
 DEFAULT_ENVS = ("CartPole-v1", "Breakout-v5")
 SYSTEMS = ("envpool_raw", "sync", "async", "sb3")
+PEER_PACKAGES = ("stable-baselines3", "envpool", "gymnasium", "ale-py")
+"""Versions the report records beside fastdqn's, numpy's and torch's."""
 # Short Atari runs need updates inside the window; everything else is CleanRL's dqn_atari.
 ATARI_BENCH_OVERRIDES = dict(buffer_size=100_000, learning_starts=1_000)
 
@@ -163,7 +170,8 @@ def to_markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# End-to-end DQN training: fastdqn vs SB3 ({report['date']})", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m.get('gpu', 'no GPU')}, device {report['device']}, "
-             f"torch {m['versions']['torch']}, 1-min load average at start {m['load_avg_1m']}.",
+             f"1-min load average at start {m['load_avg_1m']}; "
+             + ", ".join(f"{name} {version}" for name, version in m["versions"].items() if version) + ".",
              "Same hyperparameters for both systems (the env's fastdqn preset); timed from start to end of "
              "learning, evaluated greedily afterwards."
              + "".join(f" {env_id}: each system's median of {entry['repeats']} interleaved runs (every run's "
@@ -172,6 +180,11 @@ def to_markdown(report: dict) -> str:
              "| env | system | env steps | wall s | env steps/s | updates/s | replay ratio | GPU busy | "
              "where the time went (s) | eval return | vs sync | vs SB3 |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    busy = busy_warning(m)
+    if busy:
+        lines[4:4] = ["", busy]
+    if not report.get("complete", True):
+        lines[4:4] = ["", "**Incomplete:** the run stopped (or is still running) before every system had run."]
     for env_id, entry in report["envs"].items():
         sync = entry["systems"].get("sync", {}).get("steps_per_s")
         sb3 = entry["systems"].get("sb3", {}).get("steps_per_s")
@@ -231,7 +244,7 @@ def in_fresh_process(fn, *args):
     here the run's process is terminated."""
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_send_result, args=(sender, fn, args))
+    process = context.Process(target=_send_result, args=(sender, os.getpid(), fn, args))
     process.start()
     sender.close()  # the child holds the other copy: its exit ends recv() with EOFError
     try:
@@ -249,7 +262,8 @@ def in_fresh_process(fn, *args):
     return value
 
 
-def _send_result(sender, fn, args) -> None:
+def _send_result(sender, parent_pid: int, fn, args) -> None:
+    die_with_parent(parent_pid)  # a parent stopped by SIGTERM or SIGKILL runs no cleanup to stop this run
     try:
         result = (True, fn(*args), None)
     except BaseException as error:  # noqa: BLE001 - raised again in the parent
@@ -280,11 +294,15 @@ def main(argv: list[str] | None = None) -> dict:
                         help="runs of each system, interleaved so that machine noise hits all alike; the report "
                              "keeps each system's median run by steps/s and lists every run's steps/s")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (both systems)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (all systems)")
     parser.add_argument("--eval-episodes", type=int, default=None,
                         help="greedy evaluation episodes after training (default 10; 0 for Atari, whose short "
                              "runs learn nothing and whose untrained agents can stall a game until its time limit)")
-    parser.add_argument("--out", default="benchmarks/results", help="directory for train-<device>.json and .md")
+    parser.add_argument("--out", default="benchmarks/results",
+                        help="directory for train-<machine>.json and .md; a run with other settings than the "
+                             "defaults (--env, --steps, --systems, --num-envs, --seed, --eval-episodes) adds its "
+                             "start time to the names, so that it replaces no full run's report")
+    parser.add_argument("--machine", help="machine name in the file names (default: GPU, or CPU model and cores)")
     parser.add_argument("--json", action="store_true", help="print the JSON report to stdout: each system to its "
                         "figures (with several --env, each env to such an object)")
     args = parser.parse_args(argv)
@@ -298,29 +316,64 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--num-envs must be positive, got {args.num_envs}")
     if args.repeats < 1:
         parser.error(f"--repeats must be positive, got {args.repeats}")
+    if args.eval_episodes is not None and args.eval_episodes < 0:
+        parser.error(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
+    from fastdqn.config import MAX_SEED, DQNConfig, is_atari_id
     from fastdqn.envs import env_backend
 
-    for env_id in args.env or []:
+    if not 0 <= args.seed <= MAX_SEED:
+        parser.error(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
+    env_ids = list(dict.fromkeys(args.env or DEFAULT_ENVS))  # each env once
+    for env_id in env_ids:
         try:
             env_backend(env_id)
         except ValueError as e:
             parser.error(str(e))
+    if "sb3" in systems and importlib.util.find_spec("stable_baselines3") is None:
+        if args.systems != parser.get_default("systems"):
+            parser.error("--systems names sb3, but stable-baselines3 is not installed: pip install stable-baselines3")
+        systems.remove("sb3")
+        log("stable-baselines3 is not installed: sb3 is not run (pip install stable-baselines3)")
 
     import torch
 
-    from fastdqn.config import DQNConfig, is_atari_id
-
     all_cores = torch.get_num_threads()  # before any system sets it: what torch_threads=0 means
+    if args.device != "auto" and not re.fullmatch(r"cpu|cuda(:[0-9]+)?", args.device):
+        parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
-    report = {"benchmark": "train", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": device, "machine": machine_info(), "envs": {}}
-    failed_any = False
-    for env_id in args.env or DEFAULT_ENVS:
+    plans = []
+    for env_id in env_ids:
         steps = args.steps
         if steps is None and is_atari_id(env_id):
-            steps = 20_000 if device == "cuda" else 4_000
+            steps = 20_000 if device.startswith("cuda") else 4_000
         preset, config = bench_config(env_id, steps, args.seed, device, args.num_envs)
+        if "sb3" in systems:
+            try:
+                sb3_arguments(config, config.num_envs)
+            except ValueError as e:
+                parser.error(f"{env_id}: {e} (or leave sb3 out of --systems)")
+        plans.append((env_id, preset, config))
+    try:
+        check_out_dir(args.out)
+    except ValueError as e:
+        parser.error(str(e))
+
+    started = datetime.datetime.now(datetime.timezone.utc)
+    machine = machine_info(PEER_PACKAGES)
+    changed = [flag for flag, name in (("--env", "env"), ("--steps", "steps"), ("--systems", "systems"),
+                                       ("--num-envs", "num_envs"), ("--seed", "seed"),
+                                       ("--eval-episodes", "eval_episodes"))
+               if getattr(args, name) != parser.get_default(name)]
+    stem = report_stem("train", slug(args.machine) if args.machine else machine["slug"], changed, started)
+    report = {"benchmark": "train", "date": started.isoformat(timespec="seconds"), "device": device,
+              "machine": machine, "command": shlex.join(["fastdqn", "bench", "train", *(sys.argv[1:] if argv is None
+                                                                                         else argv)]),
+              "complete": False, "envs": {}}
+    failed_any = False
+    for env_id, preset, config in plans:
         defaults = DQNConfig.preset(preset).to_dict()
         overrides = {k: v for k, v in config.to_dict().items() if defaults[k] != v}
         # Every system of this env runs with the preset's torch threads (0: all cores).
@@ -346,9 +399,10 @@ def main(argv: list[str] | None = None) -> dict:
                         + (f"\n{error.__cause__}" if error.__cause__ is not None else ""))
                 entry["systems"] = {name: _summary(results, errors.get(name)) for name, results in runs.items()
                                     if results or name in errors}
-                base = write_report(args.out, f"train-{device}", report, to_markdown(report))
+                base = write_report(args.out, stem, report, to_markdown(report))
         failed_any = failed_any or bool(errors)
-
+    report["complete"] = True
+    base = write_report(args.out, stem, report, to_markdown(report))
     log(f"wrote {base}.json and {base}.md")
     if args.json:
         by_env = {env_id: entry["systems"] for env_id, entry in report["envs"].items()}
