@@ -13,7 +13,7 @@
 # call, and this script puts .whl/site on PYTHONPATH (or installs .whl/*.whl if given wheels).
 # A step that fails is recorded and the suite goes on. Results land in $OUT_DIR (default $OUT,
 # the device call's folder that comes back, else benchmarks/results), named after the GPU:
-# learner-*.json/.md, train-cuda.json/.md, gpu-<gpu>.json (every step's status and time, the
+# learner-<gpu>.json/.md, train-<gpu>-<start time>.json/.md, gpu-<gpu>.json (every step's status and time, the
 # Pong scores; rewritten after every step) and gpu-<gpu>.log.
 #
 # Knobs: OUT_DIR, SITE (default .whl/site), BREAKOUT_STEPS (default 100000; all three with 16 envs), PONG_STEPS (default 2000000, cut short by
