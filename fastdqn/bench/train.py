@@ -172,7 +172,7 @@ def to_markdown(report: dict) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores, {m.get('gpu', 'no GPU')}, device {report['device']}, "
              f"1-min load average at start {m['load_avg_1m']}; "
              + ", ".join(f"{name} {version}" for name, version in m["versions"].items() if version) + ".",
-             "Same hyperparameters for both systems (the env's fastdqn preset); timed from start to end of "
+             "Same hyperparameters for every learning system (the env's fastdqn preset); timed from start to end of "
              "learning, evaluated greedily afterwards."
              + "".join(f" {env_id}: each system's median of {entry['repeats']} interleaved runs (every run's "
                        "steps/s below the table)." for env_id, entry in report["envs"].items()
