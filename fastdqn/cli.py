@@ -23,10 +23,16 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+from fastdqn.config import int_at_least
 from fastdqn.metrics import RunDirectoryInUse, RunDirectoryLock, read_config, read_csv
 from fastdqn.signals import handling
 
-BENCHMARKS = ("buffer", "learner", "train")
+BENCHMARKS = {
+    "buffer": "replay buffers side by side: fastdqn, SB3, cpprb, TorchRL (add, sample, memory, save/load)",
+    "learner": "updates/s of one DQN update, eager vs CUDA graph (Nature CNN, MLP)",
+    "train": "end-to-end env steps/s: raw envpool, fastdqn's sync and async pipelines, SB3's DQN",
+}
+"""Each benchmark's module in fastdqn.bench, and what it measures; ``fastdqn bench NAME --help`` has its flags."""
 
 
 class UsageError(Exception):
@@ -66,23 +72,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _int_at_least(minimum: int, what: str):
-    """An argparse type: an integer (as in 1_000_000 or 1e6, like --set) of at least `minimum`."""
-    def parse(text: str) -> int:
-        from fastdqn.config import parse_int
-
-        try:
-            value = parse_int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
-        return value
-    return parse
-
-
-_positive_int = _int_at_least(1, "a positive integer")
-_nonnegative_int = _int_at_least(0, "a non-negative integer")
+_positive_int = int_at_least(1, "a positive integer")
+_nonnegative_int = int_at_least(0, "a non-negative integer")
 
 
 def _probability(text: str) -> float:
@@ -146,9 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir", metavar="RUN_DIR")
     plot.add_argument("--out", default=None, help="PNG path (default RUN_DIR/learning_curve.png)")
 
-    bench = sub.add_parser("bench", help="run a benchmark: " + ", ".join(BENCHMARKS))
+    bench = sub.add_parser("bench", help="run a benchmark: " + ", ".join(BENCHMARKS),
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description="benchmarks (fastdqn bench NAME --help for each one's flags):\n"
+                                       + "\n".join(f"  {name:8} {what}" for name, what in BENCHMARKS.items()))
     bench.add_argument("name", metavar="{" + ",".join(BENCHMARKS) + "}")
-    bench.add_argument("args", nargs=argparse.REMAINDER)
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
     return parser
 
 

@@ -244,6 +244,21 @@ def parse_int(text: str) -> int:
     return int(text.replace("_", ""))
 
 
+def int_at_least(minimum: int, what: str):
+    """An argparse type: an integer (as in 1_000_000 or 1e6, like --set) of at least ``minimum``."""
+    def parse(text: str) -> int:
+        import argparse
+
+        try:
+            value = parse_int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+    return parse
+
+
 def _parse(name: str, text: str, hint):
     try:
         if hint is bool:

@@ -124,7 +124,9 @@ def test_only_the_default_run_writes_the_report_the_readme_quotes(tmp_path, monk
     bench_train.main(["--device", "cpu", "--machine", "box", "--out", str(tmp_path), "--repeats", "2"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-box.json", "train-box.md"]
     full = (tmp_path / "train-box.json").read_text()
-    bench_train.main(["--device", "cpu", "--machine", "box", "--out", str(tmp_path), "--systems", "envpool_raw"])
+    report = bench_train.main(["--device", "cpu", "--machine", "box", "--out", str(tmp_path), "--systems",
+                               "envpool_raw", "--steps", "1e2"])
+    assert report["envs"]["CartPole-v1"]["config"]["total_steps"] == 100  # 1e2, as --set and train take it
     assert (tmp_path / "train-box.json").read_text() == full and len(list(tmp_path.glob("train-box-*Z.json"))) == 1
 
 
@@ -153,8 +155,10 @@ def test_a_busy_machine_is_flagged_in_the_report():
 
 @pytest.mark.parametrize("flags,error", [
     (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
-    (["--seed", "-1"], "--seed must be in [0, 2147483646], got -1"),
-    (["--eval-episodes", "-1"], "--eval-episodes must be >= 0, got -1"),
+    (["--seed", "-1"], "argument --seed: expected a non-negative integer, got -1"),
+    (["--seed", "2147483647"], "--seed must be at most 2147483646, got 2147483647"),
+    (["--eval-episodes", "-1"], "argument --eval-episodes: expected a non-negative integer, got -1"),
+    (["--steps", "1e3x"], "argument --steps: expected a positive integer, got '1e3x'"),
     (["--num-envs", "3"], "CartPole-v1: SB3 steps all 3 envs together: train_frequency 256 must be a multiple of "
                           "num_envs (or leave sb3 out of --systems)"),
     (["--out", "FILE/sub"], "--out 'FILE/sub' cannot hold the report"),

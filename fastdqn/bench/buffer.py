@@ -55,6 +55,7 @@ import numpy as np
 from fastdqn.bench.buffer_subjects import (FRAME_BYTES, FRAME_SIDE, FRAME_STACK, NUM_ENVS, SUBJECTS, AtariStream,
                                           FastDQN, Subject)
 from fastdqn.bench.report import busy_warning, check_out_dir, machine_info, report_stem, slug, write_report
+from fastdqn.config import int_at_least
 from fastdqn.signals import die_with_parent
 
 SCHEMA = 1
@@ -812,25 +813,28 @@ def run(settings: Settings) -> dict:
     return report
 
 
+integer = int_at_least(-sys.maxsize, "an integer")  # as in 1e6; Settings checks the range
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = Settings()
     parser = argparse.ArgumentParser(
         prog="fastdqn bench buffer", description=__doc__.split("\n")[0])
-    parser.add_argument("--capacity", type=int, help=f"transitions each buffer holds (default {defaults.capacity:,})")
-    parser.add_argument("--fill", type=int, help="transitions added before sampling (default: capacity)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", help=f"default {list(defaults.batch_sizes)}")
-    parser.add_argument("--repeats", type=int, help=f"timed repeats per number (default {defaults.repeats})")
+    parser.add_argument("--capacity", type=integer, help=f"transitions each buffer holds (default {defaults.capacity:,})")
+    parser.add_argument("--fill", type=integer, help="transitions added before sampling (default: capacity)")
+    parser.add_argument("--batch-sizes", type=integer, nargs="+", help=f"default {list(defaults.batch_sizes)}")
+    parser.add_argument("--repeats", type=integer, help=f"timed repeats per number (default {defaults.repeats})")
     parser.add_argument("--repeat-seconds", type=float, help=f"length of a repeat (default {defaults.repeat_seconds})")
     parser.add_argument("--warmup-seconds", type=float, help=f"default {defaults.warmup_seconds}")
-    parser.add_argument("--mean-episode", type=int, help=f"mean episode length (default {defaults.mean_episode})")
+    parser.add_argument("--mean-episode", type=integer, help=f"mean episode length (default {defaults.mean_episode})")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, help="implementations to run (default: all installed)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, help="sections to run (default: all)")
-    parser.add_argument("--save-capacity", type=int,
+    parser.add_argument("--save-capacity", type=integer,
                         help=f"transitions in the saved buffer (default {defaults.save_capacity:,})")
-    parser.add_argument("--save-repeats", type=int, help=f"default {defaults.save_repeats}")
+    parser.add_argument("--save-repeats", type=integer, help=f"default {defaults.save_repeats}")
     parser.add_argument("--tmpdir", help="where the save/load file goes (default: system temp dir)")
-    parser.add_argument("--seed", type=int, help="default 0")
-    parser.add_argument("--torch-threads", type=int,
+    parser.add_argument("--seed", type=integer, help="default 0")
+    parser.add_argument("--torch-threads", type=integer,
                         help="torch threads in each worker (default 0: torch's default); on a busy machine "
                              "torch's thread pool contends and slows the peers that copy with torch")
     parser.add_argument("--quick", action="store_true",

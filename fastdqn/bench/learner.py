@@ -38,6 +38,7 @@ import torch
 
 from fastdqn import manual_mlp
 from fastdqn.bench import report as report_io
+from fastdqn.config import int_at_least
 from fastdqn.learner import GRAPH_WARMUP_CALLS, Learner
 from fastdqn.networks import build_q_network
 
@@ -188,21 +189,19 @@ def to_markdown(report: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="fastdqn bench learner", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-    parser.add_argument("--iters", type=int, default=None,
+    parser.add_argument("--iters", type=int_at_least(1, "a positive integer"), default=None,
                         help="timed updates per case (default: 1000 on CUDA, 10 on CPU)")
-    parser.add_argument("--warmup", type=int, default=None,
+    parser.add_argument("--warmup", type=int_at_least(0, "a non-negative integer"), default=None,
                         help="untimed updates first, including graph capture (default: 20 on CUDA, 2 on CPU)")
     parser.add_argument("--out", default="benchmarks/results",
                         help="directory for learner-<machine>.json and .md; a run with other --iters, --warmup or "
                              "--threads than the defaults adds its start time to the names, so that it replaces "
                              "no full run's report")
     parser.add_argument("--machine", help="machine name in the file names (default: GPU or CPU model)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int_at_least(1, "a positive integer"), help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="also print the JSON report to stdout")
     args = parser.parse_args(argv)
     if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     if args.device != "auto" and not re.fullmatch(r"cpu|cuda(:[0-9]+)?", args.device):
         parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
@@ -213,8 +212,6 @@ def main(argv=None) -> dict:
     on_cuda = device.type == "cuda"
     iters = args.iters if args.iters is not None else (1000 if on_cuda else 10)
     warmup = args.warmup if args.warmup is not None else (20 if on_cuda else 2)
-    if iters < 1 or warmup < 0:
-        parser.error("--iters must be at least 1 and --warmup at least 0")
     try:
         report_io.check_out_dir(args.out)
     except ValueError as e:

@@ -42,6 +42,7 @@ import traceback
 import warnings
 
 from fastdqn.bench.report import busy_warning, check_out_dir, machine_info, report_stem, slug, write_report
+from fastdqn.config import int_at_least
 from fastdqn.bench.pipelines import figures, run_async, run_envpool_raw, run_sync
 from fastdqn.signals import die_with_parent
 
@@ -285,17 +286,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="fastdqn bench train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", action="append", default=None, help="env id (repeatable; default CartPole-v1 and "
                         "Breakout-v5)")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=int_at_least(1, "a positive integer"), default=None,
                         help="env steps per system (default: the preset's total_steps, 50k for CartPole; "
                              "for Atari 4k on CPU, 20k on CUDA)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
-    parser.add_argument("--num-envs", type=int, default=None, help="envs per system (default: the preset's)")
-    parser.add_argument("--repeats", type=int, default=1,
+    parser.add_argument("--num-envs", type=int_at_least(1, "a positive integer"), default=None, help="envs per system (default: the preset's)")
+    parser.add_argument("--repeats", type=int_at_least(1, "a positive integer"), default=1,
                         help="runs of each system, interleaved so that machine noise hits all alike; the report "
                              "keeps each system's median run by steps/s and lists every run's steps/s")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_at_least(0, "a non-negative integer"), default=0)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (all systems)")
-    parser.add_argument("--eval-episodes", type=int, default=None,
+    parser.add_argument("--eval-episodes", type=int_at_least(0, "a non-negative integer"), default=None,
                         help="greedy evaluation episodes after training (default 10; 0 for Atari, whose short "
                              "runs learn nothing and whose untrained agents can stall a game until its time limit)")
     parser.add_argument("--out", default="benchmarks/results",
@@ -310,19 +311,11 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(systems) - set(SYSTEMS)
     if unknown or not systems:
         parser.error(f"--systems must name some of {', '.join(SYSTEMS)}, got {args.systems!r}")
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps must be positive, got {args.steps}")
-    if args.num_envs is not None and args.num_envs < 1:
-        parser.error(f"--num-envs must be positive, got {args.num_envs}")
-    if args.repeats < 1:
-        parser.error(f"--repeats must be positive, got {args.repeats}")
-    if args.eval_episodes is not None and args.eval_episodes < 0:
-        parser.error(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
     from fastdqn.config import MAX_SEED, DQNConfig, is_atari_id
     from fastdqn.envs import env_backend
 
-    if not 0 <= args.seed <= MAX_SEED:
-        parser.error(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
+    if args.seed > MAX_SEED:
+        parser.error(f"--seed must be at most {MAX_SEED}, got {args.seed}")
     env_ids = list(dict.fromkeys(args.env or DEFAULT_ENVS))  # each env once
     for env_id in env_ids:
         try:
