@@ -214,3 +214,4 @@ def test_quick_run_of_fastdqn_writes_a_consistent_report(tmp_path, capsys):
     markdown = path.with_suffix(".md").read_text()
     assert "| fastdqn `sample(out=)` |" in markdown and "memory-copy limit" in markdown
     assert "| SB3 |" not in markdown  # peers not selected get no rows
+    assert "Measured with other sizes than the targets were set for (capacity, fill, repeats" in markdown

@@ -637,7 +637,8 @@ def render_markdown(report: dict) -> str:
         f"{report['started']}; {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB; "
         f"Python {machine['python']}, numpy {versions['numpy']}, torch {versions['torch']} "
         f"(torch threads: {report.get('torch_threads')}); fastdqn {versions['fastdqn']} ({machine['git']}); "
-        f"SB3 {versions['stable-baselines3']}, cpprb {versions['cpprb']}, TorchRL {versions['torchrl']}.",
+        + ", ".join(f"{label} {versions[name] or 'not installed'}" for label, name in
+                    (("SB3", "stable-baselines3"), ("cpprb", "cpprb"), ("TorchRL", "torchrl"))) + ".",
         "",
         *([busy_warning(machine), ""] if busy_warning(machine) else []),
         f"Atari shapes: obs (4, 84, 84) uint8, frame_stack 4, {NUM_ENVS} envs adding together, mean episode "
@@ -727,7 +728,14 @@ def render_markdown(report: dict) -> str:
         lines += [f"| {name} | {c['file_bytes'] / 1e6:.1f} | {c['save_seconds']:.2f} | {c['load_seconds']:.2f} |"
                   for name, c in (("none", none), ("zstd (level 1)", zstd))]
 
-    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---:|:---:|"]
+    lines += ["", "## Targets", ""]
+    defaults = dataclasses.asdict(Settings())
+    resized = [name for name in ("capacity", "fill", "repeats", "repeat_seconds", "warmup_seconds")
+               if settings[name] != defaults[name]]
+    if resized:
+        lines += [f"Measured with other sizes than the targets were set for ({', '.join(resized)}): the verdicts "
+                  "below are only indicative.", ""]
+    lines += ["| target | measured | met |", "|---|---:|:---:|"]
     for t in report["targets"]:
         measured = "–" if t["measured"] is None else (
             f"{t['measured']:.0%}" if "%" in t["target"] else _fmt_ratio(t["measured"]))
