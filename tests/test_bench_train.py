@@ -213,7 +213,7 @@ def test_an_unknown_env_id_is_refused_before_any_system_runs(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
-def test_a_run_dies_with_the_benchmark_stopped_by_sigterm():
+def test_a_run_dies_with_the_benchmark_stopped_by_sigterm(tmp_path):
     import signal
     import subprocess
     import time
@@ -232,7 +232,8 @@ def test_a_run_dies_with_the_benchmark_stopped_by_sigterm():
         return found
 
     bench = subprocess.Popen([sys.executable, "-c", "import time; from fastdqn.bench import train; "
-                              "train.in_fresh_process(time.sleep, 120)"])
+                              "train.in_fresh_process(time.sleep, 120)"],
+                             cwd=tmp_path)  # outside the checkout: import the installed package, extension included
     try:
         deadline = time.monotonic() + 60
         while not children(bench.pid) and time.monotonic() < deadline:
