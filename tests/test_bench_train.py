@@ -9,6 +9,20 @@ from fastdqn.bench import train as bench_train
 from fastdqn.config import DQNConfig
 
 
+FIGURES = {"env_steps": 100, "updates": 0, "wall_s": 1.0, "steps_per_s": 100.0, "updates_per_s": 0.0,
+           "replay_ratio": 0.0}
+"""A system's figures, as a stand-in run returns them."""
+
+
+def sb3_installed(monkeypatch):
+    """SB3 counts as installed (the test extra has none), so that sb3 is one of the default systems."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: find_spec("pytest") if name == "stable_baselines3"
+                        else find_spec(name, *a))
+
+
 def test_sb3_gets_the_same_schedule_in_its_units():
     config = DQNConfig()  # CartPole's preset: rounds of 32 updates every 256 env steps, 8 envs
     kwargs = bench_train.sb3_arguments(config, config.num_envs)
@@ -96,8 +110,7 @@ def test_a_failing_system_is_reported_and_the_others_still_run(tmp_path, capsys,
         calls.append(system)
         if system == "sync":
             raise ValueError("no such thing") from RuntimeError("in the run's process:\nTraceback ...")
-        return {"env_steps": 100, "updates": 0, "wall_s": 1.0, "steps_per_s": 100.0, "updates_per_s": 0.0,
-                "replay_ratio": 0.0}
+        return dict(FIGURES)
 
     monkeypatch.setattr(bench_train, "in_fresh_process", in_fresh_process)
     with pytest.raises(SystemExit, match="a system failed"):
@@ -116,31 +129,38 @@ def test_a_failing_system_is_reported_and_the_others_still_run(tmp_path, capsys,
 
 
 def test_only_the_default_run_writes_the_report_the_readme_quotes(tmp_path, monkeypatch):
-    def in_fresh_process(fn, system, *args):
-        return {"env_steps": 100, "updates": 0, "wall_s": 1.0, "steps_per_s": 100.0, "updates_per_s": 0.0,
-                "replay_ratio": 0.0}
-
-    monkeypatch.setattr(bench_train, "in_fresh_process", in_fresh_process)
-    bench_train.main(["--device", "cpu", "--machine", "box", "--out", str(tmp_path), "--repeats", "2"])
+    sb3_installed(monkeypatch)
+    monkeypatch.setattr(bench_train, "in_fresh_process", lambda *args: dict(FIGURES))
+    bench_train.main(["--device", "cpu", "--machine", "box", "--out", str(tmp_path)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-box.json", "train-box.md"]
     full = (tmp_path / "train-box.json").read_text()
-    report = bench_train.main(["--device", "cpu", "--machine", "box", "--out", str(tmp_path), "--systems",
-                               "envpool_raw", "--steps", "1e2"])
-    assert report["envs"]["CartPole-v1"]["config"]["total_steps"] == 100  # 1e2, as --set and train take it
-    assert (tmp_path / "train-box.json").read_text() == full and len(list(tmp_path.glob("train-box-*Z.json"))) == 1
+    for other in (["--systems", "envpool_raw", "--steps", "1e2"], ["--repeats", "1"]):
+        report = bench_train.main(["--device", "cpu", "--machine", "box", "--out", str(tmp_path), *other])
+    assert report["envs"]["CartPole-v1"]["config"]["total_steps"] == 50_000
+    assert (tmp_path / "train-box.json").read_text() == full and len(list(tmp_path.glob("train-box-*Z.json"))) == 2
+
+    def interrupted(fn, system, *args):  # a default run stopped halfway
+        if system == "async":
+            raise KeyboardInterrupt
+        return dict(FIGURES)
+
+    monkeypatch.setattr(bench_train, "in_fresh_process", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench_train.main(["--device", "cpu", "--machine", "box", "--out", str(tmp_path)])
+    assert (tmp_path / "train-box.json").read_text() == full
+    assert json.loads((tmp_path / "train-box-incomplete.json").read_text())["complete"] is False
 
 
 def test_an_interrupted_run_says_its_report_is_incomplete(tmp_path, monkeypatch):
     def in_fresh_process(fn, system, *args):
         if system == "sync":
             raise KeyboardInterrupt
-        return {"env_steps": 100, "updates": 0, "wall_s": 1.0, "steps_per_s": 100.0, "updates_per_s": 0.0,
-                "replay_ratio": 0.0}
+        return dict(FIGURES)
 
     monkeypatch.setattr(bench_train, "in_fresh_process", in_fresh_process)
     with pytest.raises(KeyboardInterrupt):
         bench_train.main(["--env", "CartPole-v1", "--device", "cpu", "--out", str(tmp_path), "--systems", "envpool_raw,sync"])
-    [report] = tmp_path.glob("train-*.json")
+    [report] = tmp_path.glob("train-*-incomplete.json")
     assert json.loads(report.read_text())["complete"] is False
     assert "**Incomplete:**" in report.with_suffix(".md").read_text()
 
@@ -164,12 +184,8 @@ def test_a_busy_machine_is_flagged_in_the_report():
     (["--out", "FILE/sub"], "--out 'FILE/sub' cannot hold the report"),
 ])
 def test_impossible_values_are_refused_before_any_system_runs(tmp_path, capsys, monkeypatch, flags, error):
-    import importlib.util
-
     monkeypatch.setattr(bench_train, "in_fresh_process", lambda *args: pytest.fail("a system ran"))
-    find_spec = importlib.util.find_spec  # SB3 counted as installed (the test extra has none), so sb3 is checked too
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: find_spec("pytest") if name == "stable_baselines3"
-                        else find_spec(name, *a))
+    sb3_installed(monkeypatch)  # so that sb3's num_envs is checked too
     (tmp_path / "FILE").write_text("")
     flags = [f.replace("FILE", str(tmp_path / "FILE")) for f in flags]
     with pytest.raises(SystemExit) as stop:
@@ -194,14 +210,14 @@ def test_sb3_is_left_out_when_not_installed_unless_asked_for(tmp_path, capsys, m
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "stable_baselines3"
                         else find_spec(name, *a))
     ran = []
-    monkeypatch.setattr(bench_train, "in_fresh_process", lambda fn, system, *args: ran.append(system) or {
-        "env_steps": 100, "updates": 0, "wall_s": 1.0, "steps_per_s": 100.0, "updates_per_s": 0.0, "replay_ratio": 0.0})
+    monkeypatch.setattr(bench_train, "in_fresh_process", lambda fn, system, *args: ran.append(system) or dict(FIGURES))
     with pytest.raises(SystemExit):
-        bench_train.main(["--env", "CartPole-v1", "--systems", "sync,sb3", "--out", str(tmp_path)])
+        bench_train.main(["--systems", "sync,sb3", "--out", str(tmp_path)])
     assert "--systems names sb3, but stable-baselines3 is not installed" in capsys.readouterr().err and not ran
-    bench_train.main(["--env", "CartPole-v1", "--out", str(tmp_path)])
-    assert ran == ["envpool_raw", "sync", "async"]
+    bench_train.main(["--device", "cpu", "--machine", "box", "--out", str(tmp_path)])
+    assert ran == ["envpool_raw", "sync", "async"] * 5 * 2  # 5 repeats, 2 envs
     assert "stable-baselines3 is not installed: sb3 is not run" in capsys.readouterr().err
+    [report] = tmp_path.glob("train-box-*Z.json")  # without SB3's column: not the default run's report
 
 
 def test_an_unknown_env_id_is_refused_before_any_system_runs(tmp_path, capsys):
@@ -224,10 +240,10 @@ def test_a_run_dies_with_the_benchmark_stopped_by_sigterm(tmp_path):
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
+                spawned_run = b"resource_tracker" not in (stat.parent / "cmdline").read_bytes()  # it goes of itself
+            except OSError:  # gone meanwhile
                 continue
-            if int(fields[1]) == pid and fields[0] != "Z" and b"resource_tracker" not in \
-                    (stat.parent / "cmdline").read_bytes():  # spawn's resource tracker goes of itself
+            if int(fields[1]) == pid and fields[0] != "Z" and spawned_run:
                 found.append(int(stat.parent.name))
         return found
 
@@ -245,8 +261,20 @@ def test_a_run_dies_with_the_benchmark_stopped_by_sigterm(tmp_path):
         deadline = time.monotonic() + 10
         while Path(f"/proc/{run}").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        stat = Path(f"/proc/{run}/stat")
-        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        try:
+            state = Path(f"/proc/{run}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            state = "gone"
+        assert state in ("gone", "Z")
     finally:
         bench.kill()
         bench.wait()
+
+
+def test_a_cpu_run_on_a_gpu_machine_is_named_after_the_cpu():
+    from fastdqn.bench.report import machine_name
+
+    machine = {"slug": "h100-80gb-hbm3", "cpu_slug": "amd-epyc-9654-16c"}  # machine_info's on a GPU machine
+    assert machine_name(machine, "cuda", None) == machine_name(machine, "cuda:1", None) == "h100-80gb-hbm3"
+    assert machine_name(machine, "cpu", None) == "amd-epyc-9654-16c"  # never the GPU run's report
+    assert machine_name(machine, "cpu", "My Box") == "my-box"

@@ -40,7 +40,6 @@ import json
 import math
 import multiprocessing
 import os
-import shlex
 import shutil
 import statistics
 import sys
@@ -54,7 +53,7 @@ import numpy as np
 
 from fastdqn.bench.buffer_subjects import (FRAME_BYTES, FRAME_SIDE, FRAME_STACK, NUM_ENVS, SUBJECTS, AtariStream,
                                           FastDQN, Subject)
-from fastdqn.bench.report import busy_warning, check_out_dir, machine_info, report_stem, slug, write_report
+from fastdqn.bench.report import busy_lines, check_out_dir, command_line, machine_info, report_stem, slug, write_report
 from fastdqn.config import int_at_least
 from fastdqn.signals import die_with_parent
 
@@ -640,7 +639,7 @@ def render_markdown(report: dict) -> str:
         + ", ".join(f"{label} {versions[name] or 'not installed'}" for label, name in
                     (("SB3", "stable-baselines3"), ("cpprb", "cpprb"), ("TorchRL", "torchrl"))) + ".",
         "",
-        *([busy_warning(machine), ""] if busy_warning(machine) else []),
+        *busy_lines(machine),
         f"Atari shapes: obs (4, 84, 84) uint8, frame_stack 4, {NUM_ENVS} envs adding together, mean episode "
         f"{settings['mean_episode']} steps. Each buffer holds {settings['capacity']:,} transitions and is filled with "
         f"{settings['fill']:,}. Rates are medians of {settings['repeats']} timed repeats of about "
@@ -873,12 +872,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     started = datetime.datetime.now(datetime.timezone.utc)
     report = run(settings)
-    report["command"] = shlex.join(["fastdqn", "bench", "buffer", *(sys.argv[1:] if argv is None else argv)])
+    report["command"] = command_line("buffer", argv)
     log = Log("bench")
     if args.out:
-        name = slug(args.machine) if args.machine else report["machine"]["slug"]
+        name = slug(args.machine) if args.machine else report["machine"]["cpu_slug"]  # CPU-bound, on any machine
         name += "-quick" if args.quick else ""  # a smoke run never replaces a real run's report
         changed = [field.name for field in dataclasses.fields(Settings) if getattr(args, field.name, None) is not None]
+        changed += [name for name in settings.impls if importlib.util.find_spec(SUBJECTS[name].module) is None]
         base = write_report(args.out, report_stem("buffer", name, changed, started), report, render_markdown(report))
         log(f"wrote {base}.json and {base}.md ({report['seconds']:.0f} s)")
     if args.json:

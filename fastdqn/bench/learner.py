@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -166,7 +164,7 @@ def to_markdown(report: dict) -> str:
              "Updates/s of one DQN update (host batch copy, forward, loss, backward, clip, Adam, target "
              "update), Nature CNN on 4x84x84 uint8 frames, MLP 4-120-84-2.", "",
              "Gradient: autograd, or fastdqn's hand-written MLP step (fastdqn.manual_mlp).", "",
-             *([report_io.busy_warning(m), ""] if report_io.busy_warning(m) else []),
+             *report_io.busy_lines(m),
              "| network | batch | batch layout | gradient | mode | updates/s | ms/update |",
              "| --- | ---: | --- | --- | --- | ---: | ---: |"]
     for r in report["results"]:
@@ -203,12 +201,10 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.device != "auto" and not re.fullmatch(r"cpu|cuda(:[0-9]+)?", args.device):
-        parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if report_io.device_error(args.device):
+        parser.error(report_io.device_error(args.device))
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA device is available")
     on_cuda = device.type == "cuda"
     iters = args.iters if args.iters is not None else (1000 if on_cuda else 10)
     warmup = args.warmup if args.warmup is not None else (20 if on_cuda else 2)
@@ -220,12 +216,12 @@ def main(argv=None) -> dict:
     machine = machine_info(device)
     started = datetime.datetime.now(datetime.timezone.utc)
     report = {"benchmark": "learner", "started": started.isoformat(timespec="seconds"), "machine": machine,
-              "command": shlex.join(["fastdqn", "bench", "learner", *(sys.argv[1:] if argv is None else argv)]),
+              "command": report_io.command_line("learner", argv), "complete": False,
               "settings": {"iters": iters, "warmup": warmup, **LEARNER_SETTINGS},
               "results": [], "act": [], "graph_speedup": {}}
     changed = [flag for flag in ("iters", "warmup", "threads") if getattr(args, flag) is not None]
-    name = report_io.report_stem("learner", report_io.slug(args.machine) if args.machine else machine["slug"],
-                                 changed, started)
+    name = report_io.report_stem("learner", report_io.machine_name(machine, device.type, args.machine), changed,
+                                 started)
     modes = (False, True) if on_cuda else (False,)
     failures = 0
 
@@ -243,7 +239,7 @@ def main(argv=None) -> dict:
         return result
 
     def save() -> None:  # after every case, so that a run cut short keeps what it measured
-        report_io.write_report(args.out, name, report, to_markdown(report))
+        report_io.write_report(args.out, name, report, to_markdown(report), complete=report["complete"])
 
     log(f"{machine['slug']}: {iters} timed updates per case after {warmup} warm-up updates")
     for case in CASES:
@@ -269,6 +265,8 @@ def main(argv=None) -> dict:
             report["graph_speedup"][f"act-{num_envs}envs"] = pair[1]["calls_per_s"] / pair[0]["calls_per_s"]
         save()
 
+    report["complete"] = True
+    save()
     log(f"wrote {Path(args.out) / name}.json and .md")
     if args.json:
         print(json.dumps(report, indent=2))

@@ -8,7 +8,9 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -62,7 +64,7 @@ def machine_info(packages: tuple[str, ...] = ()) -> dict:
     info = {"cpu": cpu, "cores": cores, "memory_gb": _memory_gb(), "load_avg_1m": round(os.getloadavg()[0], 2),
             "platform": platform.platform(), "python": platform.python_version(), "git": _git_describe(),
             "versions": {name: _version(name) for name in ("fastdqn", "numpy", "torch", *packages)},
-            "slug": f"{slug(cpu)}-{cores}c"}
+            "slug": f"{slug(cpu)}-{cores}c", "cpu_slug": f"{slug(cpu)}-{cores}c"}
     try:
         import torch
     except ImportError:
@@ -72,23 +74,49 @@ def machine_info(packages: tuple[str, ...] = ()) -> dict:
     return info
 
 
-def busy_warning(machine: dict) -> str | None:
-    """A line for the report when other work was running as the benchmark started: its
-    systems then get unequal shares of the cores, and their ratios can be far off."""
+def busy_lines(machine: dict) -> list[str]:
+    """A paragraph for the report when other work was running as the benchmark started (its
+    systems then get unequal shares of the cores, and their ratios can be far off), else []."""
     load, cores = machine.get("load_avg_1m"), machine.get("cores")
     if load is None or not cores or load <= 0.25 * cores:
-        return None
-    return (f"**The machine was busy:** a 1-min load average of {load} on {cores} cores at the start. The systems "
+        return []
+    return [f"**The machine was busy:** a 1-min load average of {load} on {cores} cores at the start. The systems "
             "compete with other work for the cores, unequally, so their rates and ratios may be far off; rerun "
-            "on a quiet machine.")
+            "on a quiet machine.", ""]
+
+
+def machine_name(machine: dict, device: str, given: str | None) -> str:
+    """The machine's name in a report's file name: ``given`` (``--machine``), else the GPU's
+    for a run on CUDA and the CPU's (model and cores) for a run on the CPU, also on a GPU
+    machine, so that the two never share a name."""
+    if given:
+        return slug(given)
+    return machine["slug"] if str(device).startswith("cuda") else machine["cpu_slug"]
+
+
+def command_line(benchmark: str, argv: list[str] | None) -> str:
+    """The command that ran the benchmark, for its report."""
+    return shlex.join(["fastdqn", "bench", benchmark, *(sys.argv[1:] if argv is None else argv)])
+
+
+def device_error(device: str) -> str | None:
+    """Why ``--device`` cannot be used here, or None."""
+    import torch
+
+    if device != "auto" and not re.fullmatch(r"cpu|cuda(:[0-9]+)?", device):
+        return f"--device must be auto, cpu, cuda or cuda:N, got {device!r}"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return f"--device {device}: no CUDA device is available"
+    return None
 
 
 def report_stem(benchmark: str, machine: str, changed: list[str], started: datetime.datetime) -> str:
     """The file stem of a run's report: ``benchmark-machine`` for a run of the benchmark's
-    default settings (the run the README quotes). A run that ``changed`` some (their flags)
-    also gets its start time, so that it never replaces a full run's report."""
+    default settings (the run the README quotes). A run that ``changed`` some (their flags,
+    or a peer that is not installed) also gets its start time, so that it never replaces a
+    full run's report."""
     stem = f"{benchmark}-{machine}"
-    return f"{stem}-{started.strftime('%Y%m%dT%H%M%SZ')}" if changed else stem
+    return f"{stem}-{started.strftime('%Y%m%dT%H%M%S%fZ')}" if changed else stem
 
 
 def check_out_dir(out_dir: str | os.PathLike) -> None:
@@ -103,11 +131,18 @@ def check_out_dir(out_dir: str | os.PathLike) -> None:
         raise ValueError(f"--out {str(out)!r} cannot hold the report: {error.strerror or error}") from None
 
 
-def write_report(out_dir: str | os.PathLike, stem: str, report: dict, markdown: str) -> Path:
-    """Writes ``stem.json`` and ``stem.md`` into ``out_dir`` atomically; returns their common base."""
+def write_report(out_dir: str | os.PathLike, stem: str, report: dict, markdown: str, complete: bool = True) -> Path:
+    """Writes ``stem.json`` and ``stem.md`` into ``out_dir`` atomically; returns their common
+    base. A report written while the run goes on (``complete=False``, so that a run cut short
+    keeps what it measured) is ``stem-incomplete.*``: it replaces no finished run's report,
+    and the complete one removes it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    base = out / stem
-    atomic_write_bytes(base.with_suffix(".json"), (json.dumps(report, indent=2) + "\n").encode())
-    atomic_write_bytes(base.with_suffix(".md"), markdown.encode())
+    final, partial = out / stem, out / f"{stem}-incomplete"
+    base = final if complete else partial
+    atomic_write_bytes(base.with_name(base.name + ".json"), (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(base.with_name(base.name + ".md"), markdown.encode())
+    if complete:
+        for suffix in (".json", ".md"):
+            partial.with_name(partial.name + suffix).unlink(missing_ok=True)
     return base

@@ -1,8 +1,9 @@
 """End-to-end training benchmark: raw envpool, fastdqn's sync and async pipelines, SB3's DQN.
 
-    fastdqn bench train                                  # CartPole-v1 (preset, 50k steps) and Breakout-v5
+    fastdqn bench train                                  # CartPole-v1 (preset, 50k steps) and Breakout-v5,
+                                                         # each system's median of 5 interleaved runs
     fastdqn bench train --env Breakout-v5 --steps 20000 --json
-    fastdqn bench train --env CartPole-v1 --repeats 3      # each system's median of 3 interleaved runs
+    fastdqn bench train --env CartPole-v1 --repeats 1      # one run of each system
     python benchmarks/train.py --systems sync,async
 
 Systems: ``envpool_raw`` (the same envs stepped with random actions: the env-side limit),
@@ -34,14 +35,13 @@ import importlib.util
 import json
 import multiprocessing
 import os
-import re
-import shlex
 import sys
 import time
 import traceback
 import warnings
 
-from fastdqn.bench.report import busy_warning, check_out_dir, machine_info, report_stem, slug, write_report
+from fastdqn.bench.report import (busy_lines, check_out_dir, command_line, device_error, machine_info, machine_name,
+                                  report_stem, write_report)
 from fastdqn.config import int_at_least
 from fastdqn.bench.pipelines import figures, run_async, run_envpool_raw, run_sync
 from fastdqn.signals import die_with_parent
@@ -181,11 +181,9 @@ def to_markdown(report: dict) -> str:
              "| env | system | env steps | wall s | env steps/s | updates/s | replay ratio | GPU busy | "
              "where the time went (s) | eval return | vs sync | vs SB3 |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
-    busy = busy_warning(m)
-    if busy:
-        lines[4:4] = ["", busy]
+    lines[5:5] = busy_lines(m)
     if not report.get("complete", True):
-        lines[4:4] = ["", "**Incomplete:** the run stopped (or is still running) before every system had run."]
+        lines[5:5] = ["**Incomplete:** the run stopped (or is still running) before every system had run.", ""]
     for env_id, entry in report["envs"].items():
         sync = entry["systems"].get("sync", {}).get("steps_per_s")
         sb3 = entry["systems"].get("sb3", {}).get("steps_per_s")
@@ -291,9 +289,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "for Atari 4k on CPU, 20k on CUDA)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
     parser.add_argument("--num-envs", type=int_at_least(1, "a positive integer"), default=None, help="envs per system (default: the preset's)")
-    parser.add_argument("--repeats", type=int_at_least(1, "a positive integer"), default=1,
+    parser.add_argument("--repeats", type=int_at_least(1, "a positive integer"), default=5,
                         help="runs of each system, interleaved so that machine noise hits all alike; the report "
-                             "keeps each system's median run by steps/s and lists every run's steps/s")
+                             "keeps each system's median run by steps/s and lists every run's steps/s (default 5)")
     parser.add_argument("--seed", type=int_at_least(0, "a non-negative integer"), default=0)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (all systems)")
     parser.add_argument("--eval-episodes", type=int_at_least(0, "a non-negative integer"), default=None,
@@ -322,19 +320,19 @@ def main(argv: list[str] | None = None) -> dict:
             env_backend(env_id)
         except ValueError as e:
             parser.error(str(e))
+    missing = []
     if "sb3" in systems and importlib.util.find_spec("stable_baselines3") is None:
         if args.systems != parser.get_default("systems"):
             parser.error("--systems names sb3, but stable-baselines3 is not installed: pip install stable-baselines3")
         systems.remove("sb3")
+        missing.append("stable-baselines3")
         log("stable-baselines3 is not installed: sb3 is not run (pip install stable-baselines3)")
 
     import torch
 
     all_cores = torch.get_num_threads()  # before any system sets it: what torch_threads=0 means
-    if args.device != "auto" and not re.fullmatch(r"cpu|cuda(:[0-9]+)?", args.device):
-        parser.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA device is available")
+    if device_error(args.device):
+        parser.error(device_error(args.device))
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
     plans = []
@@ -356,15 +354,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     started = datetime.datetime.now(datetime.timezone.utc)
     machine = machine_info(PEER_PACKAGES)
-    changed = [flag for flag, name in (("--env", "env"), ("--steps", "steps"), ("--systems", "systems"),
-                                       ("--num-envs", "num_envs"), ("--seed", "seed"),
-                                       ("--eval-episodes", "eval_episodes"))
-               if getattr(args, name) != parser.get_default(name)]
-    stem = report_stem("train", slug(args.machine) if args.machine else machine["slug"], changed, started)
+    changed = missing + [flag for flag, name in (
+        ("--env", "env"), ("--steps", "steps"), ("--systems", "systems"), ("--num-envs", "num_envs"),
+        ("--repeats", "repeats"), ("--seed", "seed"), ("--eval-episodes", "eval_episodes"))
+        if getattr(args, name) != parser.get_default(name)]
+    stem = report_stem("train", machine_name(machine, device, args.machine), changed, started)
     report = {"benchmark": "train", "date": started.isoformat(timespec="seconds"), "device": device,
-              "machine": machine, "command": shlex.join(["fastdqn", "bench", "train", *(sys.argv[1:] if argv is None
-                                                                                         else argv)]),
-              "complete": False, "envs": {}}
+              "machine": machine, "command": command_line("train", argv), "complete": False, "envs": {}}
     failed_any = False
     for env_id, preset, config in plans:
         defaults = DQNConfig.preset(preset).to_dict()
@@ -392,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
                         + (f"\n{error.__cause__}" if error.__cause__ is not None else ""))
                 entry["systems"] = {name: _summary(results, errors.get(name)) for name, results in runs.items()
                                     if results or name in errors}
-                base = write_report(args.out, stem, report, to_markdown(report))
+                write_report(args.out, stem, report, to_markdown(report), complete=False)
         failed_any = failed_any or bool(errors)
     report["complete"] = True
     base = write_report(args.out, stem, report, to_markdown(report))
