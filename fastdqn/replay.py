@@ -88,12 +88,14 @@ class FrameBatch:
 
 
 def _python_scalar(value, kinds: str):
-    """A 0-d array of one of ``kinds`` (a JAX or torch scalar) as a Python number; else ``value``."""
-    if not isinstance(value, (numbers.Number, np.ndarray)) and hasattr(value, "__array__") and np.ndim(value) == 0:
+    """A 0-d array of one of ``kinds`` (numpy's, a JAX or torch scalar) as a Python number; else ``value``."""
+    if isinstance(value, numbers.Number) or not hasattr(value, "__array__"):
+        return value
+    try:
         array = np.asarray(value)
-        if array.dtype.kind in kinds:
-            return array.item()
-    return value
+    except (RuntimeError, TypeError, ValueError):  # e.g. a torch tensor that requires grad
+        return value
+    return array.item() if array.ndim == 0 and array.dtype.kind in kinds else value
 
 
 def _int(name: str, value, minimum: int) -> int:
@@ -190,6 +192,8 @@ class ReplayBuffer:
               alpha, eps):
         self.num_envs = _int("num_envs", num_envs, 1)
         requested_capacity = _int("capacity", capacity, -math.inf)  # the core names the least it needs
+        if not -2**63 <= requested_capacity < 2**63:
+            raise ValueError(f"capacity must be a 64-bit integer, got {requested_capacity}")
         self.capacity = requested_capacity // self.num_envs * self.num_envs
         self.frame_stack = _int("frame_stack", frame_stack, 1)
         if isinstance(obs_shape, numbers.Integral):
@@ -340,11 +344,12 @@ class ReplayBuffer:
         else:
             self._check_out(out, kind, batch_size)
         self._core.sample(batch_size, out.arrays(), beta)
+        self._uniform_weights(out)
         return out
 
     def _check_out(self, out, kind, batch_size: int) -> None:
-        """Dtypes and shapes of caller-provided arrays. A uniform buffer's importance weights
-        are all 1: an ``out.weights`` given to one is filled with ones, once."""
+        """Dtypes and shapes of caller-provided arrays (an ``out.weights`` given to a uniform
+        buffer too: see ``_uniform_weights``)."""
         if not isinstance(out, kind):
             raise TypeError(f"out must be a {kind.__name__}, got {type(out).__name__}")
         if kind not in self._templates:
@@ -360,6 +365,10 @@ class ReplayBuffer:
             if array.shape != (batch_size, *template.shape[1:]):
                 raise ValueError(f"out.{name} must have shape {(batch_size, *template.shape[1:])} "
                                  f"(batch_size={batch_size} rows), got {array.shape}")
+
+    def _uniform_weights(self, out) -> None:
+        """A uniform buffer's importance weights are all 1: an ``out.weights`` given to one is
+        filled with ones (once all checks have passed) rather than left as it was."""
         if not self.prioritized and out.weights is not None:
             out.weights.fill(1.0)
 
@@ -499,7 +508,7 @@ class Prefetcher:
             out = [buffer.empty_batch(batch_size) for _ in range(_int("depth", 2 if depth is None else depth, 1))]
         if not out:
             raise ValueError("out must hold at least one batch")
-        if depth is not None and depth != len(out):
+        if depth is not None and _int("depth", depth, 1) != len(out):
             raise ValueError(f"depth is len(out) when out is given: got depth={depth!r} and {len(out)} batches")
         for batch in out:
             buffer._check_out(batch, Batch, batch_size)
@@ -510,6 +519,8 @@ class Prefetcher:
             raise ValueError("cannot prefetch from an empty buffer")
         self._batches = list(out)
         self._core = _core.Prefetcher(buffer._core, [b.arrays() for b in self._batches], batch_size)
+        for batch in self._batches:  # a uniform buffer's worker never writes them
+            buffer._uniform_weights(batch)
         self._closed = False
 
     def next(self) -> Batch:

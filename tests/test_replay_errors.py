@@ -225,6 +225,10 @@ def test_sampling_errors():
     with buf.prefetch(8, out=[out]) as batches:
         out.weights[:] = 0  # filled once, when the prefetcher takes the batch
         assert batches.next().weights.tolist() == [0.0] * 8
+    out.weights[:] = 0
+    with pytest.raises(ValueError, match="cannot sample from an empty buffer|out's batches must not share memory"):
+        buf.prefetch(8, out=[out, out])
+    assert out.weights.tolist() == [0.0] * 8  # a refused call changes nothing
     out.weights = np.zeros(8, np.float64)
     with pytest.raises(TypeError, match="out.weights must be a numpy array of dtype float32, got float64"):
         buf.sample(8, out=out)
@@ -346,6 +350,8 @@ def test_misuse_of_batches_prefetchers_and_copies_is_refused(tmp_path):
         buf.prefetch(4, out=[batch, batch])
     with pytest.raises(ValueError, match=r"depth is len\(out\) when out is given: got depth=3 and 1 batches"):
         buf.prefetch(4, depth=3, out=[batch])
+    with pytest.raises(TypeError, match="depth must be an int, got bool"):
+        buf.prefetch(4, depth=True, out=[batch])
     with buf.prefetch(4, depth=1, out=[batch]) as agreeing:
         assert agreeing.next() is not None
     prefetcher = buf.prefetch(4)
@@ -408,6 +414,9 @@ def test_integer_and_real_arguments_may_be_other_libraries_scalars():
     for wrong in (ArrayScalar(3.0), ArrayScalar(np.array([3])), ArrayScalar(True)):
         with pytest.raises(TypeError, match="batch_size must be an int, got ArrayScalar"):
             buf.sample(wrong)
+    assert len(buf.sample(np.array(5)).indices) == 5  # numpy's own 0-d arrays too
+    with pytest.raises(ValueError, match="capacity must be a 64-bit integer, got -1000000000000000000000000000000"):
+        make(capacity=-10**30)
     per = PrioritizedReplayBuffer(64, (K, *FRAME), frame_stack=K, num_envs=2, seed=0, alpha=ArrayScalar(np.float32(0.5)))
     per.add(**step())
     per.add(**{**step(value=2), "terminated": np.ones(2, bool)})
