@@ -89,7 +89,7 @@ step() {
 step build 240 $PY -m pip install -q --no-index --disable-pip-version-check --no-build-isolation --no-deps .
 step learner_bench 90 $PY benchmarks/learner.py --out "$OUT_DIR"
 step cuda_tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_learner.py tests/test_pipeline.py tests/test_actor_process.py -k cuda
-step breakout_bench 200 $PY -m fastdqn.cli bench train --env Breakout-v5 --steps "$BREAKOUT_STEPS" --num-envs 16 \
+step breakout_bench 200 $PY -m fastdqn.cli bench train --env Breakout-v5 --steps "$BREAKOUT_STEPS" --num-envs 16 --repeats 1 \
   --systems envpool_raw,sync,async --eval-episodes 0 --out "$OUT_DIR" --json
 
 # Pong: CleanRL's dqn_atari settings, 16 envs (async batches of 8), exploration over 10% of
