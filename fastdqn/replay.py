@@ -89,8 +89,8 @@ class FrameBatch:
 
 def _python_scalar(value, kinds: str):
     """A 0-d array of one of ``kinds`` (numpy's, a JAX or torch scalar) as a Python number; else ``value``."""
-    if isinstance(value, numbers.Number) or not hasattr(value, "__array__"):
-        return value
+    if isinstance(value, numbers.Number) or not hasattr(value, "__array__") or getattr(value, "ndim", 0) != 0:
+        return value  # (a large array is not copied to be refused)
     try:
         array = np.asarray(value)
     except (RuntimeError, TypeError, ValueError):  # e.g. a torch tensor that requires grad
@@ -365,6 +365,8 @@ class ReplayBuffer:
             if array.shape != (batch_size, *template.shape[1:]):
                 raise ValueError(f"out.{name} must have shape {(batch_size, *template.shape[1:])} "
                                  f"(batch_size={batch_size} rows), got {array.shape}")
+            if not array.flags.writeable:
+                raise ValueError(f"out.{name} is read-only: sampling writes into it")
 
     def _uniform_weights(self, out) -> None:
         """A uniform buffer's importance weights are all 1: an ``out.weights`` given to one is

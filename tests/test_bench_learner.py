@@ -57,3 +57,25 @@ def test_impossible_values_are_refused_before_any_case_runs(tmp_path, capsys, mo
     with pytest.raises(SystemExit) as stop:
         bench_learner.main([f.replace("FILE", str(tmp_path / "FILE")) for f in flags])
     assert stop.value.code == 2 and error.replace("FILE", str(tmp_path / "FILE")) in capsys.readouterr().err
+
+
+def test_only_a_default_run_that_measured_every_case_takes_the_default_name(tmp_path, monkeypatch):
+    def measure(case, *args):
+        if failing:
+            raise RuntimeError("capture failed")
+        return {"network": case[0], "batch_size": case[4], "layout": case[5], "gradient": case[6], "mode": "eager",
+                "updates_per_s": 100.0, "ms_per_update": 10.0}
+
+    monkeypatch.setattr(bench_learner, "measure", measure)
+    monkeypatch.setattr(bench_learner, "measure_act", lambda num_envs, *args: {
+        "network": "nature_cnn", "num_envs": num_envs, "mode": "eager", "calls_per_s": 10.0, "ms_per_call": 100.0})
+    failing = False
+    bench_learner.main(["--device", "cpu", "--machine", "box", "--out", str(tmp_path)])
+    full = (tmp_path / "learner-box.json").read_text()
+    assert json.loads(full)["complete"] and sorted(p.name for p in tmp_path.iterdir()) == ["learner-box.json",
+                                                                                             "learner-box.md"]
+    failing = True
+    with pytest.raises(SystemExit, match="case"):
+        bench_learner.main(["--device", "cpu", "--machine", "box", "--out", str(tmp_path)])
+    assert (tmp_path / "learner-box.json").read_text() == full  # a report with failed cases replaces no full one
+    assert len(list(tmp_path.glob("learner-box-*Z.json"))) == 1 and not list(tmp_path.glob("*incomplete*"))

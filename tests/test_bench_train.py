@@ -150,6 +150,17 @@ def test_only_the_default_run_writes_the_report_the_readme_quotes(tmp_path, monk
     assert (tmp_path / "train-box.json").read_text() == full
     assert json.loads((tmp_path / "train-box-incomplete.json").read_text())["complete"] is False
 
+    def sb3_fails(fn, system, *args):  # a default run that ends, without SB3's figures
+        if system == "sb3":
+            raise RuntimeError("no display")
+        return dict(FIGURES)
+
+    monkeypatch.setattr(bench_train, "in_fresh_process", sb3_fails)
+    with pytest.raises(SystemExit, match="a system failed"):
+        bench_train.main(["--device", "cpu", "--machine", "box", "--out", str(tmp_path)])
+    assert (tmp_path / "train-box.json").read_text() == full and not list(tmp_path.glob("*-incomplete.*"))
+    assert len(list(tmp_path.glob("train-box-*Z.json"))) == 3  # the two other runs' and this one's
+
 
 def test_an_interrupted_run_says_its_report_is_incomplete(tmp_path, monkeypatch):
     def in_fresh_process(fn, system, *args):
@@ -275,6 +286,6 @@ def test_a_cpu_run_on_a_gpu_machine_is_named_after_the_cpu():
     from fastdqn.bench.report import machine_name
 
     machine = {"slug": "h100-80gb-hbm3", "cpu_slug": "amd-epyc-9654-16c"}  # machine_info's on a GPU machine
-    assert machine_name(machine, "cuda", None) == machine_name(machine, "cuda:1", None) == "h100-80gb-hbm3"
+    assert machine_name(machine, "cuda", None) == "h100-80gb-hbm3"
     assert machine_name(machine, "cpu", None) == "amd-epyc-9654-16c"  # never the GPU run's report
     assert machine_name(machine, "cpu", "My Box") == "my-box"

@@ -232,6 +232,13 @@ def test_sampling_errors():
     out.weights = np.zeros(8, np.float64)
     with pytest.raises(TypeError, match="out.weights must be a numpy array of dtype float32, got float64"):
         buf.sample(8, out=out)
+    out.weights = np.zeros(8, np.float32)
+    out.weights.flags.writeable = False
+    before = out.indices.copy()
+    for refused in (lambda: buf.sample(8, out=out), lambda: buf.prefetch(8, out=[out])):
+        with pytest.raises(ValueError, match="out.weights is read-only: sampling writes into it"):
+            refused()
+        np.testing.assert_array_equal(out.indices, before)  # refused before anything was sampled into it
 
 
 def test_prioritized_errors_change_nothing():
@@ -415,6 +422,12 @@ def test_integer_and_real_arguments_may_be_other_libraries_scalars():
         with pytest.raises(TypeError, match="batch_size must be an int, got ArrayScalar"):
             buf.sample(wrong)
     assert len(buf.sample(np.array(5)).indices) == 5  # numpy's own 0-d arrays too
+    class Unreadable(ArrayScalar):  # as a torch tensor that requires grad
+        def __array__(self, dtype=None, copy=None):
+            raise RuntimeError("Can't call numpy() on Tensor that requires grad")
+
+    with pytest.raises(TypeError, match="batch_size must be an int, got Unreadable"):
+        buf.sample(Unreadable(5))  # numpy cannot read it: the argument's error, not numpy's
     with pytest.raises(ValueError, match="capacity must be a 64-bit integer, got -1000000000000000000000000000000"):
         make(capacity=-10**30)
     per = PrioritizedReplayBuffer(64, (K, *FRAME), frame_stack=K, num_envs=2, seed=0, alpha=ArrayScalar(np.float32(0.5)))

@@ -874,19 +874,20 @@ def main(argv: list[str] | None = None) -> int:
     report = run(settings)
     report["command"] = command_line("buffer", argv)
     log = Log("bench")
-    if args.out:
-        name = slug(args.machine) if args.machine else report["machine"]["cpu_slug"]  # CPU-bound, on any machine
-        name += "-quick" if args.quick else ""  # a smoke run never replaces a real run's report
-        changed = [field.name for field in dataclasses.fields(Settings) if getattr(args, field.name, None) is not None]
-        changed += [name for name in settings.impls if importlib.util.find_spec(SUBJECTS[name].module) is None]
-        base = write_report(args.out, report_stem("buffer", name, changed, started), report, render_markdown(report))
-        log(f"wrote {base}.json and {base}.md ({report['seconds']:.0f} s)")
-    if args.json:
-        print(json.dumps(report, indent=2))
     failed = [f"{section}/{name}" for section in ("uniform", "prioritized") for name, entry
               in report[section].items() if entry.get("status", "").startswith("failed")]
     failed += ["save"] if report["save"].get("status", "").startswith("failed") else []
     failed += ["memcopy"] if report["memcopy"].get("status", "").startswith("failed") else []
+    if args.out:
+        name = slug(args.machine) if args.machine else report["machine"]["cpu_slug"]  # CPU-bound, on any machine
+        name += "-quick" if args.quick else ""  # a smoke run never replaces a real run's report
+        changed = [field.name for field in dataclasses.fields(Settings) if getattr(args, field.name, None) is not None]
+        changed += [impl for impl in settings.impls if importlib.util.find_spec(SUBJECTS[impl].module) is None]
+        changed += failed  # a report missing some figures is not the full run's
+        base = write_report(args.out, report_stem("buffer", name, changed, started), report, render_markdown(report))
+        log(f"wrote {base}.json and {base}.md ({report['seconds']:.0f} s)")
+    if args.json:
+        print(json.dumps(report, indent=2))
     if failed:
         log(f"failed: {', '.join(failed)}")
     return 1 if failed else 0

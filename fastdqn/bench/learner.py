@@ -239,7 +239,7 @@ def main(argv=None) -> dict:
         return result
 
     def save() -> None:  # after every case, so that a run cut short keeps what it measured
-        report_io.write_report(args.out, name, report, to_markdown(report), complete=report["complete"])
+        report_io.write_report(args.out, name, report, to_markdown(report), complete=False)
 
     log(f"{machine['slug']}: {iters} timed updates per case after {warmup} warm-up updates")
     for case in CASES:
@@ -266,8 +266,10 @@ def main(argv=None) -> dict:
         save()
 
     report["complete"] = True
-    save()
-    log(f"wrote {Path(args.out) / name}.json and .md")
+    final_name = report_io.report_stem("learner", report_io.machine_name(machine, device.type, args.machine),
+                                       changed + ["failed"], started) if failures else name  # not the full report
+    report_io.write_report(args.out, final_name, report, to_markdown(report), started_as=name)
+    log(f"wrote {Path(args.out) / final_name}.json and .md")
     if args.json:
         print(json.dumps(report, indent=2))
     if failures:

@@ -91,7 +91,11 @@ def machine_name(machine: dict, device: str, given: str | None) -> str:
     machine, so that the two never share a name."""
     if given:
         return slug(given)
-    return machine["slug"] if str(device).startswith("cuda") else machine["cpu_slug"]
+    if str(device).startswith("cuda:"):
+        import torch
+
+        return slug(torch.cuda.get_device_name(torch.device(device)))  # cuda:N's own, on a mixed machine
+    return machine["slug"] if str(device) == "cuda" else machine["cpu_slug"]
 
 
 def command_line(benchmark: str, argv: list[str] | None) -> str:
@@ -107,14 +111,16 @@ def device_error(device: str) -> str | None:
         return f"--device must be auto, cpu, cuda or cuda:N, got {device!r}"
     if device.startswith("cuda") and not torch.cuda.is_available():
         return f"--device {device}: no CUDA device is available"
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
     return None
 
 
 def report_stem(benchmark: str, machine: str, changed: list[str], started: datetime.datetime) -> str:
     """The file stem of a run's report: ``benchmark-machine`` for a run of the benchmark's
     default settings (the run the README quotes). A run that ``changed`` some (their flags,
-    or a peer that is not installed) also gets its start time, so that it never replaces a
-    full run's report."""
+    a peer that is not installed, a system that failed) also gets its start time, so that it
+    never replaces a full run's report."""
     stem = f"{benchmark}-{machine}"
     return f"{stem}-{started.strftime('%Y%m%dT%H%M%S%fZ')}" if changed else stem
 
@@ -131,18 +137,19 @@ def check_out_dir(out_dir: str | os.PathLike) -> None:
         raise ValueError(f"--out {str(out)!r} cannot hold the report: {error.strerror or error}") from None
 
 
-def write_report(out_dir: str | os.PathLike, stem: str, report: dict, markdown: str, complete: bool = True) -> Path:
+def write_report(out_dir: str | os.PathLike, stem: str, report: dict, markdown: str, complete: bool = True,
+                 started_as: str | None = None) -> Path:
     """Writes ``stem.json`` and ``stem.md`` into ``out_dir`` atomically; returns their common
     base. A report written while the run goes on (``complete=False``, so that a run cut short
     keeps what it measured) is ``stem-incomplete.*``: it replaces no finished run's report,
-    and the complete one removes it."""
+    and the complete one removes it (``started_as``'s, if the run's stem changed at the end)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    final, partial = out / stem, out / f"{stem}-incomplete"
-    base = final if complete else partial
+    base = out / (stem if complete else f"{stem}-incomplete")
     atomic_write_bytes(base.with_name(base.name + ".json"), (json.dumps(report, indent=2) + "\n").encode())
     atomic_write_bytes(base.with_name(base.name + ".md"), markdown.encode())
     if complete:
+        partial = out / f"{started_as or stem}-incomplete"
         for suffix in (".json", ".md"):
             partial.with_name(partial.name + suffix).unlink(missing_ok=True)
     return base

@@ -21,7 +21,8 @@ happen within a short run. Every run has a fresh Python process of its own (see
 ``in_fresh_process``). Each system is timed from the start of learning to its end
 (environment stepping, acting, replay and updates; no evaluation), then evaluated greedily
 outside the timing. The report (JSON and a markdown table) goes to ``--out``, rewritten after
-every run, so a benchmark cut short keeps what it measured; progress goes to stderr. A system
+every run (as ``<name>-incomplete.*`` until the end), so a benchmark cut short keeps what it
+measured; progress goes to stderr. A system
 whose run fails is reported with its error (its traceback goes to stderr), is not run again,
 and the others still run; the exit status is then 1.
 """
@@ -299,8 +300,10 @@ def main(argv: list[str] | None = None) -> dict:
                              "runs learn nothing and whose untrained agents can stall a game until its time limit)")
     parser.add_argument("--out", default="benchmarks/results",
                         help="directory for train-<machine>.json and .md; a run with other settings than the "
-                             "defaults (--env, --steps, --systems, --num-envs, --seed, --eval-episodes) adds its "
-                             "start time to the names, so that it replaces no full run's report")
+                             "defaults (--env, --steps, --systems, --num-envs, --repeats, --seed, --eval-episodes), "
+                             "without SB3 installed, or with a system that failed adds its start time to the names, "
+                             "so that it replaces no full run's report; while it runs, the report is "
+                             "train-<machine>-incomplete.*")
     parser.add_argument("--machine", help="machine name in the file names (default: GPU, or CPU model and cores)")
     parser.add_argument("--json", action="store_true", help="print the JSON report to stdout: each system to its "
                         "figures (with several --env, each env to such an object)")
@@ -391,7 +394,9 @@ def main(argv: list[str] | None = None) -> dict:
                 write_report(args.out, stem, report, to_markdown(report), complete=False)
         failed_any = failed_any or bool(errors)
     report["complete"] = True
-    base = write_report(args.out, stem, report, to_markdown(report))
+    final_stem = report_stem("train", machine_name(machine, device, args.machine), changed + ["failed"], started) \
+        if failed_any else stem  # a system's figures are missing: not the full run's report
+    base = write_report(args.out, final_stem, report, to_markdown(report), started_as=stem)
     log(f"wrote {base}.json and {base}.md")
     if args.json:
         by_env = {env_id: entry["systems"] for env_id, entry in report["envs"].items()}
