@@ -631,7 +631,7 @@ def render_markdown(report: dict) -> str:
     uniform, prioritized = report["uniform"], report["prioritized"]
     labels = {cls.name: cls.label for cls in SUBJECTS.values()}
     lines = [
-        f"# Replay-buffer benchmark: {machine['slug']}",
+        f"# Replay-buffer benchmark: {machine['cpu_slug']}",
         "",
         f"{report['started']}; {machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB; "
         f"Python {machine['python']}, numpy {versions['numpy']}, torch {versions['torch']} "
@@ -791,7 +791,7 @@ def run(settings: Settings) -> dict:
     report = {"schema": SCHEMA, "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine_info(("stable-baselines3", "cpprb", "torchrl", "tensordict")), "settings": dataclasses.asdict(settings), "uniform": {},
               "prioritized": {}, "save": {"status": "skipped: not selected"}}
-    log(f"{report['machine']['slug']}: capacity {settings.capacity:,}, fill {settings.fill:,}, "
+    log(f"{report['machine']['cpu_slug']}: capacity {settings.capacity:,}, fill {settings.fill:,}, "
         f"batches {list(settings.batch_sizes)}, impls {list(settings.impls)}")
     measure_limit = "uniform" in settings.sections
     memcopy_runs = [_run_section(log, lambda: _in_fresh_process(_run_memcopy, settings))] if measure_limit else []

@@ -159,7 +159,7 @@ def mode_name(cuda_graph: bool) -> str:
 def to_markdown(report: dict) -> str:
     m = report["machine"]
     hardware = f"{m['gpu']} (CUDA {m['cuda']})" if m["device"] == "cuda" else f"{m['cpu']}, {m['cores']} cores"
-    lines = [f"# Learner update benchmark: {m['slug']}", "",
+    lines = [f"# Learner update benchmark: {m['slug'] if m['device'] == 'cuda' else m['cpu_slug']}", "",
              f"{report['started']}; {hardware}; torch {m['versions']['torch']} ({m['torch_threads']} CPU threads).",
              "Updates/s of one DQN update (host batch copy, forward, loss, backward, clip, Adam, target "
              "update), Nature CNN on 4x84x84 uint8 frames, MLP 4-120-84-2.", "",
@@ -241,7 +241,7 @@ def main(argv=None) -> dict:
     def save() -> None:  # after every case, so that a run cut short keeps what it measured
         report_io.write_report(args.out, name, report, to_markdown(report), complete=False)
 
-    log(f"{machine['slug']}: {iters} timed updates per case after {warmup} warm-up updates")
+    log(f"{name}: {iters} timed updates per case after {warmup} warm-up updates")
     for case in CASES:
         network, batch_size, layout, gradient = case[0], case[4], case[5], case[6]
         pair = [measured(f"{network} batch {batch_size} {layout} {gradient} {mode_name(graph)}",
