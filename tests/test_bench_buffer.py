@@ -215,3 +215,24 @@ def test_quick_run_of_fastdqn_writes_a_consistent_report(tmp_path, capsys):
     assert "| fastdqn `sample(out=)` |" in markdown and "memory-copy limit" in markdown
     assert "| SB3 |" not in markdown  # peers not selected get no rows
     assert "Measured with other sizes than the targets were set for (capacity, fill, repeats" in markdown
+
+
+def test_only_a_default_run_with_every_peer_takes_the_default_name(tmp_path, monkeypatch):
+    import importlib.util
+
+    def run(settings):  # the figures do not matter here, only which run it was
+        return {"machine": {"cpu_slug": "box"}, "seconds": 1.0, "uniform": {}, "prioritized": {},
+                "save": {"status": "ok"}, "memcopy": {"status": "ok"}}
+
+    monkeypatch.setattr(bench, "run", run)
+    monkeypatch.setattr(bench, "render_markdown", lambda report: "")
+    find_spec = importlib.util.find_spec
+    peers = {subject.module for subject in bench.SUBJECTS.values()}
+    installed = set(peers)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (find_spec("pytest") if name in installed else None)
+                        if name in peers else find_spec(name, *a))
+    assert bench.main(["--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["buffer-box.json", "buffer-box.md"]
+    installed.discard(bench.SUBJECTS["cpprb"].module)  # a peer missing: its column would be empty
+    assert bench.main(["--out", str(tmp_path)]) == 0
+    assert len(list(tmp_path.glob("buffer-box-*Z.json"))) == 1
