@@ -79,3 +79,15 @@ def test_only_a_default_run_that_measured_every_case_takes_the_default_name(tmp_
         bench_learner.main(["--device", "cpu", "--machine", "box", "--out", str(tmp_path)])
     assert (tmp_path / "learner-box.json").read_text() == full  # a report with failed cases replaces no full one
     assert len(list(tmp_path.glob("learner-box-*Z.json"))) == 1 and not list(tmp_path.glob("*incomplete*"))
+
+
+def test_an_empty_out_writes_no_report(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench_learner, "measure", lambda case, *args: {
+        "network": case[0], "batch_size": case[4], "layout": case[5], "gradient": case[6], "mode": "eager",
+        "updates_per_s": 100.0, "ms_per_update": 10.0})
+    monkeypatch.setattr(bench_learner, "measure_act", lambda num_envs, *args: {
+        "network": "nature_cnn", "num_envs": num_envs, "mode": "eager", "calls_per_s": 10.0, "ms_per_call": 100.0})
+    report = bench_learner.main(["--device", "cpu", "--out", "", "--json"])
+    assert json.loads(capsys.readouterr().out)["complete"] == report["complete"] is True
+    assert not list(tmp_path.iterdir())  # as bench buffer's --out '': the report goes to stdout only

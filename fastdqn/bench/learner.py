@@ -193,8 +193,8 @@ def main(argv=None) -> dict:
                         help="untimed updates first, including graph capture (default: 20 on CUDA, 2 on CPU)")
     parser.add_argument("--out", default="benchmarks/results",
                         help="directory for learner-<machine>.json and .md; a run with other --iters, --warmup or "
-                             "--threads than the defaults adds its start time to the names, so that it replaces "
-                             "no full run's report")
+                             "--threads than the defaults, or with a case that failed, adds its start time to the "
+                             "names, so that it replaces no full run's report; '' writes none")
     parser.add_argument("--machine", help="machine name in the file names (default: GPU or CPU model)")
     parser.add_argument("--threads", type=int_at_least(1, "a positive integer"), help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="also print the JSON report to stdout")
@@ -268,8 +268,8 @@ def main(argv=None) -> dict:
     report["complete"] = True
     final_name = report_io.report_stem("learner", report_io.machine_name(machine, device.type, args.machine),
                                        changed + ["failed"], started) if failures else name  # not the full report
-    report_io.write_report(args.out, final_name, report, to_markdown(report), started_as=name)
-    log(f"wrote {Path(args.out) / final_name}.json and .md")
+    if report_io.write_report(args.out, final_name, report, to_markdown(report), started_as=name) is not None:
+        log(f"wrote {Path(args.out) / final_name}.json and .md")
     if args.json:
         print(json.dumps(report, indent=2))
     if failures:

@@ -127,7 +127,9 @@ def report_stem(benchmark: str, machine: str, changed: list[str], started: datet
 
 def check_out_dir(out_dir: str | os.PathLike) -> None:
     """Makes ``out_dir`` and checks that a file can be written there, before any work is
-    done: raises ValueError naming it otherwise."""
+    done: raises ValueError naming it otherwise. ``""`` asks for no report: nothing to check."""
+    if str(out_dir) == "":
+        return
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -138,11 +140,14 @@ def check_out_dir(out_dir: str | os.PathLike) -> None:
 
 
 def write_report(out_dir: str | os.PathLike, stem: str, report: dict, markdown: str, complete: bool = True,
-                 started_as: str | None = None) -> Path:
+                 started_as: str | None = None) -> Path | None:
     """Writes ``stem.json`` and ``stem.md`` into ``out_dir`` atomically; returns their common
     base. A report written while the run goes on (``complete=False``, so that a run cut short
     keeps what it measured) is ``stem-incomplete.*``: it replaces no finished run's report,
-    and the complete one removes it (``started_as``'s, if the run's stem changed at the end)."""
+    and the complete one removes it (``started_as``'s, if the run's stem changed at the end).
+    ``out_dir=""`` writes nothing (returns None)."""
+    if str(out_dir) == "":
+        return None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = out / (stem if complete else f"{stem}-incomplete")

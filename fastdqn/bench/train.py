@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "defaults (--env, --steps, --systems, --num-envs, --repeats, --seed, --eval-episodes), "
                              "without SB3 installed, or with a system that failed adds its start time to the names, "
                              "so that it replaces no full run's report; while it runs, the report is "
-                             "train-<machine>-incomplete.*")
+                             "train-<machine>-incomplete.*; '' writes none")
     parser.add_argument("--machine", help="machine name in the file names (default: GPU, or CPU model and cores)")
     parser.add_argument("--json", action="store_true", help="print the JSON report to stdout: each system to its "
                         "figures (with several --env, each env to such an object)")
@@ -397,7 +397,8 @@ def main(argv: list[str] | None = None) -> dict:
     final_stem = report_stem("train", machine_name(machine, device, args.machine), changed + ["failed"], started) \
         if failed_any else stem  # a system's figures are missing: not the full run's report
     base = write_report(args.out, final_stem, report, to_markdown(report), started_as=stem)
-    log(f"wrote {base}.json and {base}.md")
+    if base is not None:
+        log(f"wrote {base}.json and {base}.md")
     if args.json:
         by_env = {env_id: entry["systems"] for env_id, entry in report["envs"].items()}
         print(json.dumps(next(iter(by_env.values())) if len(by_env) == 1 else by_env))
