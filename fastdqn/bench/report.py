@@ -59,12 +59,14 @@ def _memory_gb() -> float | None:
 
 def machine_info(packages: tuple[str, ...] = ()) -> dict:
     """CPU, cores, memory, load, GPU (when torch sees one), software versions and a slug
-    naming the machine: the GPU where there is one, else the CPU and its core count."""
+    naming the machine: the GPU where there is one, else the CPU and its core count (which
+    ``cpu_slug`` always is)."""
     cpu, cores = cpu_model(), os.cpu_count()
+    cpu_slug = f"{slug(cpu)}-{cores}c"
     info = {"cpu": cpu, "cores": cores, "memory_gb": _memory_gb(), "load_avg_1m": round(os.getloadavg()[0], 2),
             "platform": platform.platform(), "python": platform.python_version(), "git": _git_describe(),
             "versions": {name: _version(name) for name in ("fastdqn", "numpy", "torch", *packages)},
-            "slug": f"{slug(cpu)}-{cores}c", "cpu_slug": f"{slug(cpu)}-{cores}c"}
+            "slug": cpu_slug, "cpu_slug": cpu_slug}
     try:
         import torch
     except ImportError:
