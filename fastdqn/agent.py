@@ -46,6 +46,7 @@ from fastdqn.envs import make_env
 from fastdqn.learner import Learner
 from fastdqn.metrics import RunLogger, atomic_write_bytes, read_config, read_csv
 from fastdqn.networks import build_q_network
+from fastdqn.replay import _cast_bounds
 from fastdqn.signals import handling
 
 
@@ -565,13 +566,13 @@ class DQN:
         expected = self.env.obs_dtype
         # Integer observations (uint8 frames, scaled by the network) must come as integers the
         # env's dtype holds: frames already scaled to [0, 1] would be scaled again, silently.
-        integers = expected.kind in "iu" and obs.dtype.kind in "iu"
-        if obs.dtype != expected and not integers and (expected.kind in "iu" or obs.dtype.kind not in "biuf"):
-            raise TypeError(f"obs must have dtype {expected}, as the env gives it, got {obs.dtype}")
-        if integers and obs.dtype != expected and obs.size and not (
-                np.iinfo(expected).min <= obs.min() and obs.max() <= np.iinfo(expected).max):
-            raise ValueError(f"obs values must fit the env's dtype {expected}, got values from "
-                             f"{obs.min()} to {obs.max()}")
+        if obs.dtype != expected:
+            if obs.dtype.kind not in "biuf" or expected.kind in "iu" and obs.dtype.kind not in "iu":
+                raise TypeError(f"obs must have dtype {expected}, as the env gives it, got {obs.dtype}")
+            bounds = _cast_bounds(obs.dtype, expected)
+            if bounds is not None and obs.size and not (bounds[0] <= obs.min() and obs.max() <= bounds[1]):
+                raise ValueError(f"obs values must fit the env's dtype {expected}, got values from "
+                                 f"{obs.min()} to {obs.max()}")
         batch = (obs[None] if single else obs).astype(expected, copy=False)
         q = self.q_network(torch.as_tensor(batch, device=self.device))
         actions = q.argmax(dim=1).cpu().numpy()

@@ -87,6 +87,10 @@ class FrameBatch:
         return obs, next_obs
 
 
+_WEIGHTS_TEMPLATE = np.empty(1, np.float32)
+"""What an ``out.weights`` given to a uniform buffer is checked against."""
+
+
 def _python_scalar(value, kinds: str):
     """A 0-d array of one of ``kinds`` (numpy's, a JAX or torch scalar) as a Python number; else ``value``."""
     if isinstance(value, numbers.Number) or not hasattr(value, "__array__") or getattr(value, "ndim", 0) != 0:
@@ -356,7 +360,7 @@ class ReplayBuffer:
             self._templates[kind] = self.empty_batch(1) if kind is Batch else self.empty_frame_batch(1)
         template_arrays = self._templates[kind].arrays()
         if not self.prioritized and out.weights is not None:
-            template_arrays["weights"] = np.empty(1, np.float32)
+            template_arrays["weights"] = _WEIGHTS_TEMPLATE
         for name, template in template_arrays.items():
             array = getattr(out, name)
             if not isinstance(array, np.ndarray) or array.dtype != template.dtype:
@@ -506,11 +510,12 @@ class Prefetcher:
     def __init__(self, buffer: ReplayBuffer, batch_size: int, depth: int | None = None,
                  out: list[Batch] | None = None):
         batch_size = _int("batch_size", batch_size, 1)
+        depth = None if depth is None else _int("depth", depth, 1)
         if out is None:
-            out = [buffer.empty_batch(batch_size) for _ in range(_int("depth", 2 if depth is None else depth, 1))]
+            out = [buffer.empty_batch(batch_size) for _ in range(depth or 2)]
         if not out:
             raise ValueError("out must hold at least one batch")
-        if depth is not None and _int("depth", depth, 1) != len(out):
+        if depth is not None and depth != len(out):
             raise ValueError(f"depth is len(out) when out is given: got depth={depth!r} and {len(out)} batches")
         for batch in out:
             buffer._check_out(batch, Batch, batch_size)

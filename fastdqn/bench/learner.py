@@ -220,8 +220,8 @@ def main(argv=None) -> dict:
               "settings": {"iters": iters, "warmup": warmup, **LEARNER_SETTINGS},
               "results": [], "act": [], "graph_speedup": {}}
     changed = [flag for flag in ("iters", "warmup", "threads") if getattr(args, flag) is not None]
-    name = report_io.report_stem("learner", report_io.machine_name(machine, device.type, args.machine), changed,
-                                 started)
+    machine_slug = report_io.machine_name(machine, device.type, args.machine)
+    name = report_io.report_stem("learner", machine_slug, changed, started)
     modes = (False, True) if on_cuda else (False,)
     failures = 0
 
@@ -266,8 +266,8 @@ def main(argv=None) -> dict:
         save()
 
     report["complete"] = True
-    final_name = report_io.report_stem("learner", report_io.machine_name(machine, device.type, args.machine),
-                                       changed + ["failed"], started) if failures else name  # not the full report
+    final_name = report_io.report_stem("learner", machine_slug, changed + ["failed"], started) if failures \
+        else name  # cases missing: not the full run's report
     if report_io.write_report(args.out, final_name, report, to_markdown(report), started_as=name) is not None:
         log(f"wrote {Path(args.out) / final_name}.json and .md")
     if args.json:

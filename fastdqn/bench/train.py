@@ -361,7 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
         ("--env", "env"), ("--steps", "steps"), ("--systems", "systems"), ("--num-envs", "num_envs"),
         ("--repeats", "repeats"), ("--seed", "seed"), ("--eval-episodes", "eval_episodes"))
         if getattr(args, name) != parser.get_default(name)]
-    stem = report_stem("train", machine_name(machine, device, args.machine), changed, started)
+    machine_slug = machine_name(machine, device, args.machine)
+    stem = report_stem("train", machine_slug, changed, started)
     report = {"benchmark": "train", "date": started.isoformat(timespec="seconds"), "device": device,
               "machine": machine, "command": command_line("train", argv), "complete": False, "envs": {}}
     failed_any = False
@@ -394,8 +395,8 @@ def main(argv: list[str] | None = None) -> dict:
                 write_report(args.out, stem, report, to_markdown(report), complete=False)
         failed_any = failed_any or bool(errors)
     report["complete"] = True
-    final_stem = report_stem("train", machine_name(machine, device, args.machine), changed + ["failed"], started) \
-        if failed_any else stem  # a system's figures are missing: not the full run's report
+    final_stem = report_stem("train", machine_slug, changed + ["failed"], started) if failed_any \
+        else stem  # a system's figures missing: not the full run's report
     base = write_report(args.out, final_stem, report, to_markdown(report), started_as=stem)
     if base is not None:
         log(f"wrote {base}.json and {base}.md")
