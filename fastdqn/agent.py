@@ -26,8 +26,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
-import importlib.util
-import io
 import math
 import numbers
 import os
@@ -48,6 +46,7 @@ from fastdqn.metrics import RunLogger, atomic_write_bytes, read_config, read_csv
 from fastdqn.networks import build_q_network
 from fastdqn.replay import _cast_bounds
 from fastdqn.signals import handling
+from fastdqn.video import VideoWriter, check_video_path
 
 
 def linear_schedule(start: float, end: float, duration: float, t: float) -> float:
@@ -587,21 +586,17 @@ class DQN:
         """Run ``episodes`` full evaluation episodes (raw game scores for Atari, under the
         config's protocol) and return {"env", "episodes", "mean_return", "std_return",
         "returns", "protocol"}. Each of up to 8 envs plays the same number of episodes, so
-        short episodes are not over-represented."""
+        short episodes are not over-represented.
+
+        video: a .gif or .mp4 path; the first env's first episode (its first return) is
+        recorded there as the env renders it (Atari in colour at 210x160, in real time)."""
         if isinstance(episodes, bool) or not isinstance(episodes, numbers.Integral) or episodes < 1:
             raise ValueError(f"episodes must be a positive int, got {episodes!r}")
         episodes = int(episodes)
         epsilon = self.config.eval_epsilon if epsilon is None else epsilon
         _check_epsilon(epsilon)
-        if video is not None and Path(video).suffix.lower() != ".gif":
-            raise ValueError(f"video must be a .gif file (written with Pillow), got {video}")
-        if video is not None and not Path(video).parent.is_dir():  # found out now, not after the games
-            raise ValueError(f"video's folder {Path(video).parent} does not exist")
-        if video is not None and not os.access(Path(video).parent, os.W_OK):
-            raise ValueError(f"video's folder {Path(video).parent} is not writable")
-        if video is not None and not self.env.is_image and importlib.util.find_spec("pygame") is None:
-            raise ValueError(f"video of {self.env_id} needs gymnasium's renderer: "
-                             "pip install 'gymnasium[classic-control]'")
+        if video is not None:
+            check_video_path(video)  # found out now, not after the games
         seed = self.config.seed + 1 if seed is None else seed
         returns, protocol = self._play(episodes, epsilon, seed, video)
         return {"env": self.env_id, "episodes": episodes, "mean_return": float(np.mean(returns)),
@@ -611,44 +606,23 @@ class DQN:
         num_envs = next(k for k in range(min(episodes, 8), 0, -1) if episodes % k == 0)
         per_env = episodes // num_envs
         env = make_env(self.env_id, num_envs, seed, mode="eval", protocol=self.config.protocol,
-                       backend=self.config.backend)
+                       backend=self.config.backend, render=video is not None)
         rng = np.random.default_rng(seed)
         returns: list[list[float]] = [[] for _ in range(num_envs)]
-        frames = [] if video is not None and env.is_image else None
-        try:
+        with env, VideoWriter(video, env.render_fps) if video is not None else contextlib.nullcontext() as recording:
             obs = env.reset()
+            if recording:
+                recording.add(env.render(0))
             while any(len(r) < per_env for r in returns):
-                if frames is not None and not returns[0]:
-                    frames.append(obs[0, -1])  # env 0's newest frame, until its first game ends
                 result = env.step(self.predict(obs, epsilon, rng))
+                if recording and not returns[0]:  # env 0's steps, up to the end of its first game
+                    recording.add(env.render(0))
                 # Whole games' raw scores (an Atari game spans its lives), each env's first per_env.
                 for i, game_return in zip(result.episode_env_ids, result.episode_returns):
                     if len(returns[i]) < per_env:
                         returns[i].append(float(game_return))
                 obs = result.obs
-            protocol = env.protocol_description
-        finally:
-            env.close()
-        if video is not None:
-            write_gif(video, frames if frames is not None else self._render_episode(epsilon, seed))
-        return [r for env_returns in returns for r in env_returns], protocol
-
-    def _render_episode(self, epsilon: float, seed: int) -> list[np.ndarray]:
-        """Frames of one episode of a vector-observation env, rendered by gymnasium."""
-        import gymnasium as gym
-
-        env = gym.make(self.env_id, render_mode="rgb_array")
-        rng = np.random.default_rng(seed)
-        try:
-            obs, _ = env.reset(seed=seed)
-            frames, done = [env.render()], False
-            while not done:
-                obs, _, terminated, truncated, _ = env.step(self.predict(obs.astype(self.env.obs_dtype), epsilon, rng))
-                frames.append(env.render())
-                done = terminated or truncated
-        finally:
-            env.close()
-        return frames
+            return [r for env_returns in returns for r in env_returns], env.protocol_description
 
     # ------------------------------------------------------------------ persistence
     def _state(self, with_rng: bool) -> dict:
@@ -774,14 +748,3 @@ def _config_on(fields: dict, device: str | None) -> DQNConfig:
         config.validate()
     return config
 
-
-def write_gif(path: str | os.PathLike, frames: list[np.ndarray], fps: int = 30) -> None:
-    """Write ``frames`` (H, W) grayscale or (H, W, 3) RGB uint8 arrays as an animated GIF."""
-    from PIL import Image
-
-    if Path(path).suffix.lower() != ".gif":
-        raise ValueError(f"video must be a .gif file (written with Pillow), got {path}")
-    images = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
-    data = io.BytesIO()
-    images[0].save(data, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-    atomic_write_bytes(path, data.getvalue())

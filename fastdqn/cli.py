@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=_nonnegative_int, default=None)
     ev.add_argument("--device", default=None)
     ev.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
-    ev.add_argument("--video", default=None, metavar="FILE", help="record the first episode as an animated GIF")
+    ev.add_argument("--video", default=None, metavar="FILE",
+                    help="record the first episode as the env renders it (Atari: the colour screen) "
+                         "to a .gif, or an .mp4 (H.264; needs imageio-ffmpeg)")
 
     plot = sub.add_parser("plot", help="write a learning-curve PNG of a run")
     plot.add_argument("run_dir", metavar="RUN_DIR")

@@ -14,18 +14,24 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import importlib.metadata
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
+from gymnasium.envs.registration import load_env_creator
 
 __all__ = ["ATARI_PROTOCOLS", "AtariPreprocessing", "AtariProtocol", "StepResult", "VecEnv", "env_backend",
            "make_env"]
 
 ATARI_FRAME_SIZE = 84
 ATARI_FRAME_STACK = 4
+ATARI_FPS = 60  # the console's frame rate
+DEFAULT_RENDER_FPS = 30.0
 
 
 @dataclass(frozen=True)
@@ -162,7 +168,7 @@ class VecEnv:
     is_image: bool
 
     def __init__(self, env_id: str, backend: str, mode: str, num_envs: int, batch_size: int,
-                 atari: AtariProtocol | None, observation_space: Any, action_space: Any) -> None:
+                 atari: AtariProtocol | None, observation_space: Any, action_space: Any, render: bool) -> None:
         self.env_id, self.backend, self.mode = env_id, backend, mode
         self.num_envs, self.batch_size = num_envs, batch_size
         self.atari = atari.for_mode(mode) if atari is not None else None
@@ -175,6 +181,7 @@ class VecEnv:
         self.num_actions = int(action_space.n)
         self.frame_stack = ATARI_FRAME_STACK if atari is not None else 1
         self.is_image = len(self.obs_shape) == 3
+        self._render = render
         self._clip_rewards = self.atari is not None and self.atari.clip_rewards
         # The next step of an env whose episode just ended only resets it.
         self._resetting = np.zeros(num_envs, bool)
@@ -248,6 +255,19 @@ class VecEnv:
         return StepResult(obs, obs, rewards, terminated, truncated, valid, env_ids, episode_returns, episode_lengths,
                           ended)
 
+    @functools.cached_property
+    def render_fps(self) -> float:
+        """Rendered steps per second that play the game in real time (an Atari step spans frame_skip frames)."""
+        return ATARI_FPS / self.atari.frame_skip if self.atari is not None else self._render_fps()
+
+    def render(self, env_id: int = 0) -> np.ndarray:
+        """Env ``env_id``'s current screen as an (H, W, 3) RGB uint8 array; the env must be made with render=True."""
+        self._check_open()
+        if not self._render:
+            raise RuntimeError("this env was made without render=True")
+        _check_int("env_id", env_id, 0, self.num_envs - 1)
+        return self._render_frame(int(env_id))
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -312,16 +332,29 @@ class VecEnv:
     def _recv(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def _render_frame(self, env_id: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _render_fps(self) -> float:
+        raise NotImplementedError
+
     def _close(self) -> None:
         raise NotImplementedError
 
 
 class _EnvpoolVecEnv(VecEnv):
     def __init__(self, env_id: str, num_envs: int, seed: int, mode: str, batch_size: int,
-                 atari: AtariProtocol | None, num_threads: int | None, max_episode_steps: int | None) -> None:
+                 atari: AtariProtocol | None, num_threads: int | None, max_episode_steps: int | None,
+                 render: bool) -> None:
         import envpool
 
         kwargs: dict[str, Any] = {"num_envs": num_envs, "batch_size": batch_size, "seed": seed}
+        if render:
+            installed = importlib.metadata.version("envpool")
+            if tuple(int(part) for part in re.findall(r"\d+", installed)[:2]) < (1, 1):
+                raise ValueError(f"rendering {env_id} (a video) needs envpool 1.1 or newer, installed {installed}: "
+                                 "pip install -U envpool")
+            kwargs["render_mode"] = "rgb_array"
         if num_threads is not None:
             kwargs["num_threads"] = num_threads
         if atari is not None:
@@ -343,7 +376,8 @@ class _EnvpoolVecEnv(VecEnv):
                                         category=UserWarning)
                 observation_space, action_space = self._pool.observation_space, self._pool.action_space
             _check_spaces(env_id, observation_space, action_space)
-            super().__init__(env_id, "envpool", mode, num_envs, batch_size, atari, observation_space, action_space)
+            super().__init__(env_id, "envpool", mode, num_envs, batch_size, atari, observation_space, action_space,
+                             render)
             self._layout = _EnvpoolLayout.of(self._pool, atari is not None)
         except BaseException:
             self._pool.close()
@@ -379,6 +413,18 @@ class _EnvpoolVecEnv(VecEnv):
         truncated = truncated & ~game_ended
         terminated = terminated | game_ended
         return obs, game_rewards, terminated, truncated, game_ended | truncated, env_ids
+
+    def _render_frame(self, env_id: int) -> np.ndarray:
+        return self._pool.render(env_ids=[env_id])[0]
+
+    def _render_fps(self) -> float:
+        """The rate gymnasium gives the same id (classic control: CartPole-v1 plays at 50)."""
+        try:
+            entry_point = gym.spec(self.env_id).entry_point
+            creator = load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
+            return float(creator.metadata["render_fps"])
+        except Exception:  # noqa: BLE001 - not registered there, no metadata, an optional package missing
+            return DEFAULT_RENDER_FPS
 
     def _close(self) -> None:
         self._pool.close()
@@ -431,30 +477,38 @@ class _EnvpoolLayout:
 
 class _GymnasiumVecEnv(VecEnv):
     def __init__(self, env_id: str, num_envs: int, seed: int, mode: str,
-                 atari: AtariProtocol | None, max_episode_steps: int | None) -> None:
+                 atari: AtariProtocol | None, max_episode_steps: int | None, render: bool) -> None:
         from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
+        render_kwargs = {"render_mode": "rgb_array"} if render else {}
         if atari is not None:
             p = atari.for_mode(mode)
 
             def make_one() -> gym.Env:
                 ale = gym.make(env_id, frameskip=1, repeat_action_probability=p.sticky_actions,
-                               full_action_space=False, max_num_frames_per_episode=None, obs_type="grayscale")
+                               full_action_space=False, max_num_frames_per_episode=None, obs_type="grayscale",
+                               **render_kwargs)
                 return AtariPreprocessing(ale, p)
         else:
             kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
 
             def make_one() -> gym.Env:
-                return gym.make(env_id, **kwargs)
+                return gym.make(env_id, **kwargs, **render_kwargs)
 
         try:
-            self._vec = SyncVectorEnv([make_one for _ in range(num_envs)], autoreset_mode=AutoresetMode.NEXT_STEP)
+            with warnings.catch_warnings():  # an env that cannot render gets a ValueError below instead
+                warnings.filterwarnings("ignore", message=r".*not in the possible render_modes")
+                self._vec = SyncVectorEnv([make_one for _ in range(num_envs)], autoreset_mode=AutoresetMode.NEXT_STEP)
         except gym.error.DependencyNotInstalled as e:  # raised as any other missing package is
             raise ModuleNotFoundError(f"{env_id} needs a package that is not installed: {e}") from e
         try:
             _check_spaces(env_id, self._vec.single_observation_space, self._vec.single_action_space)
+            metadata = self._vec.envs[0].metadata
+            if render and "rgb_array" not in metadata.get("render_modes", ()):
+                raise ValueError(f"{env_id} does not render frames (a video needs its render mode 'rgb_array'; "
+                                 f"it has {list(metadata.get('render_modes', ()))})")
             super().__init__(env_id, "gymnasium", mode, num_envs, num_envs, atari,
-                             self._vec.single_observation_space, self._vec.single_action_space)
+                             self._vec.single_observation_space, self._vec.single_action_space, render)
         except BaseException:
             self._vec.close()
             raise
@@ -487,6 +541,15 @@ class _GymnasiumVecEnv(VecEnv):
         self._actions = None
         game_over = info["game_over"] if self.atari is not None else terminated | truncated
         return obs, rewards, terminated, truncated, game_over, self._all_ids.copy()
+
+    def _render_frame(self, env_id: int) -> np.ndarray:
+        try:
+            return self._vec.envs[env_id].render()
+        except gym.error.DependencyNotInstalled as e:
+            raise ModuleNotFoundError(f"rendering {self.env_id} needs a package that is not installed: {e}") from e
+
+    def _render_fps(self) -> float:
+        return float(self._vec.envs[0].metadata.get("render_fps") or DEFAULT_RENDER_FPS)
 
     def _close(self) -> None:
         self._vec.close()
@@ -650,6 +713,7 @@ def make_env(
     batch_size: int | None = None,
     num_threads: int | None = None,
     max_episode_steps: int | None = None,
+    render: bool = False,
 ) -> VecEnv:
     """Make `num_envs` copies of `env_id` behind the `VecEnv` interface.
 
@@ -661,6 +725,7 @@ def make_env(
         whose steps cost less than handing them to another thread (CartPole trains 10% faster
         than on envpool's default), and envpool's own (one per env, up to the cores) otherwise.
     max_episode_steps: time limit override (for Atari it replaces the protocol's).
+    render: make ``VecEnv.render`` give each env's screen (a video's frames); envpool needs 1.1 or newer.
     """
     if not isinstance(env_id, str):
         raise TypeError(f"env_id must be a str, got {type(env_id).__name__}")
@@ -691,12 +756,12 @@ def make_env(
         if num_threads is not None:
             raise ValueError("num_threads is an envpool setting; this env runs on gymnasium")
         atari = atari_protocol if _is_gymnasium_atari(env_id) else None
-        return _GymnasiumVecEnv(env_id, num_envs, seed, mode, atari, max_episode_steps)
+        return _GymnasiumVecEnv(env_id, num_envs, seed, mode, atari, max_episode_steps, render)
     module = _envpool_module(env_id)
     atari = atari_protocol if module == "envpool.atari" else None
     if num_threads is None and module in _ONE_THREAD_ENVPOOL_MODULES:
         num_threads = 1
-    return _EnvpoolVecEnv(env_id, num_envs, seed, mode, batch_size, atari, num_threads, max_episode_steps)
+    return _EnvpoolVecEnv(env_id, num_envs, seed, mode, batch_size, atari, num_threads, max_episode_steps, render)
 
 
 def env_backend(env_id: str, backend: str = "auto") -> str:

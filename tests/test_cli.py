@@ -269,7 +269,7 @@ def test_eval_json_prints_exactly_one_object(run_dir, capsys):
     assert json.loads(capsys.readouterr().out) == result
 
 
-def test_eval_records_a_gif_of_an_atari_game(tmp_path, capsys):
+def test_eval_records_a_gif_of_an_atari_game_in_colour(tmp_path, capsys):
     from fastdqn.agent import DQN
     from fastdqn.config import DQNConfig
 
@@ -279,25 +279,28 @@ def test_eval_records_a_gif_of_an_atari_game(tmp_path, capsys):
     video = tmp_path / "episode.gif"
     # An untrained agent loses Pong 0-21 within a few thousand steps: one short, full game.
     assert main(["eval", str(tmp_path / "pong.pt"), "--episodes", "1", "--epsilon", "0", "--video", str(video)]) == 0
-    data = video.read_bytes()
-    assert data[:6] in (b"GIF87a", b"GIF89a")
     from PIL import Image
 
     with Image.open(video) as gif:
-        assert gif.size == (84, 84) and gif.n_frames > 100
+        assert gif.format == "GIF" and gif.size == (160, 210) and gif.n_frames > 100  # the console's screen
+        assert gif.info["duration"] >= 1000 / 15 - 1  # 15 agent steps a second: the game's own pace
+        gif.seek(gif.n_frames // 2)
+        rgb = np.asarray(gif.convert("RGB"))
+    assert (rgb[..., 0] != rgb[..., 1]).any()  # in colour, not the agent's 84x84 grayscale
     assert "mean return" in capsys.readouterr().out
 
 
-def test_eval_records_a_gif_of_the_default_cartpole_run(run_dir, tmp_path, capsys):
-    """gymnasium renders classic control with pygame, which the train extra brings."""
-    video = tmp_path / "cartpole.gif"
-    assert main(["eval", str(run_dir), "--episodes", "1", "--epsilon", "0", "--video", str(video)]) == 0
-    from PIL import Image
+def test_eval_records_an_mp4_of_the_whole_cartpole_episode(run_dir, tmp_path, capsys):
+    """One frame after the reset and one per step: CartPole's return (1 a step) counts its frames."""
+    import imageio_ffmpeg
 
-    returned = float(re.search(r"mean return ([\d.]+)", capsys.readouterr().out)[1])
-    with Image.open(video) as gif:
-        assert gif.size == (600, 400) and gif.n_frames >= 9  # CartPole's renderer; an episode lasts 9 steps or more
-    assert returned >= 8
+    video = tmp_path / "cartpole.mp4"
+    assert main(["eval", str(run_dir), "--episodes", "1", "--epsilon", "0", "--json", "--video", str(video)]) == 0
+    returned = json.loads(capsys.readouterr().out)["returns"][0]
+    decoded = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-i", str(video), "-f", "rawvideo", "-pix_fmt",
+                              "rgb24", "-"], capture_output=True, check=True)
+    assert "600x400" in decoded.stderr.decode() and "50 fps" in decoded.stderr.decode()  # gymnasium's renderer
+    assert len(decoded.stdout) == (returned + 1) * 400 * 600 * 3
 
 
 def test_a_run_directory_on_a_read_only_file_system_is_a_one_line_error(tmp_path, monkeypatch, capsys):

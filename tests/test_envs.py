@@ -518,3 +518,66 @@ def test_a_closed_env_refuses_to_step_or_reset():
     for call in (env.reset, lambda: env.step(np.zeros(2, np.int64)), env.async_reset):
         with pytest.raises(RuntimeError, match="closed"):
             call()
+
+
+def test_atari_frames_are_the_ale_screen_on_both_backends():
+    """envpool renders what gymnasium's ALE env renders: the game's own 210x160 colour screen, every step."""
+    rng = np.random.default_rng(1)
+    with make_env("Pong-v5", 2, 0, mode="eval", protocol=DETERMINISTIC_CLEANRL, render=True) as ep, \
+            make_env("ALE/Pong-v5", 2, 0, mode="eval", protocol=DETERMINISTIC_CLEANRL, render=True) as gy:
+        assert ep.render_fps == gy.render_fps == 60 / 4
+        ep.reset(), gy.reset()
+        first = ep.render(0)
+        assert first.shape == (210, 160, 3) and first.dtype == np.uint8
+        assert (first[..., 0] != first[..., 1]).any()  # colour, not the agent's grayscale
+        np.testing.assert_array_equal(first, gy.render(0))
+        for _ in range(200):
+            actions = rng.integers(ep.num_actions, size=2)
+            ep.step(actions), gy.step(actions)
+            np.testing.assert_array_equal(ep.render(0), gy.render(0))
+            np.testing.assert_array_equal(ep.render(1), gy.render(1))
+        assert not np.array_equal(ep.render(0), first)  # the game moved on
+
+
+@pytest.mark.parametrize("backend", ["envpool", "gymnasium"])
+def test_classic_control_renders_at_gymnasiums_frame_rate(backend):
+    with make_env("CartPole-v1", 1, 0, backend=backend, render=True) as env:
+        env.reset()
+        frame = env.render()
+        assert frame.shape == (400, 600, 3) and frame.dtype == np.uint8
+        assert env.render_fps == gym.make("CartPole-v1").metadata["render_fps"]
+
+
+def test_render_errors(monkeypatch):
+    with make_env("CartPole-v1", 2, 0) as env:
+        env.reset()
+        with pytest.raises(RuntimeError, match="render=True"):
+            env.render()
+    with make_env("CartPole-v1", 2, 0, render=True) as env:
+        env.reset()
+        with pytest.raises(ValueError, match="env_id"):
+            env.render(2)
+
+    class Unrenderable(gym.Env):
+        metadata = {"render_modes": []}
+        observation_space = gym.spaces.Box(0, 1, (2,), np.float32)
+        action_space = gym.spaces.Discrete(2)
+
+        def __init__(self, render_mode=None):
+            self.render_mode = render_mode
+
+    gym.register("fastdqn-test/Unrenderable-v0", entry_point=Unrenderable)
+    try:
+        with pytest.raises(ValueError, match="does not render frames"):
+            make_env("fastdqn-test/Unrenderable-v0", 1, 0, render=True)
+        make_env("fastdqn-test/Unrenderable-v0", 1, 0).close()  # without a video it runs
+    finally:
+        gym.registry.pop("fastdqn-test/Unrenderable-v0")
+
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "0.8.4" if name == "envpool" else real_version(name))
+    with pytest.raises(ValueError, match="needs envpool 1.1 or newer, installed 0.8.4"):
+        make_env("Pong-v5", 1, 0, render=True)
