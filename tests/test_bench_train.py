@@ -289,3 +289,14 @@ def test_a_cpu_run_on_a_gpu_machine_is_named_after_the_cpu():
     assert machine_name(machine, "cuda", None) == "h100-80gb-hbm3"
     assert machine_name(machine, "cpu", None) == "amd-epyc-9654-16c"  # never the GPU run's report
     assert machine_name(machine, "cpu", "My Box") == "my-box"
+
+
+def test_sb3_runs_leave_nothing_in_the_temp_folder(tmp_path, monkeypatch):
+    """SB3's default logger makes an empty /tmp/SB3-<time> folder on every learn()."""
+    pytest.importorskip("stable_baselines3")
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    config = DQNConfig.preset("cartpole", total_steps=300, learning_starts=100, num_envs=2)
+    result = bench_train.run_sb3("CartPole-v1", config, eval_episodes=0)
+    assert result["steps_per_s"] > 0 and [p.name for p in tmp_path.glob("SB3-*")] == []

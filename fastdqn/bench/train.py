@@ -96,6 +96,7 @@ def sb3_arguments(config, num_envs: int) -> dict:
 def run_sb3(env_id: str, config, eval_episodes: int) -> dict:
     import torch
     from stable_baselines3 import DQN as SB3DQN
+    from stable_baselines3.common.logger import Logger
 
     notes = []
     if config.double_dqn:
@@ -113,6 +114,7 @@ def run_sb3(env_id: str, config, eval_episodes: int) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = SB3DQN(policy, env, policy_kwargs=policy_kwargs, **kwargs)
+        model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default makes a folder in /tmp per run
         start = time.perf_counter()
         model.learn(config.total_steps)
         wall = time.perf_counter() - start
