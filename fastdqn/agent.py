@@ -588,8 +588,9 @@ class DQN:
         "returns", "protocol"}. Each of up to 8 envs plays the same number of episodes, so
         short episodes are not over-represented.
 
-        video: a .gif or .mp4 path; the first env's first episode (its first return) is
-        recorded there as the env renders it (Atari in colour at 210x160, in real time)."""
+        video: a .gif or .mp4 path; the first env's first episode (the first of the returns) is
+        recorded there as the env renders it (Atari: the 210x160 colour screen, in real time),
+        and finished when that episode ends."""
         if isinstance(episodes, bool) or not isinstance(episodes, numbers.Integral) or episodes < 1:
             raise ValueError(f"episodes must be a positive int, got {episodes!r}")
         episodes = int(episodes)
@@ -602,27 +603,37 @@ class DQN:
         return {"env": self.env_id, "episodes": episodes, "mean_return": float(np.mean(returns)),
                 "std_return": float(np.std(returns)), "returns": returns, "protocol": protocol}
 
-    def _play(self, episodes: int, epsilon: float, seed: int, video) -> tuple[list[float], str]:
+    def _play(self, episodes: int, epsilon: float, seed: int,
+              video: str | os.PathLike | None) -> tuple[list[float], str]:
         num_envs = next(k for k in range(min(episodes, 8), 0, -1) if episodes % k == 0)
         per_env = episodes // num_envs
         env = make_env(self.env_id, num_envs, seed, mode="eval", protocol=self.config.protocol,
                        backend=self.config.backend, render=video is not None)
         rng = np.random.default_rng(seed)
         returns: list[list[float]] = [[] for _ in range(num_envs)]
-        with env, VideoWriter(video, env.render_fps) if video is not None else contextlib.nullcontext() as recording:
-            obs = env.reset()
-            if recording:
-                recording.add(env.render(0))
-            while any(len(r) < per_env for r in returns):
-                result = env.step(self.predict(obs, epsilon, rng))
-                if recording and not returns[0]:  # env 0's steps, up to the end of its first game
+        with env:
+            recording = VideoWriter(video, env.render_fps) if video is not None else None
+            try:
+                obs = env.reset()
+                if recording is not None:
                     recording.add(env.render(0))
-                # Whole games' raw scores (an Atari game spans its lives), each env's first per_env.
-                for i, game_return in zip(result.episode_env_ids, result.episode_returns):
-                    if len(returns[i]) < per_env:
-                        returns[i].append(float(game_return))
-                obs = result.obs
-            return [r for env_returns in returns for r in env_returns], env.protocol_description
+                while any(len(r) < per_env for r in returns):
+                    result = env.step(self.predict(obs, epsilon, rng))
+                    if recording is not None:
+                        recording.add(env.render(0))
+                    # Whole games' raw scores (an Atari game spans its lives), each env's first per_env.
+                    for i, game_return in zip(result.episode_env_ids, result.episode_returns):
+                        if len(returns[i]) < per_env:
+                            returns[i].append(float(game_return))
+                    if recording is not None and returns[0]:  # env 0's first game is over, and so is its video
+                        recording.close()
+                        recording = None
+                    obs = result.obs
+            finally:
+                if recording is not None:
+                    recording.discard()
+            protocol = env.protocol_description
+        return [r for env_returns in returns for r in env_returns], protocol
 
     # ------------------------------------------------------------------ persistence
     def _state(self, with_rng: bool) -> dict:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdqn.metrics import _fsync_dir, atomic_write_bytes
+from fastdqn.metrics import atomic_replace, atomic_write_bytes
 
 FORMAT = "fastdqn-checkpoint"
 VERSION = 1
@@ -88,10 +88,7 @@ def _save_buffer_atomically(buffer, path: Path) -> None:
     try:
         staged = tmp / path.name
         buffer.save(str(staged))
-        with open(staged, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(staged, path)
-        _fsync_dir(path.parent)
+        atomic_replace(staged, path)
     finally:
         for leftover in tmp.iterdir():
             leftover.unlink()

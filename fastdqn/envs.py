@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import importlib.metadata
 import re
 import warnings
@@ -255,7 +254,7 @@ class VecEnv:
         return StepResult(obs, obs, rewards, terminated, truncated, valid, env_ids, episode_returns, episode_lengths,
                           ended)
 
-    @functools.cached_property
+    @property
     def render_fps(self) -> float:
         """Rendered steps per second that play the game in real time (an Atari step spans frame_skip frames)."""
         return ATARI_FPS / self.atari.frame_skip if self.atari is not None else self._render_fps()
@@ -351,8 +350,8 @@ class _EnvpoolVecEnv(VecEnv):
         kwargs: dict[str, Any] = {"num_envs": num_envs, "batch_size": batch_size, "seed": seed}
         if render:
             installed = importlib.metadata.version("envpool")
-            if tuple(int(part) for part in re.findall(r"\d+", installed)[:2]) < (1, 1):
-                raise ValueError(f"rendering {env_id} (a video) needs envpool 1.1 or newer, installed {installed}: "
+            if tuple(int(part) for part in re.findall(r"\d+", installed)[:3]) < (1, 0, 1):  # 1.0.1 added render
+                raise ValueError(f"rendering {env_id} (a video) needs envpool 1.0.1 or newer, installed {installed}: "
                                  "pip install -U envpool")
             kwargs["render_mode"] = "rgb_array"
         if num_threads is not None:
@@ -725,7 +724,7 @@ def make_env(
         whose steps cost less than handing them to another thread (CartPole trains 10% faster
         than on envpool's default), and envpool's own (one per env, up to the cores) otherwise.
     max_episode_steps: time limit override (for Atari it replaces the protocol's).
-    render: make ``VecEnv.render`` give each env's screen (a video's frames); envpool needs 1.1 or newer.
+    render: make ``VecEnv.render`` give each env's screen (a video's frames); envpool needs 1.0.1 or newer.
     """
     if not isinstance(env_id, str):
         raise TypeError(f"env_id must be a str, got {type(env_id).__name__}")

@@ -54,6 +54,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_replace(finished: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Put the file ``finished``, written beside ``path``, at ``path`` durably: its data, then its name."""
+    with open(finished, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(finished, path)
+    _fsync_dir(Path(path).parent)
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:

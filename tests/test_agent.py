@@ -620,3 +620,14 @@ def test_the_keras_rl_example_runs_again_into_a_directory_of_its_own(tmp_path):
         assert len(re.findall(r"Episode \d: reward: [\d.]+", proc.stdout)) == 5
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 2 and all((run / "dqn_CartPole-v0_weights.pt").is_file() for run in runs)
+
+
+def test_evaluate_records_the_first_episode_on_the_gymnasium_backend(tmp_path):
+    from PIL import Image, ImageSequence
+
+    dqn = agent(tmp_path, config=tiny(backend="gymnasium"))
+    result = dqn.evaluate(4, epsilon=0.5, seed=3, video=tmp_path / "cartpole.gif")
+    with Image.open(tmp_path / "cartpole.gif") as gif:
+        assert gif.size == (600, 400)
+        played_ms = sum(frame.info["duration"] for frame in ImageSequence.Iterator(gif))
+    assert played_ms == round((result["returns"][0] + 1) * 1000 / 50, -1)  # its frames at CartPole's 50 fps

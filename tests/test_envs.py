@@ -521,22 +521,27 @@ def test_a_closed_env_refuses_to_step_or_reset():
 
 
 def test_atari_frames_are_the_ale_screen_on_both_backends():
-    """envpool renders what gymnasium's ALE env renders: the game's own 210x160 colour screen, every step."""
+    """envpool renders what gymnasium's ALE env renders: the game's own 210x160 colour screen, at every step
+    of a whole game, through its life losses (Breakout presses FIRE after each) to the game's end."""
     rng = np.random.default_rng(1)
-    with make_env("Pong-v5", 2, 0, mode="eval", protocol=DETERMINISTIC_CLEANRL, render=True) as ep, \
-            make_env("ALE/Pong-v5", 2, 0, mode="eval", protocol=DETERMINISTIC_CLEANRL, render=True) as gy:
+    with make_env("Breakout-v5", 2, 0, mode="eval", protocol=DETERMINISTIC_CLEANRL, render=True) as ep, \
+            make_env("ALE/Breakout-v5", 2, 0, mode="eval", protocol=DETERMINISTIC_CLEANRL, render=True) as gy:
         assert ep.render_fps == gy.render_fps == 60 / 4
         ep.reset(), gy.reset()
         first = ep.render(0)
         assert first.shape == (210, 160, 3) and first.dtype == np.uint8
         assert (first[..., 0] != first[..., 1]).any()  # colour, not the agent's grayscale
         np.testing.assert_array_equal(first, gy.render(0))
-        for _ in range(200):
+        for step in range(3000):
             actions = rng.integers(ep.num_actions, size=2)
-            ep.step(actions), gy.step(actions)
-            np.testing.assert_array_equal(ep.render(0), gy.render(0))
-            np.testing.assert_array_equal(ep.render(1), gy.render(1))
-        assert not np.array_equal(ep.render(0), first)  # the game moved on
+            a, b = ep.step(actions), gy.step(actions)
+            np.testing.assert_array_equal(ep.render(0), gy.render(0), err_msg=f"step {step}")
+            np.testing.assert_array_equal(ep.render(1), gy.render(1), err_msg=f"step {step}")
+            if 0 in a.episode_env_ids:
+                break
+        else:
+            pytest.fail("no game ended")
+        assert 0 in b.episode_env_ids and not np.array_equal(ep.render(0), first)
 
 
 @pytest.mark.parametrize("backend", ["envpool", "gymnasium"])
@@ -579,5 +584,5 @@ def test_render_errors(monkeypatch):
     real_version = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version",
                         lambda name: "0.8.4" if name == "envpool" else real_version(name))
-    with pytest.raises(ValueError, match="needs envpool 1.1 or newer, installed 0.8.4"):
+    with pytest.raises(ValueError, match="needs envpool 1.0.1 or newer, installed 0.8.4"):
         make_env("Pong-v5", 1, 0, render=True)

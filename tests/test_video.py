@@ -39,7 +39,6 @@ def test_gif_holds_every_frame_exactly(tmp_path):
             video.add(f)
     with Image.open(tmp_path / "a.gif") as gif:
         got = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(gif)]
-        assert gif.info["duration"] == 50
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(a, b)  # eight colours fit a GIF's palette: lossless
@@ -88,6 +87,9 @@ def test_an_error_leaves_no_file_and_the_old_one_in_place(tmp_path, suffix):
 def test_bad_paths_are_refused_before_recording(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"\.gif or \.mp4 file, got .*game\.avi"):
         check_video_path(tmp_path / "game.avi")
+    (tmp_path / "folder.mp4").mkdir()
+    with pytest.raises(ValueError, match="folder.mp4 is a folder"):
+        check_video_path(tmp_path / "folder.mp4")
     with pytest.raises(ValueError, match="folder .*missing does not exist"):
         check_video_path(tmp_path / "missing" / "game.gif")
     import importlib.util
@@ -105,3 +107,63 @@ def test_a_video_without_frames_is_an_error(tmp_path):
         with VideoWriter(tmp_path / "empty.gif", fps=10):
             pass
     assert not (tmp_path / "empty.gif").exists()
+
+
+@pytest.mark.parametrize("fps", [15, 30, 50])
+def test_a_gif_plays_at_its_frame_rate(tmp_path, fps):
+    """GIF delays are whole centiseconds; the frames' total must still be frames / fps."""
+    count = 3 * fps
+    with VideoWriter(tmp_path / "a.gif", fps=fps) as video:
+        for f in frames(count, 8, 8):
+            video.add(f)
+    with Image.open(tmp_path / "a.gif") as gif:
+        delays = [f.info["duration"] for f in ImageSequence.Iterator(gif)]
+    assert len(delays) == count and sum(delays) == 3000
+    assert max(delays) - min(delays) <= 10  # spread evenly, not one long frame
+
+
+def fake_ffmpeg(tmp_path, monkeypatch, script):
+    exe = tmp_path / "ffmpeg"
+    exe.write_text("#!/bin/sh\n" + script)
+    exe.chmod(0o755)
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(exe))
+
+
+@pytest.mark.parametrize("size", [8, 512])  # frames that fit the pipe's buffer, and frames that do not
+def test_an_ffmpeg_that_fails_leaves_the_old_file_and_says_why(tmp_path, monkeypatch, size):
+    fake_ffmpeg(tmp_path, monkeypatch, "echo \"Unknown encoder 'libx264'\" >&2; exit 1\n")
+    path = tmp_path / "game.mp4"
+    path.write_bytes(b"old")
+    with pytest.raises(OSError, match=r"ffmpeg could not write .*game\.mp4 \(exit status 1\): Unknown encoder"):
+        with VideoWriter(path, fps=10) as video:
+            for f in frames(20, size, size):
+                video.add(f)
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["ffmpeg", "game.mp4"]
+
+
+def test_an_mp4_that_ffmpeg_cut_short_is_not_published(tmp_path, monkeypatch):
+    """ffmpeg stopped by a full disk: part of a file and a non-zero exit; the old video stays."""
+    real = imageio_ffmpeg.get_ffmpeg_exe()
+    fake_ffmpeg(tmp_path, monkeypatch, f'ulimit -f 20; exec "{real}" "$@"\n')
+    path = tmp_path / "game.mp4"
+    path.write_bytes(b"old")
+    rng = np.random.default_rng(0)
+    with pytest.raises(OSError, match="ffmpeg could not write"):
+        with VideoWriter(path, fps=10) as video:
+            for _ in range(30):
+                video.add(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8))  # noise: it does not compress
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["ffmpeg", "game.mp4"]
+
+
+def test_frames_that_do_not_fit_are_refused(tmp_path):
+    with VideoWriter(tmp_path / "a.mp4", fps=10) as video:
+        video.add(np.zeros((6, 4, 3), np.uint8))
+        for bad, match in [(np.zeros((6, 4, 4), np.uint8), r"\(H, W, 3\) or \(H, W\) uint8 array, got uint8 \(6, 4, 4\)"),
+                           (np.zeros((6, 4, 3), np.float32), "got float32"),
+                           (np.zeros((4, 6, 3), np.uint8), r"first frame's shape \(6, 4, 3\), got \(4, 6, 3\)")]:
+            with pytest.raises(ValueError, match=match):
+                video.add(bad)
+        video.add(np.zeros((6, 4), np.uint8))  # grayscale of the same size
+    assert decode_mp4(tmp_path / "a.mp4")[1].__len__() == 2
+    with pytest.raises(RuntimeError, match="finished"):
+        video.add(np.zeros((6, 4, 3), np.uint8))
