@@ -300,3 +300,52 @@ def test_sb3_runs_leave_nothing_in_the_temp_folder(tmp_path, monkeypatch):
     config = DQNConfig.preset("cartpole", total_steps=300, learning_starts=100, num_envs=2)
     result = bench_train.run_sb3("CartPole-v1", config, eval_episodes=0)
     assert result["steps_per_s"] > 0 and [p.name for p in tmp_path.glob("SB3-*")] == []
+
+
+def test_sb3_gets_the_learners_rmsprop(monkeypatch):
+    sb3 = pytest.importorskip("stable_baselines3")
+    import torch
+
+    made = []
+
+    class Recorded(sb3.DQN):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(sb3, "DQN", Recorded)
+    config = DQNConfig.preset("cartpole", total_steps=300, learning_starts=100, num_envs=2, optimizer="rmsprop",
+                              learning_rate=2.5e-4)
+    bench_train.run_sb3("CartPole-v1", config, eval_episodes=0)
+    optimizer = made[0].policy.optimizer
+    assert type(optimizer) is torch.optim.RMSprop
+    settings = optimizer.param_groups[0]
+    assert (settings["lr"], settings["alpha"], settings["eps"], settings["centered"]) == (2.5e-4, 0.95, 0.01, True)
+
+
+def test_set_changes_every_systems_config_and_names_the_report_apart(tmp_path, monkeypatch):
+    sb3_installed(monkeypatch)
+    ran = []
+    monkeypatch.setattr(bench_train, "in_fresh_process",
+                        lambda fn, system, env_id, config, episodes, threads: ran.append((system, config, threads))
+                        or dict(FIGURES))
+    report = bench_train.main(["--env", "CartPole-v1", "--device", "cpu", "--machine", "box", "--out", str(tmp_path),
+                               "--repeats", "1", "--set", "torch_threads=1", "--set", "batch_size=64"])
+    assert sorted(system for system, _, _ in ran) == ["async", "envpool_raw", "sb3", "sync"]
+    assert all(config.batch_size == 64 and threads == 1 for _, config, threads in ran)
+    assert report["envs"]["CartPole-v1"]["config_overrides"]["batch_size"] == 64
+    assert "--set torch_threads=1" in report["command"]
+    assert not (tmp_path / "train-box.json").exists() and len(list(tmp_path.glob("train-box-*Z.json"))) == 1
+
+
+@pytest.mark.parametrize("assignment,error", [
+    ("batch_sise=64", "--set: unknown config field 'batch_sise' (did you mean batch_size?)"),
+    ("batch_size=0", "batch_size"),
+    ("total_steps=100", "--set total_steps: use --steps"),
+    ("num-envs=4", "--set num_envs: use --num-envs"),
+])
+def test_bad_set_assignments_are_refused_before_any_system_runs(tmp_path, capsys, monkeypatch, assignment, error):
+    monkeypatch.setattr(bench_train, "in_fresh_process", lambda *args: pytest.fail("a system ran"))
+    with pytest.raises(SystemExit) as stop:
+        bench_train.main(["--env", "CartPole-v1", "--out", str(tmp_path), "--set", assignment])
+    assert stop.value.code == 2 and error in capsys.readouterr().err and not list(tmp_path.iterdir())

@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import datetime
 import importlib.util
+import inspect
 import json
 import multiprocessing
 import os
@@ -96,6 +97,8 @@ def sb3_arguments(config, num_envs: int) -> dict:
 def run_sb3(env_id: str, config, eval_episodes: int) -> dict:
     import torch
     from stable_baselines3 import DQN as SB3DQN
+
+    from fastdqn.learner import Learner
     from stable_baselines3.common.logger import Logger
 
     notes = []
@@ -111,6 +114,11 @@ def run_sb3(env_id: str, config, eval_episodes: int) -> dict:
     env, eval_env, policy, policy_kwargs = _sb3_envs(env_id, config)
     if config.optimizer == "adam":
         policy_kwargs["optimizer_kwargs"] = {"eps": config.adam_eps}
+    else:  # the learner's RMSprop, as its defaults set it (Nature DQN's)
+        learner_defaults = inspect.signature(Learner).parameters
+        policy_kwargs["optimizer_class"] = torch.optim.RMSprop
+        policy_kwargs["optimizer_kwargs"] = {key: learner_defaults[f"rmsprop_{key}"].default
+                                             for key in ("alpha", "eps", "centered")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = SB3DQN(policy, env, policy_kwargs=policy_kwargs, **kwargs)
@@ -296,13 +304,18 @@ def main(argv: list[str] | None = None) -> dict:
                         help="runs of each system, interleaved so that machine noise hits all alike; the report "
                              "keeps each system's median run by steps/s and lists every run's steps/s (default 5)")
     parser.add_argument("--seed", type=int_at_least(0, "a non-negative integer"), default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="assignments",
+                        help="a config field for every system and env, over the preset (repeatable; e.g. "
+                             "torch_threads=1, batch_size=64; SB3 gets what it can express, and the report notes "
+                             "what it cannot); steps and envs have their own flags")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N (all systems)")
     parser.add_argument("--eval-episodes", type=int_at_least(0, "a non-negative integer"), default=None,
                         help="greedy evaluation episodes after training (default 10; 0 for Atari, whose short "
                              "runs learn nothing and whose untrained agents can stall a game until its time limit)")
     parser.add_argument("--out", default="benchmarks/results",
                         help="directory for train-<machine>.json and .md; a run with other settings than the "
-                             "defaults (--env, --steps, --systems, --num-envs, --repeats, --seed, --eval-episodes), "
+                             "defaults (--env, --steps, --systems, --num-envs, --repeats, --seed, --set, "
+                             "--eval-episodes), "
                              "without SB3 installed, or with a system that failed adds its start time to the names, "
                              "so that it replaces no full run's report; while it runs, the report is "
                              "train-<machine>-incomplete.*; '' writes none")
@@ -319,6 +332,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.seed > MAX_SEED:
         parser.error(f"--seed must be at most {MAX_SEED}, got {args.seed}")
+    for assignment, flag in (("total_steps", "--steps"), ("num_envs", "--num-envs"), ("seed", "--seed"),
+                             ("device", "--device")):
+        if any(a.partition("=")[0].strip().replace("-", "_") == assignment for a in args.assignments):
+            parser.error(f"--set {assignment}: use {flag}")
     env_ids = list(dict.fromkeys(args.env or DEFAULT_ENVS))  # each env once
     for env_id in env_ids:
         try:
@@ -346,6 +363,10 @@ def main(argv: list[str] | None = None) -> dict:
         if steps is None and is_atari_id(env_id):
             steps = 20_000 if device.startswith("cuda") else 4_000
         preset, config = bench_config(env_id, steps, args.seed, device, args.num_envs)
+        try:
+            config = config.with_overrides(args.assignments)
+        except ValueError as e:
+            parser.error(str(e) if str(e).startswith("--set") else f"--set: {e}")
         if "sb3" in systems:
             try:
                 sb3_arguments(config, config.num_envs)
@@ -361,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
     machine = machine_info(PEER_PACKAGES)
     changed = missing + [flag for flag, name in (
         ("--env", "env"), ("--steps", "steps"), ("--systems", "systems"), ("--num-envs", "num_envs"),
-        ("--repeats", "repeats"), ("--seed", "seed"), ("--eval-episodes", "eval_episodes"))
+        ("--repeats", "repeats"), ("--seed", "seed"), ("--set", "assignments"), ("--eval-episodes", "eval_episodes"))
         if getattr(args, name) != parser.get_default(name)]
     machine_slug = machine_name(machine, device, args.machine)
     stem = report_stem("train", machine_slug, changed, started)
