@@ -25,6 +25,7 @@ from pathlib import Path
 
 from fastdqn.config import int_at_least
 from fastdqn.metrics import RunDirectoryInUse, RunDirectoryLock, read_config, read_csv
+from fastdqn.progress import show_line
 from fastdqn.signals import handling
 
 BENCHMARKS = {
@@ -151,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args) -> int:
     with _usage_errors("train"):
         agent, total = _agent_to_train(args)
-    print(f"run directory: {agent.run_dir}", file=sys.stderr)
+    show_line(f"run directory: {agent.run_dir}")
     signals: list[int] = []  # SIGTERM, if that is what stopped the run
     try:
         with _sigterm_as_ctrl_c(agent, signals):
@@ -166,8 +167,8 @@ def _train(args) -> int:
     evals = read_csv(Path(agent.run_dir) / "eval.csv")
     if evals:
         last = evals[-1]
-        print(f"final eval: mean return {last['mean_return']:.1f} +- {last['std_return']:.1f} "
-              f"over {int(last['episodes'])} episodes; run directory {agent.run_dir}", file=sys.stderr)
+        show_line(f"final eval: mean return {last['mean_return']:.1f} +- {last['std_return']:.1f} "
+                  f"over {int(last['episodes'])} episodes; run directory {agent.run_dir}")
     return 0
 
 
@@ -196,12 +197,12 @@ def _stopped(agent, status: int) -> int:
     returns the exit status (128 + the signal's number, as a shell reports a process it stopped)."""
     from fastdqn.checkpoint import checkpoint_dir, checkpoint_step, list_checkpoints
 
-    print(f"\nstopped at step {agent.env_steps:,}", file=sys.stderr)
+    show_line(f"\nstopped at step {agent.env_steps:,}")
     checkpoints = list_checkpoints(checkpoint_dir(agent.run_dir))
     step = checkpoint_step(checkpoints[-1]) if checkpoints else 0
     resumed_from = "" if step == agent.env_steps else \
         f" (from its checkpoint at step {step:,})" if checkpoints else " (it has no checkpoint: that starts it over)"
-    print(f"continue with: fastdqn train --resume {agent.run_dir}{resumed_from}", file=sys.stderr)
+    show_line(f"continue with: fastdqn train --resume {agent.run_dir}{resumed_from}")
     return status
 
 
@@ -223,7 +224,7 @@ def _agent_to_train(args):
         agent = DQN.resume(args.resume, device=args.device, progress=not args.no_progress,
                            tensorboard=not args.no_tensorboard)
         if agent.env_steps == 0:
-            print(f"{args.resume} holds no checkpoint: the run starts over from step 0", file=sys.stderr)
+            show_line(f"{args.resume} holds no checkpoint: the run starts over from step 0")
         total = args.total_steps or agent.scheduled_total_steps
         # With its steps taken, a run has something left only if it was stopped at its end
         # (in its final evaluation), and that is the total it goes on to.

@@ -20,13 +20,12 @@ import json
 import math
 import os
 import secrets
-import sys
 import time
 import warnings
 import weakref
 from pathlib import Path
 
-from fastdqn.progress import ProgressPostfix, make_progress
+from fastdqn.progress import ProgressPostfix, make_progress, show_line
 
 METRIC_COLUMNS = ["step", "wall_time", "steps_per_s", "updates", "episodes", "episode_return",
                   "episode_return_100", "episode_length", "loss", "q_mean", "epsilon"]
@@ -305,7 +304,7 @@ class RunLogger:
         if self._progress is not None:
             self._progress.write(text)
         else:
-            print(text, file=sys.stderr, flush=True)
+            show_line(text)
 
     def _write(self, handle, row: dict) -> None:
         f, writer = handle

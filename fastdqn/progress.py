@@ -3,6 +3,7 @@ periodic lines elsewhere (a log file, a batch job, CI), where the bar's redraws 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -10,6 +11,15 @@ from typing import Callable, TextIO
 
 LINE_INTERVAL_S = 10.0
 """Seconds between two progress lines when stderr is not a terminal."""
+
+
+def show_line(text: str, file: TextIO | None = None) -> None:
+    """Print ``text`` to ``file`` (stderr) for whoever watches. A console that is gone (a closed
+    pipe such as ``| tee`` after Ctrl-C, a hung-up terminal) never stops a run: the line is dropped."""
+    try:
+        print(text, file=file if file is not None else sys.stderr, flush=True)
+    except (OSError, ValueError):  # ValueError: the stream was closed
+        pass
 
 
 class ProgressPostfix:
@@ -43,14 +53,17 @@ class ProgressBar:
                           desc=name)
 
     def show(self, step: int, text: str) -> None:
-        self._tqdm.update(step - self._tqdm.n)
-        self._tqdm.set_postfix_str(text, refresh=False)
+        with contextlib.suppress(OSError, ValueError):  # as show_line
+            self._tqdm.update(step - self._tqdm.n)
+            self._tqdm.set_postfix_str(text, refresh=False)
 
     def write(self, text: str) -> None:
-        self._tqdm.write(text)
+        with contextlib.suppress(OSError, ValueError):
+            self._tqdm.write(text)
 
     def close(self) -> None:
-        self._tqdm.close()
+        with contextlib.suppress(OSError, ValueError):
+            self._tqdm.close()
 
 
 class ProgressLines:
@@ -79,7 +92,7 @@ class ProgressLines:
                    f"{rate:,.0f} steps/s, ETA {eta}" + (f", {text}" if text else ""))
 
     def write(self, text: str) -> None:
-        print(text, file=self._file, flush=True)
+        show_line(text, self._file)
 
     def close(self) -> None:
         pass

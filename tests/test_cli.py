@@ -409,6 +409,27 @@ def test_a_missing_third_party_module_is_one_line_and_fastdqns_own_a_traceback(t
     assert not (tmp_path / "run" / "config.json").exists()
 
 
+class ClosedPipe(io.TextIOBase):
+    """stderr after the reader of its pipe has gone (``| tee log`` after a Ctrl-C, which tee gets too)."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.filterwarnings("ignore:this checkpoint holds no replay buffer")
+def test_a_console_that_is_gone_does_not_cost_the_checkpoint(tmp_path, monkeypatch):
+    from fastdqn.checkpoint import checkpoint_step, list_checkpoints
+    from fastdqn.learner import Learner
+
+    path = tmp_path / "run"
+    monkeypatch.setattr(Learner, "act", ctrl_c_on_call(Learner.act, {45}))
+    monkeypatch.setattr(sys, "stderr", ClosedPipe())
+    with default_ctrl_c():
+        assert main(["train", "--run-dir", str(path), *QUICK, "--set", "checkpoint_interval=200"]) == 130
+    stopped = read_csv(path / "metrics.csv")[-1]["step"]
+    assert 400 < stopped < 600 and checkpoint_step(list_checkpoints(path / "checkpoints")[-1]) == stopped
+
+
 def test_ctrl_c_outside_training_is_a_line_not_a_traceback(monkeypatch, capsys):
     from fastdqn.agent import DQN
 
