@@ -371,20 +371,8 @@ def preset_for_env(env_id: str) -> str:
     for prefix, name in _CLASSIC_PRESETS.items():
         if env_id.startswith(prefix):
             return name
+    from fastdqn.envs import is_atari_id  # (gymnasium, which the buffer alone does not need)
+
     if is_atari_id(env_id):
         return "atari"
     return "classic"
-
-
-def is_atari_id(env_id: str) -> bool:
-    """True for envpool Atari ids (``Pong-v5``) and gymnasium ALE ids (``ALE/Pong-v5``)."""
-    if env_id.startswith("ALE/"):
-        return True
-    if not env_id.endswith("-v5"):
-        return False
-    try:
-        import envpool
-    except ImportError:
-        return False
-    return env_id in envpool.list_all_envs() and "/" not in env_id and not env_id.startswith(("Minigrid", "Procgen"))
-

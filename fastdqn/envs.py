@@ -25,7 +25,7 @@ import numpy as np
 from gymnasium.envs.registration import load_env_creator
 
 __all__ = ["ATARI_PROTOCOLS", "AtariPreprocessing", "AtariProtocol", "StepResult", "VecEnv", "env_backend",
-           "make_env"]
+           "is_atari_id", "make_env"]
 
 ATARI_FRAME_SIZE = 84
 ATARI_FRAME_STACK = 4
@@ -686,6 +686,17 @@ def _envpool_module(env_id: str) -> str:
     from envpool.registration import registry
 
     return registry.specs[env_id][0]
+
+
+def is_atari_id(env_id: str, backend: str = "auto") -> bool:
+    """Whether ``make_env`` plays ``env_id`` as Atari, under an Atari protocol: envpool's Atari ids
+    (``Pong-v5``) and every id gymnasium's ALE registers (``ALE/Pong-v5``, CleanRL's
+    ``PongNoFrameskip-v4``). False for an id neither knows."""
+    try:
+        backend = env_backend(env_id, backend)
+    except (ValueError, ImportError):
+        return False
+    return _envpool_module(env_id) == "envpool.atari" if backend == "envpool" else _is_gymnasium_atari(env_id)
 
 
 def _is_gymnasium_atari(env_id: str) -> bool:

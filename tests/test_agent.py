@@ -585,7 +585,10 @@ def test_torch_threads_are_capped_at_the_cores_the_process_may_use(monkeypatch, 
 def test_presets_follow_env():
     assert preset_for_env("CartPole-v1") == "cartpole"
     assert preset_for_env("Pong-v5") == "atari" and preset_for_env("ALE/Pong-v5") == "atari"
+    # CleanRL's own ids, which the gymnasium fallback plays as Atari, get its dqn_atari settings too.
+    assert preset_for_env("BreakoutNoFrameskip-v4") == preset_for_env("Breakout-v4") == "atari"
     assert preset_for_env("LunarLander-v3") == "classic"
+    assert preset_for_env("MiniGrid-Empty-5x5-v0") == preset_for_env("NotAnEnv-v0") == "classic"
     atari = DQNConfig.preset("atari")
     # CleanRL dqn_atari: a target copy every 1000 env steps at one update per 4 steps.
     assert atari.target_update_interval / atari.replay_ratio == 1000

@@ -586,3 +586,20 @@ def test_render_errors(monkeypatch):
                         lambda name: "0.8.4" if name == "envpool" else real_version(name))
     with pytest.raises(ValueError, match="needs envpool 1.0.1 or newer, installed 0.8.4"):
         make_env("Pong-v5", 1, 0, render=True)
+
+
+@pytest.mark.parametrize("env_id,backend", [("Pong-v5", "envpool"), ("ALE/Pong-v5", "gymnasium"),
+                                            ("PongNoFrameskip-v4", "gymnasium"), ("Breakout-v4", "gymnasium")])
+def test_every_atari_id_is_played_as_atari_and_named_so(env_id, backend):
+    from fastdqn.envs import is_atari_id
+
+    with make_env(env_id, 1, 0) as env:
+        assert env.backend == backend and env.protocol == "cleanrl" and env.obs_shape == (4, 84, 84)
+    assert is_atari_id(env_id)
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Acrobot-v1", "MountainCar-v0", "NotAnEnv-v0"])
+def test_other_ids_are_not_atari(env_id):
+    from fastdqn.envs import is_atari_id
+
+    assert not is_atari_id(env_id)

@@ -37,6 +37,7 @@ import inspect
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 import traceback
@@ -145,7 +146,7 @@ def run_sb3(env_id: str, config, eval_episodes: int) -> dict:
 
 
 def _sb3_envs(env_id: str, config):
-    from fastdqn.config import is_atari_id
+    from fastdqn.envs import is_atari_id
 
     if is_atari_id(env_id):
         import ale_py
@@ -154,7 +155,7 @@ def _sb3_envs(env_id: str, config):
         from stable_baselines3.common.vec_env import VecFrameStack
 
         gym.register_envs(ale_py)
-        game = env_id.removeprefix("ALE/").removesuffix("-v5")
+        game = re.fullmatch(r"(?:ALE/)?(\w+?)(?:NoFrameskip)?-v\d+", env_id)[1]
         sb3_id = f"{game}NoFrameskip-v4"  # SB3's AtariWrapper = CleanRL's protocol on the v4 NoFrameskip id
         env = VecFrameStack(make_atari_env(sb3_id, n_envs=config.num_envs, seed=config.seed), 4)
         # Life losses reset as in training (FIRE after each), as fastdqn's evaluation does;
@@ -327,8 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(systems) - set(SYSTEMS)
     if unknown or not systems:
         parser.error(f"--systems must name some of {', '.join(SYSTEMS)}, got {args.systems!r}")
-    from fastdqn.config import MAX_SEED, DQNConfig, is_atari_id
-    from fastdqn.envs import env_backend
+    from fastdqn.config import MAX_SEED, DQNConfig
+    from fastdqn.envs import env_backend, is_atari_id
 
     if args.seed > MAX_SEED:
         parser.error(f"--seed must be at most {MAX_SEED}, got {args.seed}")
