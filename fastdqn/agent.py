@@ -42,7 +42,7 @@ from fastdqn import checkpoint as ckpt
 from fastdqn.config import DQNConfig, preset_for_env
 from fastdqn.envs import make_env
 from fastdqn.learner import Learner
-from fastdqn.metrics import RunLogger, atomic_write_bytes, read_config, read_csv
+from fastdqn.metrics import RunDirectoryLock, RunLogger, atomic_write_bytes, read_config, read_csv
 from fastdqn.networks import build_q_network
 from fastdqn.replay import _cast_bounds
 from fastdqn.signals import handling
@@ -670,8 +670,7 @@ class DQN:
         """An agent from ``DQN.save``'s file, a checkpoint, or a run directory (its newest
         checkpoint). A run checkpoint also restores the RNG states and, with load_buffer,
         the replay buffer, so that ``learn`` continues exactly where the run stopped."""
-        path = ckpt.resolve_checkpoint(path)
-        state = ckpt.load_checkpoint(path)
+        path, state = ckpt.load_newest(path, with_buffer=load_buffer)
         _check_network_given(path, state, q_network)
         config = _config_on(state["config"], device)
         if run_dir is None and path.parent.name == "checkpoints":
@@ -690,6 +689,7 @@ class DQN:
         (``env_steps``), and its learn() rewrites the run's logs. A finished run without a
         checkpoint (they were deleted) raises ValueError: its logs are all that is left of it."""
         record = read_config(run_dir)
+        RunDirectoryLock(run_dir).release()  # a run still going: RunDirectoryInUse now, not a checkpoint it removes
         if ckpt.latest_checkpoint(run_dir) is not None:
             return cls.load(run_dir, run_dir=run_dir, device=device, q_network=q_network, load_buffer=load_buffer,
                             **kwargs)

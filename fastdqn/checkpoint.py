@@ -135,9 +135,25 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise ValueError(f"{path} is neither a checkpoint file nor a run directory")
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+def load_newest(path: str | os.PathLike, with_buffer: bool = True) -> tuple[Path, dict]:
+    """``resolve_checkpoint`` then ``load_checkpoint``. A run that is still going keeps only its
+    newest checkpoint, and may remove the one found here before it is read: then the one that
+    replaced it is read."""
+    attempts = 10
+    while True:
+        found = resolve_checkpoint(path)
+        try:
+            return found, load_checkpoint(found, with_buffer=with_buffer)
+        except (OSError, ValueError):
+            attempts -= 1
+            if found.exists() or not Path(path).is_dir() or not attempts:
+                raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", with_buffer: bool = True) -> dict:
     """The state saved by ``save_checkpoint`` (or ``DQN.save``), loaded without running code.
-    ``state["buffer_path"]`` is the buffer file's full path, or None."""
+    ``state["buffer_path"]`` is the buffer file's full path, or None; ``with_buffer``: that file
+    must be there (a ValueError otherwise; without it, the .pt alone is read, as to evaluate)."""
     path = Path(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -155,7 +171,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise ValueError(f"{path} has checkpoint version {state.get('version')}, this fastdqn reads {VERSION}")
     buffer_file = state.get("buffer_file")
     state["buffer_path"] = str(path.parent / buffer_file) if buffer_file else None
-    if buffer_file and not os.path.exists(state["buffer_path"]):
+    if with_buffer and buffer_file and not os.path.exists(state["buffer_path"]):
         raise ValueError(f"{path} names replay buffer {buffer_file}, which is missing")
     return state
 

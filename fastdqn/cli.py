@@ -24,7 +24,7 @@ import textwrap
 from pathlib import Path
 
 from fastdqn.config import int_at_least
-from fastdqn.metrics import RunDirectoryInUse, RunDirectoryLock, read_config, read_csv
+from fastdqn.metrics import RunDirectoryInUse, read_config, read_csv
 from fastdqn.progress import show_line
 from fastdqn.signals import handling
 
@@ -220,7 +220,6 @@ def _agent_to_train(args):
         from fastdqn.agent import DQN
 
         read_config(args.resume)  # a run directory, or a one-line error
-        RunDirectoryLock(args.resume).release()  # in use by another run: say so before loading it
         agent = DQN.resume(args.resume, device=args.device, progress=not args.no_progress,
                            tensorboard=not args.no_tensorboard)
         if agent.env_steps == 0:

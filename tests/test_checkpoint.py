@@ -1,5 +1,6 @@
 """Checkpoints: atomic files, code-free loading, and resume that reproduces an uninterrupted run."""
 
+import json
 import os
 import pickle
 import random
@@ -240,3 +241,46 @@ def test_tensorboard_after_a_resume_reads_as_one_run_like_the_csvs(tmp_path):
     evals = [event.step for event in events.Scalars("eval/mean_return")]
     assert train == [row["step"] for row in read_csv(run / "metrics.csv")] == list(range(100, 900, 100))
     assert evals == [row["step"] for row in read_csv(run / "eval.csv")] == [200, 400, 600, 800]
+
+
+def test_a_checkpoint_without_its_replay_file_loads_to_evaluate(tmp_path, capsys):
+    """An Atari .replay is gigabytes and its .pt megabytes: the .pt alone is what one copies to evaluate."""
+    run = make(tmp_path / "run", DQNConfig(**RESUME))
+    run.learn(400)
+    pt = ckpt.latest_checkpoint(tmp_path / "run")
+    assert pt.with_suffix(".replay").is_file()
+    alone = tmp_path / "copied" / pt.name
+    alone.parent.mkdir()
+    alone.write_bytes(pt.read_bytes())
+    agent = DQN.load(alone, load_buffer=False, progress=False, tensorboard=False)
+    assert_same_learner(agent, run)
+    assert main(["eval", str(alone), "--episodes", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["episodes"] == 2
+    with pytest.raises(ValueError, match=f"names replay buffer {pt.with_suffix('.replay').name}, which is missing"):
+        DQN.load(alone, progress=False, tensorboard=False)  # to go on learning exactly, the buffer is needed
+
+
+def test_loading_a_run_that_replaces_its_checkpoint_meanwhile_reads_the_new_one(tmp_path, monkeypatch):
+    """A run still going keeps its newest checkpoint only: the one found may be gone when read."""
+    run = make(tmp_path / "run", DQNConfig(**RESUME))
+    run.learn(800)
+    newest = ckpt.latest_checkpoint(tmp_path / "run")
+    older = newest.with_name("step-000000000400.pt")  # as it was found, just before the run replaced it
+    found = []
+    monkeypatch.setattr(ckpt, "resolve_checkpoint", lambda path: found.append(older if not found else newest)
+                        or found[-1])
+    agent = DQN.load(tmp_path / "run", load_buffer=False, progress=False, tensorboard=False)
+    assert found == [older, newest] and agent.env_steps == 800
+
+
+def test_resume_of_a_run_still_going_is_refused_before_reading_it(tmp_path):
+    from fastdqn.metrics import RunDirectoryInUse, RunDirectoryLock
+
+    make(tmp_path / "run", DQNConfig(**RESUME)).learn(400)
+    held = RunDirectoryLock(tmp_path / "run")
+    try:
+        with pytest.raises(RunDirectoryInUse, match="in use by another run"):
+            DQN.resume(tmp_path / "run", progress=False, tensorboard=False)
+    finally:
+        held.release()
+    assert DQN.resume(tmp_path / "run", progress=False, tensorboard=False).env_steps == 400
