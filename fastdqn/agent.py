@@ -302,8 +302,9 @@ class DQN:
         end there as truncations. Either way the next call restarts the envs and goes on."""
         c = self.config
         total = self.scheduled_total_steps if total_steps is None else total_steps
-        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+        if isinstance(total, bool) or not isinstance(total, numbers.Integral) or total < 1:
             raise ValueError(f"total_steps must be a positive int, got {total!r}")
+        total = int(total)
         last_step = self.env_steps + math.ceil(max(total - self.env_steps, 0) / c.num_envs) * c.num_envs
         if last_step > self.env_steps and self.updates_due(last_step) == 0:  # not the gap between two rounds
             warnings.warn(f"learn({total}) makes no update: learning starts after learning_starts="

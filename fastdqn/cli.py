@@ -70,7 +70,7 @@ def _first_line(error: BaseException) -> str:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(f"{self.prog}: error: {message}")
 
 
 _positive_int = int_at_least(1, "a positive integer")
@@ -216,7 +216,7 @@ def _agent_to_train(args):
         if args.overrides:
             given.append("--set")
         if given:
-            raise UsageError(f"fastdqn train: --resume continues the run's own config; drop {', '.join(given)}")
+            raise UsageError(f"fastdqn train: error: --resume continues the run's own config; drop {', '.join(given)}")
         from fastdqn.agent import DQN
 
         read_config(args.resume)  # a run directory, or a one-line error
@@ -228,7 +228,7 @@ def _agent_to_train(args):
         # With its steps taken, a run has something left only if it was stopped at its end
         # (in its final evaluation), and that is the total it goes on to.
         if total <= agent.env_steps and agent.unfinished_total_steps != total:
-            raise UsageError(f"fastdqn train: the run already has {agent.env_steps} steps; "
+            raise UsageError(f"fastdqn train: error: the run already has {agent.env_steps} steps; "
                              f"pass --total-steps above that to continue")
     else:
         from fastdqn.config import DQNConfig, preset_for_env
@@ -239,7 +239,7 @@ def _agent_to_train(args):
                   "device": args.device, "pipeline": args.pipeline}
         config = config.with_overrides(args.overrides + [f"{k}={v}" for k, v in direct.items() if v is not None])
         if args.run_dir is not None and (Path(args.run_dir) / "config.json").exists():
-            raise UsageError(f"fastdqn train: {args.run_dir} already holds a run; use --resume {args.run_dir} "
+            raise UsageError(f"fastdqn train: error: {args.run_dir} already holds a run; use --resume {args.run_dir} "
                              "or another --run-dir")
         from fastdqn.agent import DQN
 
@@ -285,7 +285,7 @@ def _plot(args) -> int:
 
 def _bench(args) -> int:
     if args.name not in BENCHMARKS:
-        raise UsageError(f"fastdqn bench: unknown benchmark {args.name!r}; choose from {', '.join(BENCHMARKS)}")
+        raise UsageError(f"fastdqn bench: error: unknown benchmark {args.name!r}; choose from {', '.join(BENCHMARKS)}")
     module = importlib.import_module(f"fastdqn.bench.{args.name}")
     status = module.main(args.args)  # benchmarks return their report; only an int is an exit status
     return status if isinstance(status, int) else 0

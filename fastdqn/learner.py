@@ -633,8 +633,9 @@ class Learner:
         # Network weights are copied in place, so the captured graphs keep pointing at them.
         try:
             self.q_network.load_state_dict(state["q_network"])
-        except RuntimeError as e:  # torch's message lists every missing and unexpected key
-            raise ValueError(f"the saved q_network does not fit this one: {str(e).splitlines()[0]}") from e
+        except RuntimeError as e:  # torch's message lists every missing and unexpected key, a line each
+            details = "; ".join(line.strip().rstrip(".") for line in str(e).splitlines()[1:] if line.strip())
+            raise ValueError(f"the saved q_network does not fit this one: {details or e}") from e
         self.target_network.load_state_dict(state["target_network"])
         # A deep copy: torch's loader keeps tensors that already sit on the right device, which
         # would share optimizer moments with whoever handed us this state.

@@ -36,6 +36,8 @@ EVAL_COLUMNS = ["step", "wall_time", "episodes", "mean_return", "std_return", "m
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
     path = Path(path)
+    if not path.parent.is_dir():  # named now: the error would name the temporary file
+        raise FileNotFoundError(errno.ENOENT, "no such folder", str(path.parent))
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     # os.open, not mkstemp: the file gets the permissions the umask gives (mkstemp's are 0600,
     # which would hide a run's results from the group, or from a TensorBoard run by another user).

@@ -123,5 +123,9 @@ def build_q_network(obs_shape: Sequence[int], num_actions: int, *, hidden_sizes:
     if not obs_shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in obs_shape):
         raise ValueError(f"obs_shape must be a non-empty tuple of positive ints, got {obs_shape!r}")
     if len(obs_shape) == 3:
+        if obs_shape[2] <= 4 < obs_shape[0]:  # gymnasium's image convention, (H, W, C)
+            raise ValueError(f"image observations must be channels-first (C, H, W), as torch's convolutions take "
+                             f"them; {obs_shape} looks channels-last (H, W, C): transpose them in an "
+                             "ObservationWrapper (obs.transpose(2, 0, 1)), or pass your own q_network")
         return NatureCNN(obs_shape[0], num_actions, dueling=dueling, input_size=obs_shape[1:])
     return MLP(math.prod(obs_shape), num_actions, hidden_sizes=hidden_sizes, dueling=dueling)

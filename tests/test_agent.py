@@ -411,7 +411,9 @@ def test_a_custom_q_networks_run_is_loaded_and_resumed_with_a_network_of_its_arc
                                              r"Sequential\): pass q_network="):
             load(progress=False, tensorboard=False)
         other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
-        with pytest.raises(ValueError, match="the saved q_network does not fit this one"):
+        with pytest.raises(ValueError, match=r"the saved q_network does not fit this one: Unexpected key\(s\) in "
+                                             r"state_dict: \"3\.weight\", \"3\.bias\"; size mismatch for 1\.weight: "
+                                             r"copying a param with shape torch\.Size\(\[8, 4\]\)"):
             load(q_network=other, progress=False, tensorboard=False)
         loaded = load(q_network=network(), progress=False, tensorboard=False)
         for a, b in zip(loaded.q_network.parameters(), trained.q_network.parameters(), strict=True):
@@ -634,3 +636,14 @@ def test_evaluate_records_the_first_episode_on_the_gymnasium_backend(tmp_path):
         assert gif.size == (600, 400)
         played_ms = sum(frame.info["duration"] for frame in ImageSequence.Iterator(gif))
     assert played_ms == round((result["returns"][0] + 1) * 1000 / 50, -1)  # its frames at CartPole's 50 fps
+
+
+def test_numpy_integers_are_integers(tmp_path):
+    dqn = agent(tmp_path, config=tiny(eval_episodes=0))
+    dqn.learn(np.int64(100))
+    assert dqn.env_steps == 100 and len(dqn.evaluate(np.int64(2))["returns"]) == 2
+
+
+def test_saving_into_a_missing_folder_names_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"no such folder: '{tmp_path / 'missing'}'"):
+        agent(tmp_path).save(tmp_path / "missing" / "agent.pt")

@@ -381,6 +381,7 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys, request, 
     err = captured.err.strip()
     assert len(err.splitlines()) == 1, err
     assert message in err and "Traceback" not in err
+    assert re.match(r"fastdqn( [a-z]+)?: error: ", err), err  # one form for every usage error, as argparse's
 
 
 def test_console_entry_point_reports_errors_without_traceback(tmp_path):

@@ -97,6 +97,7 @@ def test_build_q_network_picks_cnn_for_images_and_mlp_otherwise():
     (lambda: MLP(4, 2, hidden_sizes=(8, -1)), "hidden_sizes"),
     (lambda: NatureCNN(0, 2), "in_channels"),
     (lambda: MLP(2.5, 2), "obs_dim"),
+    (lambda: build_q_network((84, 84, 3), 4), r"channels-first \(C, H, W\).*; \(84, 84, 3\) looks channels-last"),
 ])
 def test_bad_arguments_raise_value_errors_naming_them(call, match):
     with pytest.raises(ValueError, match=match):
