@@ -574,7 +574,7 @@ class DQN:
                 raise ValueError(f"obs values must fit the env's dtype {expected}, got values from "
                                  f"{obs.min()} to {obs.max()}")
         batch = (obs[None] if single else obs).astype(expected, copy=False)
-        q = self.q_network(torch.as_tensor(batch, device=self.device))
+        q = self.learner.q_values(torch.as_tensor(batch, device=self.device))
         actions = q.argmax(dim=1).cpu().numpy()
         if epsilon > 0:
             rng = rng if rng is not None else np.random.default_rng()

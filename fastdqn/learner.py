@@ -76,6 +76,10 @@ def _field_getter(batch):
     return lambda name: getattr(batch, name, None)
 
 
+def _floating(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t for t in tensors if t.is_floating_point()]
+
+
 def network_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     """A network's parameters and buffers, detached: what a copy of it must hold to act alike."""
     return [t.detach() for t in module.parameters()] + [t.detach() for t in module.buffers()]
@@ -220,10 +224,14 @@ class Learner:
             raise ValueError("q_network must map (N, *obs_shape) observations to float Q-values (N, num_actions), "
                              f"got output of shape {tuple(probe.shape)} and dtype {probe.dtype}")
         self.num_actions = probe.shape[1]
-        self.target_network = copy.deepcopy(self.q_network).requires_grad_(False)
-        self._online_params = list(self.q_network.parameters())
-        self._target_params = list(self.target_network.parameters())
-        self.actor_network = (copy.deepcopy(self.q_network).requires_grad_(False) if actor_copy
+        # The online network trains in train mode and acts in eval mode (dropout off, batch norm on
+        # its running statistics); the target network and the actor's copy only ever infer. The
+        # target follows the online network's floating-point buffers (batch norm's statistics) as
+        # it follows its parameters.
+        self.target_network = copy.deepcopy(self.q_network).requires_grad_(False).eval()
+        self._online_tensors = _floating(network_tensors(self.q_network))
+        self._target_tensors = _floating(network_tensors(self.target_network))
+        self.actor_network = (copy.deepcopy(self.q_network).requires_grad_(False).eval() if actor_copy
                               else self.q_network)
 
         self._params = [p for p in self.q_network.parameters() if p.requires_grad]
@@ -352,6 +360,7 @@ class Learner:
             raise ValueError(f"next_q must have shape ({self.batch_size},), got {tuple(next_q.shape)}")
         names = (_FRAME_BATCH_FIELDS if frame_layout else _BATCH_FIELDS) + (("weights",) if self.prioritized else ())
         values = [field(name) for name in names]
+        self._online_mode(training=True)
         with self._no_autograd():  # the autograd path turns grad mode on where it needs it
             if self.device.type == "cpu" and frame_layout:  # nothing to stage: the step reads the batch where it is
                 self._train_step_on_frames(self._cpu_batch(names, values))
@@ -466,7 +475,7 @@ class Learner:
         self._update_count.add_(1)
         if self.cuda_graph:  # branch-free inside the graph: a lerp of weight tau when due, else 0
             weight = self._tau * (self._update_count % self.target_update_interval == 0)
-            self._lerp_target([weight] * len(self._target_params))
+            self._lerp_target([weight] * len(self._target_tensors))
         elif (self.num_updates + 1) % self.target_update_interval == 0:  # eager: the host knows the count
             self._lerp_target(self.tau)
         torch.abs(td_error, out=self.new_priorities)
@@ -532,7 +541,7 @@ class Learner:
             return self._target_forwards[rows](next_obs).amax(dim=1)
 
     def _lerp_target(self, weight) -> None:
-        torch._foreach_lerp_(self._target_params, self._online_params, weight)
+        torch._foreach_lerp_(self._target_tensors, self._online_tensors, weight)
 
     def metrics(self) -> dict:
         """Means of loss, Q(s, a) of the batch actions and gradient norm (before clipping)
@@ -561,6 +570,8 @@ class Learner:
             self._epsilon.copy_(epsilon, non_blocking=True)
         else:
             self._epsilon.fill_(float(epsilon))
+        if self.actor_network is self.q_network:  # (a copy stays in eval mode; the online one may be training)
+            self._online_mode(training=False)
         if obs.shape[0] != self.num_envs:
             draws = torch.from_numpy(self.act_rng.random((2, len(obs)), dtype=np.float32))
             with torch.no_grad():
@@ -594,6 +605,19 @@ class Learner:
         """Whether ``act`` for num_envs observations replays a captured CUDA graph yet (it
         runs eagerly for a few warm-up calls first). Always False without CUDA graphs."""
         return isinstance(self._act_step, _GraphedStep) and self._act_step.graph is not None
+
+    @torch.no_grad()
+    def q_values(self, obs: torch.Tensor) -> torch.Tensor:
+        """The online network's Q-values (N, num_actions) for observations (N, *obs_shape) on the device, in
+        eval mode."""
+        self._online_mode(training=False)
+        return self.q_network(obs)
+
+    def _online_mode(self, training: bool) -> None:
+        """Switches the online network between train and eval mode when that changes. fastdqn's MLP (the
+        manual path, no module calls) has no layer that minds its mode: it is left as it is."""
+        if self.q_network.training != training and not self.manual_gradient:
+            self.q_network.train(training)
 
     def _act_on(self, obs: torch.Tensor) -> torch.Tensor:
         with self._no_autograd():

@@ -647,3 +647,17 @@ def test_numpy_integers_are_integers(tmp_path):
 def test_saving_into_a_missing_folder_names_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"no such folder: '{tmp_path / 'missing'}'"):
         agent(tmp_path).save(tmp_path / "missing" / "agent.pt")
+
+
+def test_a_users_network_with_batch_norm_and_dropout_learns_acts_and_predicts_one_observation(tmp_path):
+    """Eval mode for acting: batch norm takes a batch of one (num_envs=1, predict), dropout is off."""
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                  torch.nn.Dropout(0.5), torch.nn.Linear(16, 2))
+    dqn = agent(tmp_path, config=tiny(num_envs=1, eval_episodes=0), q_network=network)
+    dqn.learn(300)
+    obs = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    first = dqn.predict(obs)
+    assert all(np.array_equal(dqn.predict(obs), first) for _ in range(5))  # dropout off: the same actions
+    assert [dqn.predict(o) for o in obs] == first.tolist()  # one at a time, batch norm on its statistics
+    assert len(dqn.evaluate(2)["returns"]) == 2

@@ -790,3 +790,33 @@ def test_optimizer_state_of_the_manual_path_is_ordinary_tensors(optimizer):
     assert tensors
     for tensor in tensors:
         tensor.mul_(1.0)  # raises for an inference tensor outside inference mode
+
+
+def batch_norm_net(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(OBS_DIM, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                               torch.nn.Dropout(0.5), torch.nn.Linear(16, NUM_ACTIONS))
+
+
+@pytest.mark.parametrize("tau, interval", [(1.0, 3), (0.25, 1)])
+def test_a_users_batch_norm_and_dropout_train_in_train_mode_and_act_in_eval_mode(tau, interval):
+    learner = make_learner(batch_norm_net(), tau=tau, target_update_interval=interval)
+    online, target = learner.q_network, learner.target_network
+    expected_mean = target[1].running_mean.clone()
+    rng = np.random.default_rng(0)
+    obs = torch.as_tensor(rng.normal(size=(4, OBS_DIM)).astype(np.float32))
+    for i in range(6):
+        learner.update(make_batch(rng))
+        assert online.training and not target.training
+        if (i + 1) % interval == 0:  # the target follows the online statistics as it follows the weights
+            expected_mean = torch.lerp(expected_mean, online[1].running_mean, tau)
+        torch.testing.assert_close(target[1].running_mean, expected_mean)
+        # Acting: dropout off and the running statistics used, so the same observations give the same
+        # Q-values, those of the network in eval mode, however many rows come at once.
+        greedy = learner.act(obs, 0.0).clone()
+        assert not online.training
+        expected = copy.deepcopy(online).eval()(obs)
+        torch.testing.assert_close(learner.q_values(obs), expected)
+        torch.testing.assert_close(learner.q_values(obs[:1]), expected[:1])
+        assert torch.equal(greedy, expected.argmax(dim=1))
+    assert not torch.equal(target[1].running_mean, torch.zeros(16))
