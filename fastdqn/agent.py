@@ -309,6 +309,13 @@ class DQN:
         if last_step > self.env_steps and self.updates_due(last_step) == 0:  # not the gap between two rounds
             warnings.warn(f"learn({total}) makes no update: learning starts after learning_starts="
                           f"{c.learning_starts} steps, so it only fills the buffer", stacklevel=2)
+        horizon = self.env.max_episode_steps
+        if c.checkpoint_interval and horizon and c.checkpoint_interval < horizon * c.num_envs < last_step:
+            warnings.warn(f"checkpoint_interval={c.checkpoint_interval} with {c.num_envs} envs cuts every episode at "
+                          f"{c.checkpoint_interval // c.num_envs} steps or fewer ({self.env_id}'s last up to {horizon}), "
+                          "which changes what is learned: each checkpoint ends the running episodes (envs cannot "
+                          f"be saved); an interval of {horizon * c.num_envs} or more leaves whole episodes",
+                          stacklevel=2)
         if self.buffer is None:
             self.buffer = self._make_buffer()
         if self._batch is None:

@@ -126,7 +126,10 @@ class DQNConfig:
     eval_epsilon: float = 0.0
     """Exploration rate during evaluation."""
     checkpoint_interval: int = 0
-    """Environment steps between checkpoints; 0 writes only the final one."""
+    """Environment steps between checkpoints; 0 writes only the final one. Each checkpoint ends the
+    running episodes as truncations (envs cannot be saved: that is what lets --resume repeat the run
+    exactly), so an interval below num_envs times the env's time limit cuts long episodes short and
+    changes what is learned (learn() warns)."""
     save_buffer: bool = True
     """Store the replay buffer with each checkpoint, so that --resume continues exactly."""
     checkpoint_on_stop: bool = True

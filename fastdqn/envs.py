@@ -165,9 +165,12 @@ class VecEnv:
     num_actions: int
     frame_stack: int
     is_image: bool
+    max_episode_steps: int | None
+    """The time limit: the most steps an episode lasts (None: none)."""
 
     def __init__(self, env_id: str, backend: str, mode: str, num_envs: int, batch_size: int,
-                 atari: AtariProtocol | None, observation_space: Any, action_space: Any, render: bool) -> None:
+                 atari: AtariProtocol | None, observation_space: Any, action_space: Any, render: bool,
+                 max_episode_steps: int | None) -> None:
         self.env_id, self.backend, self.mode = env_id, backend, mode
         self.num_envs, self.batch_size = num_envs, batch_size
         self.atari = atari.for_mode(mode) if atari is not None else None
@@ -181,6 +184,7 @@ class VecEnv:
         self.frame_stack = ATARI_FRAME_STACK if atari is not None else 1
         self.is_image = len(self.obs_shape) == 3
         self._render = render
+        self.max_episode_steps = max_episode_steps
         self._clip_rewards = self.atari is not None and self.atari.clip_rewards
         # The next step of an env whose episode just ended only resets it.
         self._resetting = np.zeros(num_envs, bool)
@@ -376,7 +380,7 @@ class _EnvpoolVecEnv(VecEnv):
                 observation_space, action_space = self._pool.observation_space, self._pool.action_space
             _check_spaces(env_id, observation_space, action_space)
             super().__init__(env_id, "envpool", mode, num_envs, batch_size, atari, observation_space, action_space,
-                             render)
+                             render, int(self._pool.spec.config.max_episode_steps))
             self._layout = _EnvpoolLayout.of(self._pool, atari is not None)
         except BaseException:
             self._pool.close()
@@ -507,7 +511,9 @@ class _GymnasiumVecEnv(VecEnv):
                 raise ValueError(f"{env_id} does not render frames (a video needs its render mode 'rgb_array'; "
                                  f"it has {list(metadata.get('render_modes', ()))})")
             super().__init__(env_id, "gymnasium", mode, num_envs, num_envs, atari,
-                             self._vec.single_observation_space, self._vec.single_action_space, render)
+                             self._vec.single_observation_space, self._vec.single_action_space, render,
+                             atari.max_episode_steps if atari is not None else
+                             max_episode_steps or gym.spec(env_id).max_episode_steps)
         except BaseException:
             self._vec.close()
             raise

@@ -661,3 +661,14 @@ def test_a_users_network_with_batch_norm_and_dropout_learns_acts_and_predicts_on
     assert all(np.array_equal(dqn.predict(obs), first) for _ in range(5))  # dropout off: the same actions
     assert [dqn.predict(o) for o in obs] == first.tolist()  # one at a time, batch norm on its statistics
     assert len(dqn.evaluate(2)["returns"]) == 2
+
+
+def test_checkpoints_too_close_for_a_whole_episode_are_warned_of(tmp_path):
+    """Each checkpoint ends the running episodes: 1,000 steps over 8 envs leave CartPole 125 of its 500."""
+    with pytest.warns(UserWarning, match=r"checkpoint_interval=1000 with 8 envs cuts every episode at 125 steps or "
+                                         r"fewer \(CartPole-v1's last up to 500\).*an interval of 4000 or more"):
+        agent(tmp_path / "a", config=tiny(num_envs=8, checkpoint_interval=1000, eval_episodes=0)).learn(5000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        agent(tmp_path / "b", config=tiny(num_envs=8, checkpoint_interval=4000, eval_episodes=0)).learn(5000)
+        agent(tmp_path / "c", config=tiny(num_envs=8, checkpoint_interval=1000, eval_episodes=0)).learn(4000)
