@@ -45,11 +45,14 @@ class DQNConfig:
     only, as CUDA does not survive a fork; fastdqn.actor_process) or "auto" (process on a
     Linux CPU, where two threads would take turns on Python's GIL; thread otherwise). Unused
     by the sync pipeline."""
-    torch_threads: int = 2
+    torch_threads: int = 1
     """CPU threads torch may use, at most one per core this process may run on (0 leaves
-    torch's default). On a 2-core Xeon a CartPole run of 50k steps took 3.0-3.3 s on two
-    threads against 3.9 s on one (3 interleaved runs each, the same results); confined to one
-    core, two threads took 3.5-3.6 s against 2.9-3.2 s for one. More threads were not tried."""
+    torch's default: all cores). One, because OpenMP's threads wait for each other spinning: on
+    a 2-core Xeon, `fastdqn train` (CartPole, 50k steps) took 7.7 s on two threads and 8.6 s on
+    one when nothing else ran, but 15-30 s on two against 7.6-8.1 s on one while another
+    process kept one core busy (a shared CI box, a laptop at work). The Atari preset takes all
+    cores: the Nature CNN's update gains more from two (27 against 41 ms idle), and loses as
+    much to a busy core (228 against 44 ms)."""
 
     # --- environment ---------------------------------------------------------
     protocol: str = "cleanrl"
@@ -362,7 +365,7 @@ PRESETS: dict[str, dict] = {
         learning_starts=80_000, train_frequency=4, gradient_steps=1, target_update_interval=250,
         tau=1.0, start_epsilon=1.0, end_epsilon=0.01, exploration_fraction=0.10, gamma=0.99,
         loss="mse", max_grad_norm=0.0, n_step=1, log_interval=10_000, eval_interval=0, checkpoint_interval=500_000,
-        torch_threads=0,  # all cores: on a 2-core CPU the Nature CNN update ran 1.6x faster on 2 threads than on 1 (README)
+        torch_threads=0,  # all cores: see torch_threads; on a GPU the CPU threads hardly matter
     ),
 }
 
