@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from fastdqn import checkpoint as ckpt
-from fastdqn.config import DQNConfig, preset_for_env
+from fastdqn.config import DQNConfig, preset_for_env, usable_cores
 from fastdqn.envs import make_env
 from fastdqn.learner import Learner
 from fastdqn.metrics import RunDirectoryLock, RunLogger, atomic_write_bytes, read_config, read_csv
@@ -328,6 +328,7 @@ class DQN:
         logger = RunLogger(self.run_dir, self._config_record(total), total_steps=total,
                            start_step=self.env_steps, wall_time_offset=self.wall_time, resume=self.env_steps > 0,
                            tensorboard=self.tensorboard, progress=self.progress)
+        _note_a_busy_machine(self.device, logger)
         try:
             self._unfinished_total_steps = total
             if self.env_steps >= total:  # no step to take
@@ -739,6 +740,26 @@ class DQN:
 
     def close(self) -> None:
         self.env.close()
+
+
+_busy_machine_noted = False
+
+
+def _note_a_busy_machine(device: torch.device, logger: RunLogger) -> None:
+    """A line when a process's first learn() on the CPU starts with other work holding cores that
+    torch's threads need: OpenMP's threads wait for each other spinning, and one that loses its
+    core to another process stalls the rest (several times slower; see DQNConfig.torch_threads).
+    Once a process: a later learn()'s load average counts this process's own work."""
+    global _busy_machine_noted
+    threads, cores = torch.get_num_threads(), usable_cores()
+    if _busy_machine_noted or device.type != "cpu" or threads < 2 or not hasattr(os, "getloadavg"):
+        return
+    _busy_machine_noted = True
+    load = os.getloadavg()[0]
+    if load > cores - threads + 0.5:
+        logger.message(f"note: this machine is busy (1-min load average {load:.1f} on {cores} cores) and torch "
+                       f"uses {threads} threads, which can make training several times slower while other work "
+                       "holds a core; --set torch_threads=1 avoids that")
 
 
 def _check_network_given(path, saved: dict, q_network: torch.nn.Module | None) -> None:

@@ -45,14 +45,13 @@ class DQNConfig:
     only, as CUDA does not survive a fork; fastdqn.actor_process) or "auto" (process on a
     Linux CPU, where two threads would take turns on Python's GIL; thread otherwise). Unused
     by the sync pipeline."""
-    torch_threads: int = 1
+    torch_threads: int = 2
     """CPU threads torch may use, at most one per core this process may run on (0 leaves
-    torch's default: all cores). One, because OpenMP's threads wait for each other spinning: on
-    a 2-core Xeon, `fastdqn train` (CartPole, 50k steps) took 7.7 s on two threads and 8.6 s on
-    one when nothing else ran, but 15-30 s on two against 7.6-8.1 s on one while another
-    process kept one core busy (a shared CI box, a laptop at work). The Atari preset takes all
-    cores: the Nature CNN's update gains more from two (27 against 41 ms idle), and loses as
-    much to a busy core (228 against 44 ms)."""
+    torch's default: all cores). On a 2-core Xeon, idle, `fastdqn train` (CartPole, 50k steps)
+    took 7.7 s on two threads and 8.6 s on one. But OpenMP's threads wait for each other
+    spinning: while another process kept one core busy the same run took 15-30 s on two
+    threads against 7.6-8.1 s on one (the Nature CNN's update: 228 against 44 ms). learn()
+    says so when it starts on a busy machine; set 1 on a machine shared with other work."""
 
     # --- environment ---------------------------------------------------------
     protocol: str = "cleanrl"

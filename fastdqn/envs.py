@@ -380,7 +380,7 @@ class _EnvpoolVecEnv(VecEnv):
                 observation_space, action_space = self._pool.observation_space, self._pool.action_space
             _check_spaces(env_id, observation_space, action_space)
             super().__init__(env_id, "envpool", mode, num_envs, batch_size, atari, observation_space, action_space,
-                             render, int(self._pool.spec.config.max_episode_steps))
+                             render, getattr(self._pool.spec.config, "max_episode_steps", None))
             self._layout = _EnvpoolLayout.of(self._pool, atari is not None)
         except BaseException:
             self._pool.close()

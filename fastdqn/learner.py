@@ -215,8 +215,9 @@ class Learner:
 
         self.q_network = q_network.to(device)
         try:
-            with torch.no_grad():
-                probe = self.q_network(torch.zeros((2, *obs_shape), dtype=self.obs_dtype, device=device))
+            with torch.no_grad():  # in eval mode: batch norm's running statistics do not see the probe
+                probe = self.q_network.eval()(torch.zeros((2, *obs_shape), dtype=self.obs_dtype, device=device))
+            self.q_network.train()
         except RuntimeError as error:
             raise ValueError(f"q_network must map (N, *obs_shape) observations with obs_shape={obs_shape} to "
                              f"Q-values (N, num_actions), but it failed on such a batch: {error}") from error

@@ -802,6 +802,7 @@ def batch_norm_net(seed=0):
 def test_a_users_batch_norm_and_dropout_train_in_train_mode_and_act_in_eval_mode(tau, interval):
     learner = make_learner(batch_norm_net(), tau=tau, target_update_interval=interval)
     online, target = learner.q_network, learner.target_network
+    assert int(online[1].num_batches_tracked) == 0  # the learner's probe of the network left no statistics
     expected_mean = target[1].running_mean.clone()
     rng = np.random.default_rng(0)
     obs = torch.as_tensor(rng.normal(size=(4, OBS_DIM)).astype(np.float32))
