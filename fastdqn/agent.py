@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from fastdqn import checkpoint as ckpt
-from fastdqn.config import DQNConfig, preset_for_env, usable_cores
+from fastdqn.config import DQNConfig, preset_for_env
 from fastdqn.envs import make_env
 from fastdqn.learner import Learner
 from fastdqn.metrics import RunDirectoryLock, RunLogger, atomic_write_bytes, read_config, read_csv
@@ -310,7 +310,8 @@ class DQN:
             warnings.warn(f"learn({total}) makes no update: learning starts after learning_starts="
                           f"{c.learning_starts} steps, so it only fills the buffer", stacklevel=2)
         horizon = self.env.max_episode_steps
-        if c.checkpoint_interval and horizon and c.checkpoint_interval < horizon * c.num_envs < last_step:
+        if (c.checkpoint_interval and horizon and c.checkpoint_interval < horizon * c.num_envs
+                and next_boundary(self.env_steps, c.checkpoint_interval) < last_step):  # a cut before the end
             warnings.warn(f"checkpoint_interval={c.checkpoint_interval} with {c.num_envs} envs cuts every episode at "
                           f"{c.checkpoint_interval // c.num_envs} steps or fewer ({self.env_id}'s last up to {horizon}), "
                           "which changes what is learned: each checkpoint ends the running episodes (envs cannot "
@@ -328,7 +329,6 @@ class DQN:
         logger = RunLogger(self.run_dir, self._config_record(total), total_steps=total,
                            start_step=self.env_steps, wall_time_offset=self.wall_time, resume=self.env_steps > 0,
                            tensorboard=self.tensorboard, progress=self.progress)
-        _note_a_busy_machine(self.device, logger)
         try:
             self._unfinished_total_steps = total
             if self.env_steps >= total:  # no step to take
@@ -740,26 +740,6 @@ class DQN:
 
     def close(self) -> None:
         self.env.close()
-
-
-_busy_machine_noted = False
-
-
-def _note_a_busy_machine(device: torch.device, logger: RunLogger) -> None:
-    """A line when a process's first learn() on the CPU starts with other work holding cores that
-    torch's threads need: OpenMP's threads wait for each other spinning, and one that loses its
-    core to another process stalls the rest (several times slower; see DQNConfig.torch_threads).
-    Once a process: a later learn()'s load average counts this process's own work."""
-    global _busy_machine_noted
-    threads, cores = torch.get_num_threads(), usable_cores()
-    if _busy_machine_noted or device.type != "cpu" or threads < 2 or not hasattr(os, "getloadavg"):
-        return
-    _busy_machine_noted = True
-    load = os.getloadavg()[0]
-    if load > cores - threads + 0.5:
-        logger.message(f"note: this machine is busy (1-min load average {load:.1f} on {cores} cores) and torch "
-                       f"uses {threads} threads, which can make training several times slower while other work "
-                       "holds a core; --set torch_threads=1 avoids that")
 
 
 def _check_network_given(path, saved: dict, q_network: torch.nn.Module | None) -> None:

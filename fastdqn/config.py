@@ -50,8 +50,8 @@ class DQNConfig:
     torch's default: all cores). On a 2-core Xeon, idle, `fastdqn train` (CartPole, 50k steps)
     took 7.7 s on two threads and 8.6 s on one. But OpenMP's threads wait for each other
     spinning: while another process kept one core busy the same run took 15-30 s on two
-    threads against 7.6-8.1 s on one (the Nature CNN's update: 228 against 44 ms). learn()
-    says so when it starts on a busy machine; set 1 on a machine shared with other work."""
+    threads against 7.6-8.1 s on one (the Nature CNN's update: 228 against 44 ms). On a machine
+    shared with other work, set 1."""
 
     # --- environment ---------------------------------------------------------
     protocol: str = "cleanrl"

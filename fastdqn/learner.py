@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fastdqn import manual_mlp
+from fastdqn.networks import MLP, NatureCNN
 
 __all__ = ["GRAPH_WARMUP_CALLS", "Learner", "network_tensors"]
 
@@ -76,8 +77,10 @@ def _field_getter(batch):
     return lambda name: getattr(batch, name, None)
 
 
-def _floating(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [t for t in tensors if t.is_floating_point()]
+def _running_statistics(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The running means and variances of a network's normalization layers (batch norm's), in module order."""
+    statistics = (getattr(m, name, None) for m in module.modules() for name in ("running_mean", "running_var"))
+    return [stat for stat in statistics if isinstance(stat, torch.Tensor)]
 
 
 def network_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -227,11 +230,13 @@ class Learner:
         self.num_actions = probe.shape[1]
         # The online network trains in train mode and acts in eval mode (dropout off, batch norm on
         # its running statistics); the target network and the actor's copy only ever infer. The
-        # target follows the online network's floating-point buffers (batch norm's statistics) as
-        # it follows its parameters.
+        # target follows the online network's running statistics as it follows its parameters
+        # (no other buffer: a mask holding -inf would lerp to NaN).
         self.target_network = copy.deepcopy(self.q_network).requires_grad_(False).eval()
-        self._online_tensors = _floating(network_tensors(self.q_network))
-        self._target_tensors = _floating(network_tensors(self.target_network))
+        self._online_tensors = [*self.q_network.parameters(), *_running_statistics(self.q_network)]
+        self._target_tensors = [*self.target_network.parameters(), *_running_statistics(self.target_network)]
+        # fastdqn's own networks have no layer that minds the mode: they are never switched.
+        self._switches_mode = type(self.q_network) not in (MLP, NatureCNN)
         self.actor_network = (copy.deepcopy(self.q_network).requires_grad_(False).eval() if actor_copy
                               else self.q_network)
 
@@ -615,9 +620,8 @@ class Learner:
         return self.q_network(obs)
 
     def _online_mode(self, training: bool) -> None:
-        """Switches the online network between train and eval mode when that changes. fastdqn's MLP (the
-        manual path, no module calls) has no layer that minds its mode: it is left as it is."""
-        if self.q_network.training != training and not self.manual_gradient:
+        """Switches a user's online network between train and eval mode when that changes."""
+        if self._switches_mode and self.q_network.training != training:
             self.q_network.train(training)
 
     def _act_on(self, obs: torch.Tensor) -> torch.Tensor:

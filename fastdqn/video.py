@@ -107,7 +107,10 @@ class VideoWriter:
             if self._gif:
                 self._write_gif()
             else:
-                self._ffmpeg.stdin.close()
+                try:
+                    self._ffmpeg.stdin.close()  # flushes the last frames
+                except BrokenPipeError:
+                    raise self._ffmpeg_failure() from None
                 if self._ffmpeg.wait() != 0:
                     raise self._ffmpeg_failure()
                 atomic_replace(self._tmp, self.path)

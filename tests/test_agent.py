@@ -671,21 +671,6 @@ def test_checkpoints_too_close_for_a_whole_episode_are_warned_of(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         agent(tmp_path / "b", config=tiny(num_envs=8, checkpoint_interval=4000, eval_episodes=0)).learn(5000)
-        agent(tmp_path / "c", config=tiny(num_envs=8, checkpoint_interval=1000, eval_episodes=0)).learn(4000)
-
-
-@pytest.mark.parametrize("load, noted", [(1.9, True), (0.2, False)])
-def test_a_busy_machine_is_noted_when_torch_uses_several_threads(tmp_path, monkeypatch, capsys,
-                                                                 torch_threads_restored, load, noted):
-    import fastdqn.agent as agent_module
-
-    monkeypatch.setattr(agent_module, "_busy_machine_noted", False)
-    monkeypatch.setattr(agent_module, "usable_cores", lambda: 2)
-    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
-    dqn = agent(tmp_path, config=tiny(torch_threads=2, eval_episodes=0))
-    torch.set_num_threads(2)
-    dqn.learn(100)
-    dqn.learn(200)  # once a process: this process's own work counts in a later load average
-    err = capsys.readouterr().err
-    message = "note: this machine is busy (1-min load average 1.9 on 2 cores) and torch uses 2 threads"
-    assert err.count(message) == (1 if noted else 0), err
+        agent(tmp_path / "c", config=tiny(num_envs=8, checkpoint_interval=1000, eval_episodes=0)).learn(1000)
+    with pytest.warns(UserWarning, match="cuts every episode at 125 steps"):  # cuts at 1,000, 2,000 and 3,000
+        agent(tmp_path / "d", config=tiny(num_envs=8, checkpoint_interval=1000, eval_episodes=0)).learn(4000)

@@ -43,7 +43,6 @@ def assert_same_learner(a, b):
     assert int(sa["num_updates"]) == int(sb["num_updates"])
 
 
-@pytest.mark.filterwarnings("ignore:checkpoint_interval=.* cuts every episode")  # checkpoints often, on purpose
 @pytest.mark.parametrize("prioritized, total_given", [(False, True), (True, True), (False, False)])
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, prioritized, total_given):
     """total_given=False: the resumed learn() goes on to the crashed call's 1,500 steps by itself
@@ -81,7 +80,6 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, prioritized,
             assert ra[key] == rb[key] or (np.isnan(ra[key]) and np.isnan(rb[key])), (key, ra, rb)
 
 
-@pytest.mark.filterwarnings("ignore:checkpoint_interval=.* cuts every episode")  # checkpoints often, on purpose
 def test_sigkilled_cli_run_resumes_to_the_same_parameters(tmp_path):
     sets = [f"--set={k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in RESUME.items()]
     common = ["--total-steps", "2000", "--seed", "3", "--no-progress", "--no-tensorboard", *sets]

@@ -803,15 +803,17 @@ def test_a_users_batch_norm_and_dropout_train_in_train_mode_and_act_in_eval_mode
     learner = make_learner(batch_norm_net(), tau=tau, target_update_interval=interval)
     online, target = learner.q_network, learner.target_network
     assert int(online[1].num_batches_tracked) == 0  # the learner's probe of the network left no statistics
-    expected_mean = target[1].running_mean.clone()
+    expected_mean, expected_var = target[1].running_mean.clone(), target[1].running_var.clone()
     rng = np.random.default_rng(0)
     obs = torch.as_tensor(rng.normal(size=(4, OBS_DIM)).astype(np.float32))
     for i in range(6):
         learner.update(make_batch(rng))
         assert online.training and not target.training
         if (i + 1) % interval == 0:  # the target follows the online statistics as it follows the weights
-            expected_mean = torch.lerp(expected_mean, online[1].running_mean, tau)
+            expected_mean = expected_mean + tau * (online[1].running_mean - expected_mean)
+            expected_var = expected_var + tau * (online[1].running_var - expected_var)
         torch.testing.assert_close(target[1].running_mean, expected_mean)
+        torch.testing.assert_close(target[1].running_var, expected_var)
         # Acting: dropout off and the running statistics used, so the same observations give the same
         # Q-values, those of the network in eval mode, however many rows come at once.
         greedy = learner.act(obs, 0.0).clone()
@@ -821,3 +823,28 @@ def test_a_users_batch_norm_and_dropout_train_in_train_mode_and_act_in_eval_mode
         torch.testing.assert_close(learner.q_values(obs[:1]), expected[:1])
         assert torch.equal(greedy, expected.argmax(dim=1))
     assert not torch.equal(target[1].running_mean, torch.zeros(16))
+
+
+class MaskedQ(torch.nn.Module):
+    """Q-values with an additive action mask, a buffer holding -inf (an action never allowed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(OBS_DIM, NUM_ACTIONS)
+        self.register_buffer("mask", torch.tensor([0.0] + [-math.inf] * (NUM_ACTIONS - 1)))
+
+    def forward(self, obs):
+        return self.body(obs) + self.mask
+
+
+@pytest.mark.parametrize("tau, interval", [(1.0, 1), (0.5, 2)])
+def test_buffers_that_are_not_running_statistics_stay_as_they_are(tau, interval):
+    torch.manual_seed(0)
+    learner = make_learner(MaskedQ(), tau=tau, target_update_interval=interval, double_dqn=True)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        batch = make_batch(rng)
+        batch["actions"][:] = 0  # the only action the mask allows
+        learner.update(batch)
+    assert torch.equal(learner.target_network.mask, learner.q_network.mask)  # -inf is not lerped into NaN
+    assert math.isfinite(learner.metrics()["loss"])

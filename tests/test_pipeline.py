@@ -361,7 +361,6 @@ def test_actor_error_reaches_the_caller_and_stops_the_learner(tmp_path):
     assert agent.learner.num_updates > 0 and not learner_threads()
 
 
-@pytest.mark.filterwarnings("ignore:checkpoint_interval=.* cuts every episode")  # checkpoints often, on purpose
 def test_ctrl_c_stops_cleanly_keeps_the_checkpoint_and_the_run_resumes(tmp_path):
     from fastdqn.agent import DQN
     from fastdqn.checkpoint import list_checkpoints
@@ -607,7 +606,6 @@ def test_a_requested_stop_is_a_cut_with_the_learner_caught_up_and_its_checkpoint
     assert resumed.learner.num_updates == resumed.updates_due(resumed.env_steps)
 
 
-@pytest.mark.filterwarnings("ignore:checkpoint_interval=.* cuts every episode")  # checkpoints often, on purpose
 def test_a_stop_requested_during_a_cut_is_the_next_steps_not_that_cuts_again(tmp_path):
     """Asked for while a periodic checkpoint is written, the stop cuts at a later step: no
     second row or checkpoint at the periodic step."""

@@ -155,7 +155,10 @@ def _sb3_envs(env_id: str, config):
         from stable_baselines3.common.vec_env import VecFrameStack
 
         gym.register_envs(ale_py)
-        game = re.fullmatch(r"(?:ALE/)?(\w+?)(?:NoFrameskip)?-v\d+", env_id)[1]
+        game = re.fullmatch(r"(?:ALE/)?([A-Za-z]+?)(?:NoFrameskip|Deterministic)?-v\d+", env_id)
+        if game is None:  # ALE/Pong-ram-v5 and the like: no image observations to compare with
+            raise ValueError(f"SB3's Atari setup has no counterpart of {env_id}")
+        game = game[1]
         sb3_id = f"{game}NoFrameskip-v4"  # SB3's AtariWrapper = CleanRL's protocol on the v4 NoFrameskip id
         env = VecFrameStack(make_atari_env(sb3_id, n_envs=config.num_envs, seed=config.seed), 4)
         # Life losses reset as in training (FIRE after each), as fastdqn's evaluation does;
@@ -333,10 +336,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.seed > MAX_SEED:
         parser.error(f"--seed must be at most {MAX_SEED}, got {args.seed}")
-    for assignment, flag in (("total_steps", "--steps"), ("num_envs", "--num-envs"), ("seed", "--seed"),
-                             ("device", "--device")):
+    for assignment, instead in (("total_steps", "use --steps"), ("num_envs", "use --num-envs"),
+                                ("seed", "use --seed"), ("device", "use --device"),
+                                ("eval_episodes", "use --eval-episodes (after the timed run)"),
+                                ("eval_interval", "evaluations during the run would be timed with it")):
         if any(a.partition("=")[0].strip().replace("-", "_") == assignment for a in args.assignments):
-            parser.error(f"--set {assignment}: use {flag}")
+            parser.error(f"--set {assignment}: {instead}")
     env_ids = list(dict.fromkeys(args.env or DEFAULT_ENVS))  # each env once
     for env_id in env_ids:
         try:
