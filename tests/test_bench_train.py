@@ -23,6 +23,11 @@ def sb3_installed(monkeypatch):
                         else find_spec(name, *a))
 
 
+def test_sb3_plays_the_same_game_on_its_own_id():
+    assert {bench_train.sb3_atari_id(env_id) for env_id in ("Pong-v5", "ALE/Pong-v5", "PongNoFrameskip-v4",
+                                                            "Pong-v4", "PongDeterministic-v4")} == {"PongNoFrameskip-v4"}
+
+
 def test_sb3_gets_the_same_schedule_in_its_units():
     config = DQNConfig()  # CartPole's preset: rounds of 32 updates every 256 env steps, 8 envs
     kwargs = bench_train.sb3_arguments(config, config.num_envs)
@@ -193,6 +198,8 @@ def test_a_busy_machine_is_flagged_in_the_report():
     (["--num-envs", "3"], "CartPole-v1: SB3 steps all 3 envs together: train_frequency 256 must be a multiple of "
                           "num_envs (or leave sb3 out of --systems)"),
     (["--out", "FILE/sub"], "--out 'FILE/sub' cannot hold the report"),
+    (["--env", "ALE/Pitfall2-v5"], "ALE/Pitfall2-v5: SB3's Atari setup has no counterpart of ALE/Pitfall2-v5 (no "
+                                   "Pitfall2NoFrameskip-v4) (or leave sb3 out of --systems)"),
 ])
 def test_impossible_values_are_refused_before_any_system_runs(tmp_path, capsys, monkeypatch, flags, error):
     monkeypatch.setattr(bench_train, "in_fresh_process", lambda *args: pytest.fail("a system ran"))

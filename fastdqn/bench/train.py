@@ -145,21 +145,27 @@ def run_sb3(env_id: str, config, eval_episodes: int) -> dict:
     return result
 
 
+def sb3_atari_id(env_id: str) -> str:
+    """The id SB3's AtariWrapper plays the same game on (CleanRL's protocol on the v4 NoFrameskip id)."""
+    import ale_py
+    import gymnasium as gym
+
+    gym.register_envs(ale_py)
+    game = re.fullmatch(r"(?:ALE/)?(\w+?)(?:NoFrameskip|Deterministic)?-v\d+", env_id)
+    sb3_id = f"{game[1]}NoFrameskip-v4" if game else None
+    if sb3_id not in gym.registry:  # the games ALE added after v4 (ALE/Pitfall2-v5) have none
+        raise ValueError(f"SB3's Atari setup has no counterpart of {env_id} (no {sb3_id or 'v4 id'})")
+    return sb3_id
+
+
 def _sb3_envs(env_id: str, config):
     from fastdqn.envs import is_atari_id
 
     if is_atari_id(env_id):
-        import ale_py
-        import gymnasium as gym
         from stable_baselines3.common.env_util import make_atari_env
         from stable_baselines3.common.vec_env import VecFrameStack
 
-        gym.register_envs(ale_py)
-        game = re.fullmatch(r"(?:ALE/)?([A-Za-z]+?)(?:NoFrameskip|Deterministic)?-v\d+", env_id)
-        if game is None:  # ALE/Pong-ram-v5 and the like: no image observations to compare with
-            raise ValueError(f"SB3's Atari setup has no counterpart of {env_id}")
-        game = game[1]
-        sb3_id = f"{game}NoFrameskip-v4"  # SB3's AtariWrapper = CleanRL's protocol on the v4 NoFrameskip id
+        sb3_id = sb3_atari_id(env_id)
         env = VecFrameStack(make_atari_env(sb3_id, n_envs=config.num_envs, seed=config.seed), 4)
         # Life losses reset as in training (FIRE after each), as fastdqn's evaluation does;
         # evaluate_policy reads whole games' scores from the Monitor under the AtariWrapper.
@@ -376,6 +382,8 @@ def main(argv: list[str] | None = None) -> dict:
         if "sb3" in systems:
             try:
                 sb3_arguments(config, config.num_envs)
+                if is_atari_id(env_id):
+                    sb3_atari_id(env_id)
             except ValueError as e:
                 parser.error(f"{env_id}: {e} (or leave sb3 out of --systems)")
         plans.append((env_id, preset, config))
