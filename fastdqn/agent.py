@@ -679,14 +679,14 @@ class DQN:
         """An agent from ``DQN.save``'s file, a checkpoint, or a run directory (its newest
         checkpoint). A run checkpoint also restores the RNG states and, with load_buffer,
         the replay buffer, so that ``learn`` continues exactly where the run stopped."""
-        path, state = ckpt.load_newest(path, with_buffer=load_buffer)
+        path, state, buffer = ckpt.load_newest(path, with_buffer=load_buffer)
         _check_network_given(path, state, q_network)
         config = _config_on(state["config"], device)
         if run_dir is None and path.parent.name == "checkpoints":
             run_dir = path.parent.parent
         agent = cls(state["env_id"], config, q_network=q_network, run_dir=run_dir, **kwargs)
         agent.run_name = state["run_name"]
-        agent._restore(state, load_buffer)
+        agent._restore(state, buffer, load_buffer)
         return agent
 
     @classmethod
@@ -715,7 +715,7 @@ class DQN:
         agent._unfinished_total_steps = total
         return agent
 
-    def _restore(self, state: dict, load_buffer: bool) -> None:
+    def _restore(self, state: dict, buffer, load_buffer: bool) -> None:
         self.learner.load_state_dict(state["learner"])
         counters = state["counters"]
         self.env_steps, self.episodes = int(counters["env_steps"]), int(counters["episodes"])
@@ -732,11 +732,8 @@ class DQN:
         if load_buffer and "rng" in state and not state.get("buffer_path"):
             warnings.warn("this checkpoint holds no replay buffer (save_buffer=False): learning continues from an "
                           "empty buffer, not exactly as the run would have", stacklevel=3)
-        if load_buffer and state.get("buffer_path"):
-            from fastdqn.replay import PrioritizedReplayBuffer, ReplayBuffer
-
-            loader = PrioritizedReplayBuffer if self.config.prioritized else ReplayBuffer
-            self.buffer = loader.load(state["buffer_path"])
+        if buffer is not None:
+            self.buffer = buffer
 
     def close(self) -> None:
         self.env.close()

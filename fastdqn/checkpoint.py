@@ -135,15 +135,23 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise ValueError(f"{path} is neither a checkpoint file nor a run directory")
 
 
-def load_newest(path: str | os.PathLike, with_buffer: bool = True) -> tuple[Path, dict]:
-    """``resolve_checkpoint`` then ``load_checkpoint``. A run that is still going keeps only its
-    newest checkpoint, and may remove the one found here before it is read: then the one that
-    replaced it is read."""
+def load_newest(path: str | os.PathLike, with_buffer: bool = True) -> tuple[Path, dict, object]:
+    """``resolve_checkpoint``, ``load_checkpoint`` and, ``with_buffer``, the replay buffer it names
+    (None if it names none). A run that is still going keeps only its newest checkpoint, and may
+    remove the one found here before it and its buffer are read: then the one that replaced it is
+    read."""
+    from fastdqn.replay import PrioritizedReplayBuffer, ReplayBuffer
+
     attempts = 10
     while True:
         found = resolve_checkpoint(path)
         try:
-            return found, load_checkpoint(found, with_buffer=with_buffer)
+            state = load_checkpoint(found, with_buffer=with_buffer)
+            buffer = None
+            if with_buffer and state["buffer_path"]:
+                loader = PrioritizedReplayBuffer if state["config"].get("prioritized") else ReplayBuffer
+                buffer = loader.load(state["buffer_path"])
+            return found, state, buffer
         except (OSError, ValueError):
             attempts -= 1
             if found.exists() or not Path(path).is_dir() or not attempts:

@@ -272,6 +272,21 @@ def test_loading_a_run_that_replaces_its_checkpoint_meanwhile_reads_the_new_one(
     agent = DQN.load(tmp_path / "run", load_buffer=False, progress=False, tensorboard=False)
     assert found == [older, newest] and agent.env_steps == 800
 
+    # With its buffer: the .pt read, then the run checkpoints again (removing that pair) before the .replay is read.
+    monkeypatch.undo()
+    load_checkpoint, reads = ckpt.load_checkpoint, []
+
+    def run_goes_on_after_reading(path, **kwargs):
+        state = load_checkpoint(path, **kwargs)
+        reads.append(ckpt.checkpoint_step(path))
+        if len(reads) == 1:
+            run.learn(1200)
+        return state
+
+    monkeypatch.setattr(ckpt, "load_checkpoint", run_goes_on_after_reading)
+    agent = DQN.load(tmp_path / "run", progress=False, tensorboard=False)
+    assert reads == [800, 1200] and agent.env_steps == 1200 and len(agent.buffer) == len(run.buffer)
+
 
 def test_resume_of_a_run_still_going_is_refused_before_reading_it(tmp_path):
     from fastdqn.metrics import RunDirectoryInUse, RunDirectoryLock
