@@ -215,8 +215,14 @@ class DQNConfig:
 
     def with_overrides(self, assignments: list[str]) -> "DQNConfig":
         """Apply ``key=value`` strings (from ``--set``), parsed by each field's type."""
+        return dataclasses.replace(self, **DQNConfig.parse_overrides(assignments))
+
+    @staticmethod
+    def parse_overrides(assignments: list[str]) -> dict:
+        """``key=value`` strings (from ``--set``) as {field: value}, each parsed by its field's type
+        (``key`` may spell ``_`` as ``-``); ValueError for anything else."""
         hints = typing.get_type_hints(DQNConfig)
-        names = [f.name for f in fields(self)]
+        names = [f.name for f in fields(DQNConfig)]
         changes = {}
         for assignment in assignments:
             key, sep, text = assignment.partition("=")
@@ -228,7 +234,7 @@ class DQNConfig:
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
                 raise ValueError(f"unknown config field {key!r}{hint}")
             changes[key] = _parse(key, text.strip(), hints[key])
-        return dataclasses.replace(self, **changes)
+        return changes
 
     @property
     def effective_torch_threads(self) -> int:

@@ -342,12 +342,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.seed > MAX_SEED:
         parser.error(f"--seed must be at most {MAX_SEED}, got {args.seed}")
-    for assignment, instead in (("total_steps", "use --steps"), ("num_envs", "use --num-envs"),
-                                ("seed", "use --seed"), ("device", "use --device"),
-                                ("eval_episodes", "use --eval-episodes (after the timed run)"),
-                                ("eval_interval", "evaluations during the run would be timed with it")):
-        if any(a.partition("=")[0].strip().replace("-", "_") == assignment for a in args.assignments):
-            parser.error(f"--set {assignment}: {instead}")
+    try:
+        overrides = DQNConfig.parse_overrides(args.assignments)
+    except ValueError as e:
+        parser.error(str(e) if str(e).startswith("--set") else f"--set: {e}")
+    for field, instead in (("total_steps", "use --steps"), ("num_envs", "use --num-envs"),
+                           ("seed", "use --seed"), ("device", "use --device"),
+                           ("eval_episodes", "use --eval-episodes (after the timed run)"),
+                           ("eval_interval", "evaluations during the run would be timed with it")):
+        if field in overrides:
+            parser.error(f"--set {field}: {instead}")
     env_ids = list(dict.fromkeys(args.env or DEFAULT_ENVS))  # each env once
     for env_id in env_ids:
         try:
@@ -376,9 +380,9 @@ def main(argv: list[str] | None = None) -> dict:
             steps = 20_000 if device.startswith("cuda") else 4_000
         preset, config = bench_config(env_id, steps, args.seed, device, args.num_envs)
         try:
-            config = config.with_overrides(args.assignments)
+            config = dataclasses.replace(config, **overrides)
         except ValueError as e:
-            parser.error(str(e) if str(e).startswith("--set") else f"--set: {e}")
+            parser.error(f"--set: {e}")
         if "sb3" in systems:
             try:
                 sb3_arguments(config, config.num_envs)
