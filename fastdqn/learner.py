@@ -217,10 +217,14 @@ class Learner:
         self.cuda_graph = device.type == "cuda" and cuda_graph in ("auto", True)
 
         self.q_network = q_network.to(device)
+        # Submodules the user put in eval mode inside a network in train mode (a frozen batch
+        # norm of a pretrained encoder) stay in eval mode while the rest trains.
+        self._frozen_submodules = ([m for m in q_network.modules() if not m.training] if q_network.training
+                                   else [])
         try:
             with torch.no_grad():  # in eval mode: batch norm's running statistics do not see the probe
                 probe = self.q_network.eval()(torch.zeros((2, *obs_shape), dtype=self.obs_dtype, device=device))
-            self.q_network.train()
+            self._train_mode()
         except RuntimeError as error:
             raise ValueError(f"q_network must map (N, *obs_shape) observations with obs_shape={obs_shape} to "
                              f"Q-values (N, num_actions), but it failed on such a batch: {error}") from error
@@ -622,7 +626,15 @@ class Learner:
     def _online_mode(self, training: bool) -> None:
         """Switches a user's online network between train and eval mode when that changes."""
         if self._switches_mode and self.q_network.training != training:
-            self.q_network.train(training)
+            if training:
+                self._train_mode()
+            else:
+                self.q_network.eval()
+
+    def _train_mode(self) -> None:
+        self.q_network.train()
+        for module in self._frozen_submodules:
+            module.eval()
 
     def _act_on(self, obs: torch.Tensor) -> torch.Tensor:
         with self._no_autograd():

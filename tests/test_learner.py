@@ -825,6 +825,24 @@ def test_a_users_batch_norm_and_dropout_train_in_train_mode_and_act_in_eval_mode
     assert not torch.equal(target[1].running_mean, torch.zeros(16))
 
 
+def test_submodules_the_user_froze_in_eval_mode_stay_frozen_while_the_rest_trains():
+    network = batch_norm_net()
+    network[1].eval()  # a frozen batch norm, as when fine-tuning a pretrained encoder
+    frozen_mean, frozen_var = network[1].running_mean.clone(), network[1].running_var.clone()
+    learner = make_learner(network)
+    online = learner.q_network
+    rng = np.random.default_rng(0)
+    obs = torch.as_tensor(rng.normal(size=(4, OBS_DIM)).astype(np.float32))
+    for _ in range(3):
+        learner.update(make_batch(rng))
+        assert online.training and online[3].training and not online[1].training
+        learner.act(obs, 0.0)  # acting puts the whole network in eval mode; the next update restores both modes
+        assert not online.training and not online[3].training
+    assert int(online[1].num_batches_tracked) == 0
+    assert torch.equal(online[1].running_mean, frozen_mean) and torch.equal(online[1].running_var, frozen_var)
+    assert not torch.equal(online[0].weight, network[0].weight)  # it did train
+
+
 class MaskedQ(torch.nn.Module):
     """Q-values with an additive action mask, a buffer holding -inf (an action never allowed)."""
 
