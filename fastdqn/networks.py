@@ -3,7 +3,8 @@
 Both map a batch of observations to one Q-value per action, shape (batch, num_actions),
 and both take an optional dueling head (Wang et al., 2016). Observations may arrive in
 their storage dtype (uint8 frames, float32 vectors); the cast happens inside forward, on
-the device, so the host never converts a batch.
+the device, so the host never converts a batch. Only uint8 frames are pixels to scale by
+1/255 (as in SB3): float images are taken as they come.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ class MLP(nn.Module):
 class NatureCNN(nn.Module):
     """The convolutional Q-network of Mnih et al. (2015), for stacked 84x84 frames.
 
-    Takes uint8 pixels (batch, in_channels, H, W) and scales them by 1/255 inside forward.
+    Takes frames (batch, in_channels, H, W): uint8 pixels, scaled by 1/255 inside forward,
+    or float frames, taken as they are (already scaled the way the env means them).
     ``input_size`` is (H, W) and only sets the width of the first linear layer. With
     ``dueling``, the 512-unit fully connected layer is split into a value and an advantage
     stream of 512 units each, as in Wang et al. (2016).
@@ -109,7 +111,8 @@ class NatureCNN(nn.Module):
         self.head = DuelingHead(stream(1), stream(num_actions)) if dueling else stream(num_actions)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(obs.float() * (1.0 / 255.0)))
+        frames = obs.float() * (1.0 / 255.0) if obs.dtype == torch.uint8 else obs.float()
+        return self.head(self.body(frames))
 
 
 def build_q_network(obs_shape: Sequence[int], num_actions: int, *, hidden_sizes: Sequence[int] = (120, 84),
@@ -126,6 +129,10 @@ def build_q_network(obs_shape: Sequence[int], num_actions: int, *, hidden_sizes:
         if obs_shape[2] <= 4 < obs_shape[0]:  # gymnasium's image convention, (H, W, C)
             raise ValueError(f"image observations must be channels-first (C, H, W), as torch's convolutions take "
                              f"them; {obs_shape} looks channels-last (H, W, C): transpose them in an "
-                             "ObservationWrapper (obs.transpose(2, 0, 1)), or pass your own q_network")
-        return NatureCNN(obs_shape[0], num_actions, dueling=dueling, input_size=obs_shape[1:])
+                             "ObservationWrapper (obs.transpose(2, 0, 1)), or pass your own q_network to DQN")
+        try:
+            return NatureCNN(obs_shape[0], num_actions, dueling=dueling, input_size=obs_shape[1:])
+        except ValueError as error:  # frames too small for its convolutions
+            raise ValueError(f"{error}; 3-D observations are taken as images (C, H, W): flatten other ones "
+                             "(gymnasium's FlattenObservation) or pass your own q_network to DQN") from None
     return MLP(math.prod(obs_shape), num_actions, hidden_sizes=hidden_sizes, dueling=dueling)

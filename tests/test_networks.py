@@ -68,6 +68,15 @@ def test_nature_cnn_scales_uint8_frames_and_matches_the_paper_layout(dueling):
     assert torch.allclose(net.head(features), q, atol=1e-5)
 
 
+def test_nature_cnn_scales_only_uint8_pixels_and_takes_float_frames_as_they_are():
+    torch.manual_seed(0)
+    net = NatureCNN(2, 3, input_size=(40, 40))
+    pixels = torch.randint(0, 256, (2, 2, 40, 40), dtype=torch.uint8)
+    scaled = pixels.to(torch.float32) / 255.0
+    torch.testing.assert_close(net(scaled), net(pixels))
+    torch.testing.assert_close(net(scaled.double()), net(pixels))
+
+
 def test_nature_cnn_adapts_its_linear_layer_to_other_frame_sizes():
     net = NatureCNN(1, 2, input_size=(64, 48))
     assert net(torch.zeros(3, 1, 64, 48, dtype=torch.uint8)).shape == (3, 2)
@@ -97,6 +106,7 @@ def test_build_q_network_picks_cnn_for_images_and_mlp_otherwise():
     (lambda: MLP(4, 2, hidden_sizes=(8, -1)), "hidden_sizes"),
     (lambda: NatureCNN(0, 2), "in_channels"),
     (lambda: MLP(2.5, 2), "obs_dim"),
+    (lambda: build_q_network((2, 3, 4), 4), r"too small for the Nature CNN.*FlattenObservation"),
     (lambda: build_q_network((84, 84, 3), 4), r"channels-first \(C, H, W\).*; \(84, 84, 3\) looks channels-last"),
 ])
 def test_bad_arguments_raise_value_errors_naming_them(call, match):
