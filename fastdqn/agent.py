@@ -30,6 +30,7 @@ import math
 import numbers
 import os
 import random
+import re
 import signal
 import sys
 import warnings
@@ -113,7 +114,7 @@ class DQN:
         self.pipeline_report: dict | None = None  # throughput and replay ratio of the last async learn()
         # To the microsecond: runs started together (a sweep) get run names, so directories, of their own.
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
-        self.run_name = f"{env_id.replace('/', '-')}__dqn__seed{config.seed}__{stamp}"
+        self.run_name = f"{re.sub('[/:]', '-', env_id)}__dqn__seed{config.seed}__{stamp}"
         self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / self.run_name
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise ValueError(f"run_dir must be a directory, got {self.run_dir}, which is a file")

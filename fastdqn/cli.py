@@ -2,7 +2,9 @@
 
     fastdqn train [--env ID] [--preset NAME] [--total-steps N] [--num-envs N] [--seed S]
                   [--device auto|cpu|cuda] [--run-dir DIR] [--set key=value ...] [--resume DIR]
+                  [--gym-packages MODULE ...]
     fastdqn eval RUN_DIR_OR_CHECKPOINT [--episodes N] [--epsilon E] [--seed S] [--json] [--video FILE]
+                 [--gym-packages MODULE ...]
     fastdqn plot RUN_DIR [--out FILE]
     fastdqn bench {buffer,learner,train} [ARGS...]
 
@@ -107,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a DQN agent", epilog=_config_help(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--env", default=None, help="environment id (default CartPole-v1)")
+    train.add_argument("--env", default=None,
+                       help="environment id (default CartPole-v1); your own gymnasium env as 'module:Env-v0', "
+                            "module on PYTHONPATH")
     train.add_argument("--preset", default=None, help="hyperparameter preset (default: chosen by the env)")
     train.add_argument("--total-steps", type=_positive_int, default=None, help="environment steps to train for")
     train.add_argument("--num-envs", type=_positive_int, default=None, help="environments stepped together")
@@ -124,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "may be changed)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (nor progress lines off a terminal)")
     train.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard events")
+    _add_gym_packages(train)
 
     ev = sub.add_parser("eval", help="evaluate a trained agent")
     ev.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
@@ -135,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--video", default=None, metavar="FILE",
                     help="record the first episode as the env renders it (Atari: the colour screen) "
                          "to a .gif, or an .mp4 (H.264; needs imageio-ffmpeg)")
+    _add_gym_packages(ev)
 
     plot = sub.add_parser("plot", help="write a learning-curve PNG of a run")
     plot.add_argument("run_dir", metavar="RUN_DIR")
@@ -149,8 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_gym_packages(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gym-packages", nargs="+", default=[], metavar="MODULE",
+                        help="modules to import first, which register your own gymnasium envs (as rl-zoo's flag; "
+                             "an env id 'module:Env-v0' imports its module itself)")
+
+
+def _import_gym_packages(modules: list[str]) -> None:
+    if modules:
+        from fastdqn.envs import import_env_module
+
+        for module in modules:
+            import_env_module(module, "--gym-packages")
+
+
 def _train(args) -> int:
     with _usage_errors("train"):
+        _import_gym_packages(args.gym_packages)
         agent, total = _agent_to_train(args)
     show_line(f"run directory: {agent.run_dir}")
     signals: list[int] = []  # SIGTERM, if that is what stopped the run
@@ -257,6 +278,7 @@ def _agent_to_train(args):
 
 def _eval(args) -> int:
     with _usage_errors("eval"):  # a few games: any error is most likely the checkpoint's or the arguments'
+        _import_gym_packages(args.gym_packages)
         from fastdqn.agent import DQN
 
         agent = DQN.load(args.path, device=args.device, load_buffer=False, progress=False, tensorboard=False)

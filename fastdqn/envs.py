@@ -5,6 +5,10 @@ gymnasium's ``AutoresetMode.NEXT_STEP``). That step only resets: its action is i
 and ``StepResult.valid`` is False for it, so the caller never stores it. The step that ends an episode
 carries the final observation, so storing ``next_obs`` is always right.
 
+Your own gymnasium env is reached by its registered id once the module that registers it is
+imported, or as gymnasium's ``"module:Env-v0"``, which imports ``module`` first (and, kept in a
+run's config, again whenever the run is evaluated or resumed).
+
 Atari follows a named protocol (``ATARI_PROTOCOLS``). The gymnasium fallback for ALE ids (``ALE/Pong-v5``)
 re-implements envpool's Atari preprocessing in ``AtariPreprocessing`` so that both backends give the
 same observations for the same game.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import importlib.metadata
 import re
 import warnings
@@ -25,12 +30,13 @@ import numpy as np
 from gymnasium.envs.registration import load_env_creator
 
 __all__ = ["ATARI_PROTOCOLS", "AtariPreprocessing", "AtariProtocol", "StepResult", "VecEnv", "env_backend",
-           "is_atari_id", "make_env"]
+           "import_env_module", "is_atari_id", "make_env"]
 
 ATARI_FRAME_SIZE = 84
 ATARI_FRAME_STACK = 4
 ATARI_FPS = 60  # the console's frame rate
 DEFAULT_RENDER_FPS = 30.0
+BOX2D_FPS = 50.0  # gymnasium's Box2D envs' rate, which their classes give only where Box2D is installed
 
 
 @dataclass(frozen=True)
@@ -427,7 +433,7 @@ class _EnvpoolVecEnv(VecEnv):
             creator = load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
             return float(creator.metadata["render_fps"])
         except Exception:  # noqa: BLE001 - not registered there, no metadata, an optional package missing
-            return DEFAULT_RENDER_FPS
+            return BOX2D_FPS if _envpool_module(self.env_id) == "envpool.box2d" else DEFAULT_RENDER_FPS
 
     def _close(self) -> None:
         self._pool.close()
@@ -504,6 +510,11 @@ class _GymnasiumVecEnv(VecEnv):
                 self._vec = SyncVectorEnv([make_one for _ in range(num_envs)], autoreset_mode=AutoresetMode.NEXT_STEP)
         except gym.error.DependencyNotInstalled as e:  # raised as any other missing package is
             raise ModuleNotFoundError(f"{env_id} needs a package that is not installed: {e}") from e
+        except TypeError as e:
+            if render and "render_mode" in str(e):  # an env written without rendering in mind
+                raise ValueError(f"{env_id} does not render frames (a video needs its render mode 'rgb_array'; "
+                                 "its constructor takes no render_mode)") from e
+            raise
         try:
             _check_spaces(env_id, self._vec.single_observation_space, self._vec.single_action_space)
             metadata = self._vec.envs[0].metadata
@@ -702,6 +713,7 @@ def is_atari_id(env_id: str, backend: str = "auto") -> bool:
         backend = env_backend(env_id, backend)
     except (ValueError, ImportError):
         return False
+    env_id = _registered_id(env_id)
     return _envpool_module(env_id) == "envpool.atari" if backend == "envpool" else _is_gymnasium_atari(env_id)
 
 
@@ -766,7 +778,9 @@ def make_env(
         _check_int("max_episode_steps", max_episode_steps, 1)
         atari_protocol = dataclasses.replace(atari_protocol, max_episode_steps=max_episode_steps)
 
-    if env_backend(env_id, backend) == "gymnasium":
+    backend = env_backend(env_id, backend)
+    env_id = _registered_id(env_id)
+    if backend == "gymnasium":
         if batch_size != num_envs:
             raise ValueError(f"batch_size < num_envs (async mode) needs envpool; {env_id} runs on gymnasium")
         if num_threads is not None:
@@ -785,22 +799,51 @@ def env_backend(env_id: str, backend: str = "auto") -> str:
     "gymnasium". ValueError, with close matches, for an id it does not know."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    name = _registered_id(env_id)
     envpool_ids = _envpool_ids() if backend != "gymnasium" else []
-    if env_id in envpool_ids:
+    if name in envpool_ids:
         return "envpool"
     if backend == "envpool":
         if not envpool_ids:
             raise ImportError("backend='envpool' needs the envpool package (pip install envpool)")
         raise ValueError(_unknown_id_message(env_id, envpool_ids, "envpool"))
     gymnasium_ids = _gymnasium_ids()
-    if env_id not in gymnasium_ids:
+    if name not in gymnasium_ids:
         candidates = gymnasium_ids + ([] if backend == "gymnasium" else envpool_ids)
         raise ValueError(_unknown_id_message(env_id, candidates, "envpool or gymnasium"
                                              if backend == "auto" else "gymnasium"))
     return "gymnasium"
 
 
+def _registered_id(env_id: str) -> str:
+    """``env_id`` as registered: gymnasium's ``"module:Env-v0"`` imports ``module`` (which
+    registers ``Env-v0``) and gives ``"Env-v0"``; any other id is returned as it is."""
+    module, colon, name = env_id.rpartition(":")
+    if not colon:
+        return env_id
+    if not module or not name:
+        raise ValueError(f"env_id {env_id!r} must be an id or 'module:id'")
+    import_env_module(module, f"env_id {env_id!r}")
+    return name
+
+
+def import_env_module(module: str, given_as: str) -> None:
+    """Imports ``module``, which registers gymnasium envs; ``given_as`` says where it was named."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
+            raise  # the module is there and itself imports something missing: its own error
+        raise ModuleNotFoundError(f"{given_as}: no module named {module!r} (is its folder on PYTHONPATH?)",
+                                  name=e.name) from None
+
+
 def _unknown_id_message(env_id: str, known: list[str], where: str) -> str:
-    close = difflib.get_close_matches(env_id, list(dict.fromkeys(known)), n=5, cutoff=0.6)  # an id may be in both lists
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    module, colon, name = env_id.rpartition(":")
+    close = difflib.get_close_matches(name, list(dict.fromkeys(known)), n=5, cutoff=0.6)  # an id may be in both lists
+    hint = f"; did you mean {', '.join(repr(module + colon + c) for c in close)}?" if close else ""
+    if colon:
+        hint += f" (module {module!r} was imported but did not register {name!r})"
+    elif where != "envpool":
+        hint += f"; for your own env, name the module that registers it: 'module:{name}'"
     return f"unknown env_id {env_id!r}: not registered with {where}{hint}"

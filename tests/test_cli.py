@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -390,6 +391,52 @@ def test_console_entry_point_reports_errors_without_traceback(tmp_path):
                           cwd=tmp_path)  # outside the checkout: import the installed package, extension included
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "unknown env_id" in proc.stderr
+
+
+def _cli(args, pythonpath=None, cwd=None):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return subprocess.run([sys.executable, "-m", "fastdqn.cli", *args], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=cwd)
+
+
+def test_your_own_env_trains_and_evaluates_from_the_command_line(tmp_path, own_env_module):
+    envs, run = own_env_module("fastdqn_cli_chain", "FastdqnCliChain-v0"), tmp_path / "run"
+    assert main(["train", "--env", "fastdqn_cli_chain:FastdqnCliChain-v0", "--run-dir", str(run), *QUICK]) == 0
+    assert json.loads((run / "config.json").read_text())["run_name"].startswith(
+        "fastdqn_cli_chain-FastdqnCliChain-v0__dqn__")  # no ':' in a name that may become a folder's
+    # A new process imports the module again, as the run's env id names it.
+    proc = _cli(["eval", str(run), "--episodes", "3", "--json"], pythonpath=envs, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["env"] == "fastdqn_cli_chain:FastdqnCliChain-v0"
+    assert len(result["returns"]) == 3 and set(result["returns"]) <= {0.0, 1.0}  # the chain's only returns
+    proc = _cli(["eval", str(run)], cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "no module named 'fastdqn_cli_chain' (is its folder on PYTHONPATH?)" in proc.stderr
+
+
+def test_gym_packages_imports_the_modules_that_register_a_runs_env(tmp_path, own_env_module):
+    from fastdqn import DQN
+
+    envs, run = own_env_module("fastdqn_cli_chain2", "FastdqnCliChain2-v0"), tmp_path / "run"
+    import fastdqn_cli_chain2  # noqa: F401 - registers the env, as a user's script does before DQN(...)
+
+    agent = DQN("FastdqnCliChain2-v0", DQNConfig(total_steps=200, num_envs=2, learning_starts=50, buffer_size=500,
+                                                 eval_episodes=0, hidden_sizes=(8,)), run_dir=run, progress=False,
+                tensorboard=False)
+    agent.learn()
+    proc = _cli(["eval", str(run), "--episodes", "2"], pythonpath=envs, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "name the module that registers it: 'module:FastdqnCliChain2-v0'" in proc.stderr
+    proc = _cli(["eval", str(run), "--episodes", "2", "--json", "--gym-packages", "fastdqn_cli_chain2"],
+                pythonpath=envs, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["episodes"] == 2
+    proc = _cli(["eval", str(run), "--gym-packages", "fastdqn_no_such_module"], pythonpath=envs, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--gym-packages: no module named 'fastdqn_no_such_module'" in proc.stderr
 
 
 def test_a_missing_training_dependency_is_named_with_the_extra_that_brings_it(tmp_path):

@@ -8,6 +8,7 @@ Atari preprocessing as the reference for the gymnasium fallback.
 import dataclasses
 import importlib.util
 import re
+from pathlib import Path
 
 import envpool
 import gymnasium as gym
@@ -446,6 +447,32 @@ def test_unknown_env_id_suggests_close_matches():
     assert suggested[0] == "CartPole-v1" and len(suggested) == len(set(suggested))
 
 
+def test_your_own_env_is_reached_as_module_colon_id_which_imports_the_module(own_env_module):
+    own_env_module("fastdqn_test_chain", "FastdqnChain-v0")
+    assert "FastdqnChain-v0" not in gym.registry
+    with make_env("fastdqn_test_chain:FastdqnChain-v0", 2, 0) as env:
+        assert env.backend == "gymnasium" and env.env_id == "FastdqnChain-v0" and env.max_episode_steps == 10
+        env.reset()
+        for _ in range(3):
+            result = env.step(np.ones(2, np.int64))
+        assert result.terminated.all() and result.episode_returns.tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="module 'fastdqn_test_chain' was imported but did not register 'Chian-v0'"):
+        make_env("fastdqn_test_chain:Chian-v0")
+    with pytest.raises(ModuleNotFoundError, match="no module named 'fastdqn_no_such_module' .*PYTHONPATH"):
+        make_env("fastdqn_no_such_module:FastdqnChain-v0")
+    with pytest.raises(ValueError, match="must be an id or 'module:id'"):
+        make_env(":FastdqnChain-v0")
+    with pytest.raises(ValueError, match="for your own env, name the module that registers it: 'module:NoSuchGame-v0'"):
+        make_env("NoSuchGame-v0")
+
+
+def test_a_module_that_fails_its_own_import_keeps_its_error(tmp_path, monkeypatch):
+    (tmp_path / "fastdqn_test_broken_envs.py").write_text("import fastdqn_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="No module named 'fastdqn_no_such_dependency'"):
+        make_env("fastdqn_test_broken_envs:Anything-v0")
+
+
 def test_a_gymnasium_env_whose_dependency_is_missing_raises_import_error():
     if importlib.util.find_spec("Box2D") is not None:  # not in fastdqn's extras
         pytest.skip("Box2D is installed")
@@ -553,6 +580,15 @@ def test_classic_control_renders_at_gymnasiums_frame_rate(backend):
         assert env.render_fps == gym.make("CartPole-v1").metadata["render_fps"]
 
 
+def test_box2d_envs_on_envpool_render_at_gymnasiums_frame_rate_without_box2d():
+    import gymnasium.envs
+
+    source = (Path(gymnasium.envs.__file__).parent / "box2d" / "lunar_lander.py").read_text()
+    fps = float(re.search(r"^FPS = (\d+)", source, re.MULTILINE).group(1))  # what gymnasium's class would say
+    with make_env("LunarLander-v3", 1, 0, backend="envpool", render=True) as env:
+        assert env.render_fps == fps
+
+
 def test_render_errors(monkeypatch):
     with make_env("CartPole-v1", 2, 0) as env:
         env.reset()
@@ -571,13 +607,21 @@ def test_render_errors(monkeypatch):
         def __init__(self, render_mode=None):
             self.render_mode = render_mode
 
+    class NoRenderMode(gym.Env):  # the shortest env gymnasium allows: its constructor takes no render_mode
+        observation_space = gym.spaces.Box(0, 1, (2,), np.float32)
+        action_space = gym.spaces.Discrete(2)
+
     gym.register("fastdqn-test/Unrenderable-v0", entry_point=Unrenderable)
+    gym.register("fastdqn-test/NoRenderMode-v0", entry_point=NoRenderMode)
     try:
         with pytest.raises(ValueError, match="does not render frames"):
             make_env("fastdqn-test/Unrenderable-v0", 1, 0, render=True)
         make_env("fastdqn-test/Unrenderable-v0", 1, 0).close()  # without a video it runs
+        with pytest.raises(ValueError, match="does not render frames .*its constructor takes no render_mode"):
+            make_env("fastdqn-test/NoRenderMode-v0", 1, 0, render=True)
     finally:
         gym.registry.pop("fastdqn-test/Unrenderable-v0")
+        gym.registry.pop("fastdqn-test/NoRenderMode-v0")
 
     import importlib.metadata
 
