@@ -744,7 +744,8 @@ def _check_network_given(path, saved: dict, q_network: torch.nn.Module | None) -
     """A run trained with a network of the user's needs one of that architecture to go on."""
     if saved.get("custom_q_network") and q_network is None:
         raise ValueError(f"{path} was trained with a custom q_network ({saved['custom_q_network']}): pass "
-                         "q_network=<a network of that architecture> to DQN.load or DQN.resume")
+                         "q_network=<a network of that architecture> to DQN.load or DQN.resume in Python (the "
+                         "fastdqn command cannot rebuild it)")
 
 
 def _check_epsilon(epsilon) -> None:

@@ -24,6 +24,9 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         raise ValueError(f"{run_dir} has no metrics.csv yet")
     train = read_csv(metrics_path)
     evals = read_csv(run_dir / "eval.csv") if (run_dir / "eval.csv").is_file() else []
+    if not evals and not any(_finite(r.get("episode_return")) for r in train):
+        raise ValueError(f"{run_dir} has no returns to plot yet: no episode ended in its {len(train)} metrics rows "
+                         "and it has no evaluation")
     out = Path(out) if out is not None else run_dir / "learning_curve.png"
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
@@ -52,8 +55,11 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
 
 
 def _line(ax, rows, x_key, y_key, scale, **style) -> None:
-    points = [(r[x_key] * scale, r[y_key]) for r in rows
-              if isinstance(r.get(y_key), float) and not math.isnan(r[y_key])]
+    points = [(r[x_key] * scale, r[y_key]) for r in rows if _finite(r.get(y_key))]
     if points:
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker="o" if len(points) == 1 else None, **style)  # one row: a point, not an empty line
+
+
+def _finite(value) -> bool:
+    return isinstance(value, float) and not math.isnan(value)

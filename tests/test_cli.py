@@ -337,6 +337,16 @@ def test_plot_writes_a_png(run_dir, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_of_a_run_with_nothing_to_plot_yet_is_an_error_not_an_empty_png(run_dir, tmp_path, capsys):
+    young = tmp_path / "young"  # stopped before its first metrics row
+    young.mkdir()
+    (young / "config.json").write_bytes((run_dir / "config.json").read_bytes())
+    (young / "metrics.csv").write_text((run_dir / "metrics.csv").read_text().splitlines()[0] + "\n")
+    assert main(["plot", str(young)]) == 2
+    assert "has no returns to plot yet" in capsys.readouterr().err
+    assert not (young / "learning_curve.png").exists()
+
+
 def test_run_dir_is_not_overwritten(run_dir, capsys):
     assert main(["train", "--run-dir", str(run_dir), *QUICK]) == 2
     assert "already holds a run" in capsys.readouterr().err
