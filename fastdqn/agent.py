@@ -619,6 +619,10 @@ class DQN:
         per_env = episodes // num_envs
         env = make_env(self.env_id, num_envs, seed, mode="eval", protocol=self.config.protocol,
                        backend=self.config.backend, render=video is not None)
+        if env.max_episode_steps is None:
+            warnings.warn(f"{self.env_id} has no time limit: an evaluation episode lasts until the env ends it, so a "
+                          "policy that never ends one keeps evaluate() waiting; register the env with "
+                          "max_episode_steps", stacklevel=3)
         rng = np.random.default_rng(seed)
         returns: list[list[float]] = [[] for _ in range(num_envs)]
         with env:

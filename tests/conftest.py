@@ -34,15 +34,15 @@ class Chain(gym.Env):
         return np.full(1, self.position / 3, np.float32), float(self.position == 3), self.position == 3, False, {}
 
 
-gym.register("{id}", entry_point=Chain, max_episode_steps=10)
+gym.register("{id}", entry_point=Chain, max_episode_steps={limit})
 """
 
 
 @pytest.fixture
 def own_env_module(tmp_path, monkeypatch):
-    """``write(module, env_id)`` writes a module that registers ``env_id`` (a 3-step chain) when
-    imported, as a user's own env package does, into a folder on sys.path, which it returns. The
-    module and the env are gone again after the test."""
+    """``write(module, env_id, max_episode_steps=10)`` writes a module that registers ``env_id``
+    (a 3-step chain) when imported, as a user's own env package does, into a folder on sys.path,
+    which it returns. The module and the env are gone again after the test."""
     import gymnasium as gym
 
     folder = tmp_path / "own_envs"
@@ -50,8 +50,9 @@ def own_env_module(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(folder))
     written = []
 
-    def write(module: str, env_id: str):
-        (folder / f"{module}.py").write_text(OWN_ENV_MODULE.replace("{id}", env_id))
+    def write(module: str, env_id: str, max_episode_steps: int | None = 10):
+        (folder / f"{module}.py").write_text(OWN_ENV_MODULE.replace("{id}", env_id)
+                                             .replace("{limit}", str(max_episode_steps)))
         written.append((module, env_id))
         return folder
 

@@ -627,6 +627,19 @@ def test_the_keras_rl_example_runs_again_into_a_directory_of_its_own(tmp_path):
     assert len(runs) == 2 and all((run / "dqn_CartPole-v0_weights.pt").is_file() for run in runs)
 
 
+def test_evaluating_an_env_without_a_time_limit_warns_that_it_may_never_end(own_env_module):
+    own_env_module("fastdqn_test_unlimited", "FastdqnUnlimited-v0", max_episode_steps=None)
+    agent = DQN("fastdqn_test_unlimited:FastdqnUnlimited-v0", DQNConfig(num_envs=2, hidden_sizes=(8,)),
+                progress=False, tensorboard=False)
+    with pytest.warns(UserWarning, match="FastdqnUnlimited-v0 has no time limit"):
+        result = agent.evaluate(2, epsilon=1.0)  # random actions end the 3-step chain soon
+    assert result["returns"] == [1.0, 1.0]
+    limited = DQN("CartPole-v1", DQNConfig(num_envs=2, hidden_sizes=(8,)), progress=False, tensorboard=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        limited.evaluate(2)
+
+
 def test_evaluate_records_the_first_episode_on_the_gymnasium_backend(tmp_path):
     from PIL import Image, ImageSequence
 
