@@ -119,8 +119,6 @@ class DQN:
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise ValueError(f"run_dir must be a directory, got {self.run_dir}, which is a file")
         self.progress, self.tensorboard = progress, tensorboard
-        if config.torch_threads:
-            torch.set_num_threads(config.effective_torch_threads)
 
         random.seed(config.seed)
         torch.manual_seed(config.seed)
@@ -323,14 +321,15 @@ class DQN:
         if self._batch is None:
             self._batch, self._sample = self._sampling()
             self._stretch = self._stretch_batches()
-        if c.torch_threads:  # OpenMP's thread count is per thread: set it in whichever thread learns
-            torch.set_num_threads(c.effective_torch_threads)
         stopped_at_its_end = self._unfinished_total_steps is not None and self._unfinished_total_steps <= self.env_steps
         # RunDirectoryInUse (another run writes run_dir) comes before anything changes.
         logger = RunLogger(self.run_dir, self._config_record(total), total_steps=total,
                            start_step=self.env_steps, wall_time_offset=self.wall_time, resume=self.env_steps > 0,
                            tensorboard=self.tensorboard, progress=self.progress)
+        callers_threads = torch.get_num_threads()  # put back at the end: other torch work in this process keeps its own
         try:
+            if c.torch_threads:  # OpenMP's thread count is per thread: set it in whichever thread learns
+                torch.set_num_threads(c.effective_torch_threads)
             self._unfinished_total_steps = total
             if self.env_steps >= total:  # no step to take
                 self._finish_run(total, logger, stopped_at_its_end)
@@ -366,6 +365,7 @@ class DQN:
                 error.add_note(f"then ending the buffer's episodes and closing the envs failed: {cleanup!r}")
             raise
         finally:
+            torch.set_num_threads(callers_threads)
             self._stop_requested = False  # a request made before this call (a signal during its setup) counted
             self.wall_time = logger.wall_time()
             logger.close()

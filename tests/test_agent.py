@@ -571,13 +571,21 @@ def test_config_validation_and_overrides():
     assert numpy_config.hidden_sizes == (8, 8) and type(numpy_config.hidden_sizes[0]) is int
 
 
-def test_torch_threads_are_capped_at_the_cores_the_process_may_use(monkeypatch, torch_threads_restored):
+def test_torch_threads_are_capped_at_the_cores_the_process_may_use(monkeypatch, torch_threads_restored, tmp_path):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     assert DQNConfig(torch_threads=2).effective_torch_threads == 1
     assert DQNConfig(torch_threads=0).effective_torch_threads == 0  # torch's default stays
-    DQN("CartPole-v1", DQNConfig(torch_threads=2), progress=False, tensorboard=False).close()
-    assert torch.get_num_threads() == 1
+    torch.set_num_threads(3)  # the caller's own torch work's setting
+    agent = DQN("CartPole-v1", DQNConfig(torch_threads=2, total_steps=300, num_envs=2, learning_starts=100,
+                                         eval_episodes=0, hidden_sizes=(8,)), run_dir=tmp_path, progress=False,
+                tensorboard=False)
+    assert torch.get_num_threads() == 3
+    seen = set()
+    update = agent.learner.update
+    agent.learner.update = lambda *args, **kwargs: (seen.add(torch.get_num_threads()), update(*args, **kwargs))[1]
+    agent.learn()
+    assert seen == {1} and torch.get_num_threads() == 3  # learn() used the capped count, then put the caller's back
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     assert DQNConfig(torch_threads=2).effective_torch_threads == 2
