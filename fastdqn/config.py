@@ -28,9 +28,9 @@ class DQNConfig:
     seed: int = 0
     """Seeds the environments, the replay buffer, numpy, python and torch (0 to 2**31 - 2)."""
     total_steps: int = 50_000
-    """Environment steps to train for (summed over all envs) when none are given to ``learn``. As in
-    envpool and CleanRL, the step after an episode's end, which only resets its env (and is never
-    stored), counts as one; so it does for every step count below."""
+    """Environment steps to train for (summed over all envs) when none are given to ``learn``. The step
+    after an episode's end, which only resets its env (envpool's auto-reset; never stored), counts
+    as one, here and in every step count below: one step per episode."""
     num_envs: int = 8
     """Environments stepped together as one batch; each contributes one step per iteration."""
     device: str = "auto"
