@@ -49,11 +49,11 @@ class DQNConfig:
     by the sync pipeline."""
     torch_threads: int = 2
     """CPU threads torch may use while learn() runs (the caller's setting is put back after), at
-    most one per core this process may run on (0 leaves torch's default: all cores). On a 2-core Xeon, idle, `fastdqn train` (CartPole, 50k steps)
-    took 7.7 s on two threads and 8.6 s on one. But OpenMP's threads wait for each other
-    spinning: while another process kept one core busy the same run took 15-30 s on two
-    threads against 7.6-8.1 s on one (the Nature CNN's update: 228 against 44 ms). On a machine
-    shared with other work, set 1."""
+    most one per core this process may run on (0 leaves torch's default: all cores). On a 2-core
+    Xeon, idle, `fastdqn train` (CartPole, 50k steps) took 7.7 s on two threads and 8.6 s on
+    one. But OpenMP's threads wait for each other spinning: while another process kept one core
+    busy the same run took 15-30 s on two threads against 7.6-8.1 s on one (the Nature CNN's
+    update: 228 against 44 ms). On a machine shared with other work, set 1."""
 
     # --- environment ---------------------------------------------------------
     protocol: str = "cleanrl"
