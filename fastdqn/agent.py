@@ -595,8 +595,8 @@ class DQN:
                  video: str | os.PathLike | None = None) -> dict:
         """Run ``episodes`` full evaluation episodes (raw game scores for Atari, under the
         config's protocol) and return {"env", "episodes", "mean_return", "std_return",
-        "returns", "protocol"}. Each of up to 8 envs plays the same number of episodes, so
-        short episodes are not over-represented.
+        "returns", "protocol", "epsilon"}; the protocol names the epsilon too. Each of up to 8
+        envs plays the same number of episodes, so short episodes are not over-represented.
 
         video: a .gif or .mp4 path; the first env's first episode (the first of the returns) is
         recorded there as the env renders it (Atari: the 210x160 colour screen, in real time),
@@ -611,7 +611,8 @@ class DQN:
         seed = self.config.seed + 1 if seed is None else seed
         returns, protocol = self._play(episodes, epsilon, seed, video)
         return {"env": self.env_id, "episodes": episodes, "mean_return": float(np.mean(returns)),
-                "std_return": float(np.std(returns)), "returns": returns, "protocol": protocol}
+                "std_return": float(np.std(returns)), "returns": returns,
+                "protocol": f"{protocol}; epsilon-greedy, epsilon {epsilon:g}", "epsilon": float(epsilon)}
 
     def _play(self, episodes: int, epsilon: float, seed: int,
               video: str | os.PathLike | None) -> tuple[list[float], str]:

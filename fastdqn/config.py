@@ -366,11 +366,12 @@ PRESETS: dict[str, dict] = {
         max_grad_norm=0.0, loss="mse", n_step=1,
     ),
     # CleanRL's dqn_atari.py: one update of batch 32 every 4 env steps, a 1M buffer, a hard
-    # target copy every 1000 env steps (= 250 updates), epsilon 1 -> 0.01 over 10% of 10M steps.
+    # target copy every 1000 env steps (= 250 updates), epsilon 1 -> 0.01 over 10% of 10M steps;
+    # its evaluation plays epsilon 0.05, as Mnih et al. (2015) did.
     "atari": dict(
         total_steps=10_000_000, num_envs=1, learning_rate=1e-4, batch_size=32, buffer_size=1_000_000,
         learning_starts=80_000, train_frequency=4, gradient_steps=1, target_update_interval=250,
-        tau=1.0, start_epsilon=1.0, end_epsilon=0.01, exploration_fraction=0.10, gamma=0.99,
+        tau=1.0, start_epsilon=1.0, end_epsilon=0.01, exploration_fraction=0.10, gamma=0.99, eval_epsilon=0.05,
         loss="mse", max_grad_norm=0.0, n_step=1, log_interval=10_000, eval_interval=0, checkpoint_interval=500_000,
         torch_threads=0,  # all cores: see torch_threads; on a GPU the CPU threads hardly matter
     ),

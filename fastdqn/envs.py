@@ -55,8 +55,10 @@ class AtariProtocol:
     """Press FIRE once after each reset (including after a life loss) in games that have FIRE."""
     episodic_life: bool
     """A life loss ends the episode (terminated) and the next life starts as after a reset (new
-    frame stack, FIRE); the game goes on. Evaluation keeps it, as CleanRL's does, so that an
-    agent is never left waiting for a FIRE it never had to press; it scores whole games."""
+    frame stack, the random no-ops, FIRE); the game goes on. Evaluation keeps it, as CleanRL's
+    does, so that an agent is never left waiting for a FIRE it never had to press; it scores
+    whole games. (That next start is envpool's; CleanRL's wrappers play one no-op step, FIRE
+    and RIGHT there instead: 12 frames rather than 1-30.)"""
     clip_rewards: bool
     """Training only: rewards become their sign. Episode returns stay raw."""
     frame_skip: int = 4
@@ -83,11 +85,12 @@ class AtariProtocol:
     def describe(self, mode: str) -> str:
         """One line naming the protocol and every setting, for logs and evaluation output."""
         p = self.for_mode(mode)
-        noops = f"up to {p.noop_max} random no-op frames at reset" if p.noop_max > 1 else "no no-op starts"
+        starts = "reset and life loss" if p.episodic_life else "reset"
+        noops = f"up to {p.noop_max} random no-op frames at {starts}" if p.noop_max > 1 else "no no-op starts"
         episodes = "episodic life" if p.episodic_life else "full games"
         parts = [
             noops,
-            "FIRE after reset" if p.fire_reset else "no FIRE reset",
+            f"FIRE after {starts}" if p.fire_reset else "no FIRE reset",
             f"frame skip {p.frame_skip} (max-pool of the last 2 frames)",
             f"{ATARI_FRAME_SIZE}x{ATARI_FRAME_SIZE} grayscale",
             f"{ATARI_FRAME_STACK}-frame stack",

@@ -603,6 +603,7 @@ def test_presets_follow_env():
     # CleanRL dqn_atari: a target copy every 1000 env steps at one update per 4 steps.
     assert atari.target_update_interval / atari.replay_ratio == 1000
     assert (atari.batch_size, atari.buffer_size, atari.learning_rate) == (32, 1_000_000, 1e-4)
+    assert atari.eval_epsilon == 0.05  # CleanRL's evaluation (cleanrl_utils/evals/dqn_eval.py), Mnih et al. 2015's
     # One-step returns, as in CleanRL's dqn_atari.py and dqn.py and RL Zoo's DQN settings.
     assert atari.n_step == DQNConfig.preset("classic").n_step == DQNConfig.preset("acrobot").n_step == 1
 

@@ -268,6 +268,11 @@ def test_eval_json_prints_exactly_one_object(run_dir, capsys):
     assert main(["eval", str(run_dir / "checkpoints" / "step-000000000600.pt"), "--episodes", "4", "--seed", "11",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == result
+    assert result["epsilon"] == DQNConfig().eval_epsilon and result["protocol"].endswith(
+        f"epsilon-greedy, epsilon {DQNConfig().eval_epsilon:g}")
+    assert main(["eval", str(run_dir), "--episodes", "2", "--epsilon", "0.25", "--json"]) == 0
+    named = json.loads(capsys.readouterr().out)
+    assert named["epsilon"] == 0.25 and named["protocol"].endswith("epsilon-greedy, epsilon 0.25")
 
 
 def test_eval_records_a_gif_of_an_atari_game_in_colour(tmp_path, capsys):

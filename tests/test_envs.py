@@ -385,6 +385,8 @@ def test_protocols_configure_envpool(protocol, mode, expected):
         assert description.startswith(ATARI_PROTOCOLS[protocol].source)
         assert ("episodic life" in description) == expected["episodic_life"]
         assert ("sign-clipped rewards" in description) == (mode == "train")
+        # What a life loss restarts is named where it happens.
+        assert ("at reset and life loss" in description) == expected["episodic_life"]
 
 
 @pytest.mark.parametrize("env_id, num_threads, expected", [("CartPole-v1", None, 1), ("Acrobot-v1", None, 1),
