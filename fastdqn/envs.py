@@ -10,8 +10,10 @@ imported, or as gymnasium's ``"module:Env-v0"``, which imports ``module`` first 
 run's config, again whenever the run is evaluated or resumed).
 
 Atari follows a named protocol (``ATARI_PROTOCOLS``). The gymnasium fallback for ALE ids (``ALE/Pong-v5``)
-re-implements envpool's Atari preprocessing in ``AtariPreprocessing`` so that both backends give the
-same observations for the same game.
+re-implements envpool's Atari preprocessing in ``AtariPreprocessing`` so that both backends play the
+same game alike: the same rewards, terminations, truncations and returns, and the same observations
+but for a grey level of resize rounding on a few pixels and the frame of a game that ends inside a
+frame skip (a terminal frame, which nothing bootstraps from).
 """
 
 from __future__ import annotations
