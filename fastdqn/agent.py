@@ -219,10 +219,7 @@ class DQN:
         """Updates that should have run by env step ``step``: one round of gradient_steps
         per train_frequency steps after learning_starts, whatever num_envs is. None before
         every env has taken n_step steps, when the buffer may hold no complete n-step window."""
-        c = self.config
-        if step < max(c.learning_starts, c.n_step * c.num_envs, 1):
-            return 0
-        return ((step - c.learning_starts) // c.train_frequency + 1) * c.gradient_steps
+        return self.config.updates_due(step)
 
     def _store(self, obs, actions, result, cut: bool) -> None:
         truncated = ~result.terminated if cut else result.truncated

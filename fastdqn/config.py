@@ -148,6 +148,12 @@ class DQNConfig:
         """Updates per environment step."""
         return self.gradient_steps / self.train_frequency
 
+    def updates_due(self, step: int) -> int:
+        """Updates the schedule makes by env step ``step`` (see ``DQN.updates_due``)."""
+        if step < max(self.learning_starts, self.n_step * self.num_envs, 1):
+            return 0
+        return ((step - self.learning_starts) // self.train_frequency + 1) * self.gradient_steps
+
     def __post_init__(self):
         if isinstance(self.hidden_sizes, list):  # as read back from config.json
             self.hidden_sizes = tuple(self.hidden_sizes)

@@ -79,6 +79,10 @@ def test_json_maps_each_system_to_its_figures(tmp_path, capsys):
     markdown = report.with_suffix(".md").read_text()
     assert f"median of {repeats} interleaved runs" in markdown and "| CartPole-v1 | async |" in markdown
     assert f"async: its wall time leaves out making its own envs inside learn() ({make_env:.2f} s)" in markdown
+    # What the schedule allows, beside what each system held: one round of updates in this short run.
+    assert (f"learning starts at env step {config.learning_starts:,} of {steps:,}: the schedule makes {updates} "
+            f"updates, a replay ratio of {updates / steps:.3f} over the whole run (configured: 0.125 from then on)"
+            in markdown)
 
 
 def test_markdown_gives_the_ratio_to_sb3_run_by_run():
@@ -89,7 +93,7 @@ def test_markdown_gives_the_ratio_to_sb3_run_by_run():
     report = {"date": "d", "device": "cpu",
               "machine": {"cpu": "c", "cores": 2, "versions": {"torch": "t"}, "load_avg_1m": 0.0},
               "envs": {"CartPole-v1": {"preset": "cartpole", "config_overrides": {}, "torch_threads": 1, "repeats": 3,
-                                       "systems": {"sync": result([300.0, 500.0, 400.0]),
+                                       "config": DQNConfig().to_dict(), "systems": {"sync": result([300.0, 500.0, 400.0]),
                                                    "sb3": result([100.0, 200.0, 400.0])}}}}
     markdown = bench_train.to_markdown(report)
     assert "  - sync vs SB3, run by run (the runs of one repeat follow each other): 3.00x, 2.50x, 1.00x" in markdown

@@ -45,7 +45,7 @@ import warnings
 
 from fastdqn.bench.report import (busy_lines, check_out_dir, command_line, device_error, machine_info, machine_name,
                                   report_stem, write_report)
-from fastdqn.config import int_at_least
+from fastdqn.config import DQNConfig, int_at_least
 from fastdqn.bench.pipelines import figures, run_async, run_envpool_raw, run_sync
 from fastdqn.signals import die_with_parent
 
@@ -188,6 +188,14 @@ def median_run(results: list[dict]) -> dict:
     return median
 
 
+def learning_window(config) -> str:
+    """The replay ratio a whole run's schedule makes: no update before learning_starts."""
+    steps = config.total_steps
+    return (f"learning starts at env step {config.learning_starts:,} of {steps:,}: the schedule makes "
+            f"{config.updates_due(steps):,} updates, a replay ratio of {config.updates_due(steps) / steps:.3f} over "
+            f"the whole run (configured: {config.replay_ratio:.3f} from then on)")
+
+
 def to_markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# End-to-end DQN training: fastdqn vs SB3 ({report['date']})", "",
@@ -226,6 +234,7 @@ def to_markdown(report: dict) -> str:
                  if "learner_torch_threads" in async_run else "")
         lines.append(f"- {env_id}: preset `{entry['preset']}`, config {json.dumps(entry['config_overrides'])}; "
                      f"each system with {entry['torch_threads']} torch thread(s){split}")
+        lines.append(f"  - {learning_window(DQNConfig.from_dict(entry['config']))}")
         sb3_runs = entry["systems"].get("sb3", {}).get("runs_steps_per_s")
         for name, r in entry["systems"].items():
             if "runs_steps_per_s" in r:
@@ -391,6 +400,9 @@ def main(argv: list[str] | None = None) -> dict:
             except ValueError as e:
                 parser.error(f"{env_id}: {e} (or leave sb3 out of --systems)")
         plans.append((env_id, preset, config))
+        if config.learning_starts * 2 >= config.total_steps:
+            log(f"{env_id}: {learning_window(config)}; most of each run only fills the buffer "
+                "(more --steps, or --set learning_starts=N)")
     try:
         check_out_dir(args.out)
     except ValueError as e:
