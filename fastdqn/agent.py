@@ -201,8 +201,11 @@ class DQN:
         return unfinished if unfinished is not None else self.config.total_steps
 
     def epsilon(self, step: int, total_steps: int) -> float:
-        """Exploration at ``step`` of a run to ``total_steps``: linear over its first fraction."""
+        """Exploration at ``step`` of a run to ``total_steps``: 1 (uniformly random actions) before
+        learning_starts, then the schedule, linear over the run's first fraction from step 0."""
         c = self.config
+        if step < c.learning_starts:
+            return 1.0
         return linear_schedule(c.start_epsilon, c.end_epsilon, c.exploration_fraction * total_steps, step)
 
     def per_beta(self, step: int, total_steps: int) -> float:

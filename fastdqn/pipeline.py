@@ -415,7 +415,7 @@ class AsyncPipeline:
         returns: list[float] = []
         lengths: list[float] = []
         next_log, next_eval, next_ckpt = agent.next_boundaries(step)
-        epsilon = c.start_epsilon
+        epsilon = agent.epsilon(step, total)
         while step < total:
             segment_start = step  # a requested stop cuts the segment once it has a step of its own
             t = time.perf_counter()

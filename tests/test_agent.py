@@ -77,14 +77,18 @@ def test_updates_wait_for_complete_n_step_windows(tmp_path):
 
 
 def test_epsilon_follows_schedule_in_metrics(tmp_path):
-    config = tiny(num_envs=2, start_epsilon=1.0, end_epsilon=0.2, exploration_fraction=0.5, eval_episodes=0)
+    config = tiny(num_envs=2, start_epsilon=0.9, end_epsilon=0.2, exploration_fraction=0.5, eval_episodes=0,
+                  learning_starts=300)
     dqn = agent(tmp_path, config=config)
     dqn.learn(1_000)
     rows = read_csv(tmp_path / "run" / "metrics.csv")
     assert [r["step"] for r in rows] == [100.0 * k for k in range(1, 11)]
     for row in rows:
-        # epsilon is logged for the last iteration before the row: step - num_envs.
-        assert row["epsilon"] == pytest.approx(max(1.0 - 0.8 * (row["step"] - 2) / 500, 0.2), abs=1e-5)
+        # epsilon is logged for the last iteration before the row: step - num_envs. Before
+        # learning_starts every action is uniformly random, which is epsilon 1.
+        acted_at = row["step"] - 2
+        expected = 1.0 if acted_at < 300 else max(0.9 - 0.7 * acted_at / 500, 0.2)
+        assert row["epsilon"] == pytest.approx(expected, abs=1e-5)
     assert dqn.epsilon(750, 1_000) == pytest.approx(0.2)
 
 
