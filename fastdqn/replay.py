@@ -112,11 +112,23 @@ def _int(name: str, value, minimum: int) -> int:
 
 
 def _real(name: str, value, low: float, high: float) -> float:
+    value = _number(name, value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def _nonnegative(name: str, value) -> float:
+    value = _number(name, value)
+    if not 0.0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def _number(name: str, value) -> float:
     value = _python_scalar(value, "iuf")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
     return float(value)
 
 
@@ -428,8 +440,8 @@ class PrioritizedReplayBuffer(ReplayBuffer):
 
     def __init__(self, capacity, obs_shape, frame_stack=1, num_envs=1, obs_dtype=np.uint8, action_dtype=np.int64,
                  n_step=1, gamma=0.99, seed=None, alpha=0.6, beta=0.4, eps=1e-6):
-        self._alpha = _real("alpha", alpha, 0.0, float("inf"))
-        self._eps = _real("eps", eps, 0.0, float("inf"))
+        self._alpha = _nonnegative("alpha", alpha)
+        self._eps = _nonnegative("eps", eps)
         if self._eps <= 0.0:
             raise ValueError("eps must be > 0: a zero priority would hide a transition forever")
         self._init(capacity, obs_shape, frame_stack, num_envs, obs_dtype, action_dtype, n_step, gamma, seed,
@@ -458,14 +470,14 @@ class PrioritizedReplayBuffer(ReplayBuffer):
 
     @beta.setter
     def beta(self, value) -> None:
-        self._core.beta = _real("beta", value, 0.0, float("inf"))
+        self._core.beta = _nonnegative("beta", value)
 
     def sample(self, batch_size: int, beta: float | None = None, out: Batch | None = None) -> Batch:
-        beta = self.beta if beta is None else _real("beta", beta, 0.0, float("inf"))
+        beta = self.beta if beta is None else _nonnegative("beta", beta)
         return self._sample(batch_size, out, Batch, beta)
 
     def sample_frames(self, batch_size: int, beta: float | None = None, out: FrameBatch | None = None) -> FrameBatch:
-        beta = self.beta if beta is None else _real("beta", beta, 0.0, float("inf"))
+        beta = self.beta if beta is None else _nonnegative("beta", beta)
         return self._sample(batch_size, out, FrameBatch, beta)
 
     def update_priorities(self, indices, priorities) -> None:

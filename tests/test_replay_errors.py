@@ -1,5 +1,6 @@
 """Bad input gets a clear error before any state changes."""
 
+import math
 import os
 import re
 
@@ -262,8 +263,16 @@ def test_prioritized_errors_change_nothing():
     for kwargs in [dict(alpha=-1), dict(eps=0), dict(beta=-0.5)]:
         with pytest.raises(ValueError):
             PrioritizedReplayBuffer(64, (K, *FRAME), frame_stack=K, **kwargs)
-    with pytest.raises(ValueError, match="beta"):
-        buf.sample(4, beta=-1)
+    for name in ("alpha", "eps", "beta"):  # refused as Python, not later (or wrongly) by the core
+        for value in (math.inf, math.nan):
+            with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0, got {value}"):
+                PrioritizedReplayBuffer(64, (K, *FRAME), frame_stack=K, **{name: value})
+    for value in (-1, math.inf, math.nan):
+        with pytest.raises(ValueError, match="beta must be a finite number >= 0"):
+            buf.sample(4, beta=value)
+        with pytest.raises(ValueError, match="beta must be a finite number >= 0"):
+            buf.beta = value
+    assert buf.beta == 0.4
     with pytest.raises(ValueError, match="negative"):
         buf.sampling_mass([-1])
     assert buf.sampling_mass([10**9]).tolist() == [0.0]  # never added: no mass
