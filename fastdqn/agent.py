@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import datetime
 import math
 import numbers
@@ -98,7 +99,7 @@ class DQN:
             config = DQNConfig.preset(preset_for_env(env_id))
         if not isinstance(config, DQNConfig):
             raise TypeError(f"config must be a DQNConfig, got {type(config).__name__}")
-        config.validate()
+        config = dataclasses.replace(config)  # checked, and the agent's own: a caller's later changes reach no run
         self.env_id = env_id
         self.config = config
         self.device = resolve_device(config.device)

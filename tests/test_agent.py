@@ -539,6 +539,18 @@ def test_learning_that_ends_before_learning_starts_says_it_makes_no_update(tmp_p
     assert dqn.learner.num_updates > 0
 
 
+def test_an_agent_keeps_its_own_copy_of_the_config(tmp_path):
+    config = tiny(eval_episodes=0)
+    dqn = agent(tmp_path, config=config)
+    config.num_envs, config.batch_size = 4, 32  # the caller reuses its object for the next agent
+    dqn.learn(200)
+    assert (dqn.config.num_envs, dqn.config.batch_size) == (TINY["num_envs"], TINY["batch_size"])
+    assert dqn.env_steps == 200 and dqn.learner.num_updates > 0
+    config.num_envs = 0  # checked when an agent is made from it
+    with pytest.raises(ValueError, match="num_envs must be >= 1"):
+        agent(tmp_path / "next", config=config)
+
+
 def test_config_validation_and_overrides():
     with pytest.raises(ValueError, match="batch_size"):
         DQNConfig(batch_size=0)
