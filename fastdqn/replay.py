@@ -76,7 +76,9 @@ class FrameBatch:
         """``(obs, next_obs)`` as separate arrays (copies), shaped as ``sample`` returns them;
         ``frame_stack`` is the buffer's."""
         frame_stack = _int("frame_stack", frame_stack, 1)
-        if frame_stack >= self.frames.shape[1]:  # the frames hold frame_stack + n_step columns, n_step >= 1
+        # The frames hold frame_stack + n_step columns, and a next observation ends inside them.
+        last_column = int(self.next_offset.max(initial=1)) + frame_stack
+        if frame_stack >= self.frames.shape[1] or last_column > self.frames.shape[1]:
             raise ValueError(f"frame_stack must be the buffer's, below the {self.frames.shape[1]} frames per sample "
                              f"(frame_stack + n_step), got {frame_stack}")
         columns = self.next_offset[:, None] + np.arange(frame_stack)

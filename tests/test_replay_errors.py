@@ -358,7 +358,8 @@ def test_misuse_of_batches_prefetchers_and_copies_is_refused(tmp_path):
     buf.add(**step())
     buf.add(**{**step(value=2), "terminated": np.ones(2, bool)})
     frames = buf.sample_frames(4)
-    for wrong in (K + buf.n_step, 0):
+    past_the_frames = K + buf.n_step + 1 - int(frames.next_offset.max())  # a next observation would end past them
+    for wrong in (K + buf.n_step, past_the_frames, 0):
         with pytest.raises(ValueError, match="frame_stack"):
             frames.unpack(wrong)
     batch = buf.empty_batch(4)
