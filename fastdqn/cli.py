@@ -254,8 +254,10 @@ def _agent_to_train(args):
     else:
         from fastdqn.config import DQNConfig, preset_for_env
 
-        env_id = args.env or "CartPole-v1"
-        config = DQNConfig.preset(args.preset or preset_for_env(env_id))
+        env_id = args.env if args.env is not None else "CartPole-v1"
+        if not env_id:
+            raise UsageError("fastdqn train: error: --env must name an environment, got ''")
+        config = DQNConfig.preset(args.preset if args.preset is not None else preset_for_env(env_id))
         direct = {"total_steps": args.total_steps, "num_envs": args.num_envs, "seed": args.seed,
                   "device": args.device, "pipeline": args.pipeline}
         config = config.with_overrides(args.overrides + [f"{k}={v}" for k, v in direct.items() if v is not None])

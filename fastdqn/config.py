@@ -216,6 +216,8 @@ class DQNConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DQNConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"from_dict expects a dict of config fields, got {type(d).__name__}")
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown config fields: {', '.join(sorted(unknown))}")
@@ -229,6 +231,8 @@ class DQNConfig:
     def parse_overrides(assignments: list[str]) -> dict:
         """``key=value`` strings (from ``--set``) as {field: value}, each parsed by its field's type
         (``key`` may spell ``_`` as ``-``); ValueError for anything else."""
+        if isinstance(assignments, str) or not all(isinstance(a, str) for a in assignments):
+            raise TypeError(f"assignments must be a list of 'key=value' strings, got {assignments!r}")
         hints = typing.get_type_hints(DQNConfig)
         names = [f.name for f in fields(DQNConfig)]
         changes = {}
@@ -319,7 +323,8 @@ def _check_type(name: str, value, hint) -> None:
     else:
         ok = isinstance(value, hint)
     if not ok:
-        raise TypeError(f"{name} must be {getattr(hint, '__name__', str(hint))}, got {type(value).__name__} {value!r}")
+        expected = "a tuple of ints" if typing.get_origin(hint) is tuple else hint.__name__
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
 
 
 def _field_docs() -> dict[str, str]:

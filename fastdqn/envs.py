@@ -234,6 +234,15 @@ class VecEnv:
         self._check_open()
         if not self._started:
             raise RuntimeError("call reset() (sync) or async_reset() (async) before stepping")
+        if env_ids is not None:
+            given = np.asarray(env_ids)
+            if given.ndim != 1 or given.dtype.kind not in "iu":
+                raise TypeError(f"env_ids must be a 1-D array of integers, got {given!r}")
+            if len(given) and (given.min() < 0 or given.max() >= self.num_envs):
+                raise ValueError(f"env_ids must be in [0, {self.num_envs}), got {given.min()}..{given.max()}")
+            if len(np.unique(given)) != len(given):
+                raise ValueError(f"env_ids must be distinct (one action per env), got {given}")
+            env_ids = given.astype(np.int32)
         actions = np.asarray(actions)
         n = self.num_envs if env_ids is None else len(env_ids)
         if actions.shape != (n,):
@@ -242,10 +251,6 @@ class VecEnv:
             raise TypeError(f"actions must be integers, got dtype {actions.dtype}")
         if n and (actions.min() < 0 or actions.max() >= self.num_actions):
             raise ValueError(f"actions must be in [0, {self.num_actions}), got {actions.min()}..{actions.max()}")
-        if env_ids is not None:
-            env_ids = np.asarray(env_ids, dtype=np.int32)
-            if n and (env_ids.min() < 0 or env_ids.max() >= self.num_envs):
-                raise ValueError(f"env_ids must be in [0, {self.num_envs}), got {env_ids.min()}..{env_ids.max()}")
         self._send(actions, env_ids)
 
     def recv(self) -> StepResult:
@@ -764,6 +769,8 @@ def make_env(
         raise TypeError(f"env_id must be a str, got {type(env_id).__name__}")
     _check_int("num_envs", num_envs, 1)
     _check_int("seed", seed, 0, 2**31 - 1)
+    if not isinstance(render, (bool, np.bool_)):
+        raise TypeError(f"render must be a bool, got {type(render).__name__}")
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     if isinstance(protocol, str):

@@ -570,6 +570,12 @@ def test_config_validation_and_overrides():
         DQNConfig.preset("pong")
     assert DQNConfig.from_dict(config.to_dict()) == config
     assert set(DQNConfig.field_docs()) == set(config.to_dict())
+    with pytest.raises(TypeError, match="assignments must be a list of 'key=value' strings, got 'seed=1'"):
+        DQNConfig().with_overrides("seed=1")  # (not read letter by letter)
+    with pytest.raises(TypeError, match="from_dict expects a dict of config fields, got list"):
+        DQNConfig.from_dict([("seed", 1)])
+    with pytest.raises(TypeError, match=r"hidden_sizes must be a tuple of ints, got tuple \(True,\)"):
+        DQNConfig(hidden_sizes=(True,))
     for field, value, match in [("seed", 2**31 - 1, "seed must be <= 2147483646"),
                                 ("max_grad_norm", math.inf, "max_grad_norm must be >= 0 and finite"),
                                 ("adam_eps", math.inf, "adam_eps must be a positive finite number"),

@@ -360,6 +360,8 @@ def test_run_dir_is_not_overwritten(run_dir, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["train", "--env", "CartPoel-v1"], "did you mean 'CartPole-v1'"),
     (["train", "--preset", "pongg"], "unknown preset"),
+    (["train", "--preset", ""], "unknown preset ''"),
+    (["train", "--env", ""], "--env must name an environment"),
     (["train", "--total-steps", "0"], "positive integer"),
     (["train", "--num-envs", "many"], "positive integer"),
     (["train", "--total-steps", "1.5e0"], "positive integer, got '1.5e0'"),

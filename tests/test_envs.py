@@ -503,6 +503,7 @@ def test_an_env_without_array_observations_is_refused_by_name(env_id, backend, s
         (dict(num_envs=2, batch_size=3), ValueError, "batch_size"),
         (dict(num_envs=2, batch_size=1, backend="gymnasium"), ValueError, "batch_size < num_envs"),
         (dict(max_episode_steps=0), ValueError, "max_episode_steps"),
+        (dict(render="no"), TypeError, "render must be a bool, got str"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -537,6 +538,18 @@ def test_bad_actions(backend):
         with pytest.raises(ValueError, match=r"\[0, 2\)"):
             env.step(np.array([0, 2]))
         assert env.step(np.array([0, 1])).valid.all()  # the refused calls changed nothing
+    with make_env("CartPole-v1", 4, batch_size=2) as env:  # async: some envs at a time
+        env.async_reset()
+        ids = env.recv().env_ids
+        for env_ids, error, match in [(ids[::-1].astype(float) + 0.7, TypeError, "1-D array of integers"),
+                                      (ids[None], TypeError, "1-D array of integers"),
+                                      (np.array([ids[0], ids[0]]), ValueError, "distinct"),
+                                      (np.array([ids[0], 4]), ValueError, r"\[0, 4\)")]:
+            with pytest.raises(error, match=match):
+                env.send(np.zeros(2, np.int64), env_ids)
+        env.send(np.zeros(2, np.int64), ids)
+        # The refused calls queued nothing: the two other envs' resets and these two steps come back.
+        assert sorted([*env.recv().env_ids, *env.recv().env_ids]) == [0, 1, 2, 3]
 
 
 def test_a_closed_env_refuses_to_step_or_reset():
