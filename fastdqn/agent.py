@@ -221,7 +221,7 @@ class DQN:
 
     def updates_due(self, step: int) -> int:
         """Updates that should have run by env step ``step``: one round of gradient_steps
-        per train_frequency steps after learning_starts, whatever num_envs is. None before
+        per train_frequency steps after learning_starts, whatever num_envs is. None (0) before
         every env has taken n_step steps, when the buffer may hold no complete n-step window."""
         return self.config.updates_due(step)
 

@@ -1,10 +1,11 @@
 """The ``fastdqn`` command: train, eval, plot, bench.
 
     fastdqn train [--env ID] [--preset NAME] [--total-steps N] [--num-envs N] [--seed S]
-                  [--device auto|cpu|cuda] [--run-dir DIR] [--set key=value ...] [--resume DIR]
+                  [--device auto|cpu|cuda] [--pipeline sync|async|auto] [--run-dir DIR]
+                  [--set key=value ...] [--resume DIR] [--no-progress] [--no-tensorboard]
                   [--gym-packages MODULE ...]
-    fastdqn eval RUN_DIR_OR_CHECKPOINT [--episodes N] [--epsilon E] [--seed S] [--json] [--video FILE]
-                 [--gym-packages MODULE ...]
+    fastdqn eval RUN_DIR_OR_CHECKPOINT [--episodes N] [--epsilon E] [--seed S] [--device D] [--json]
+                 [--video FILE] [--gym-packages MODULE ...]
     fastdqn plot RUN_DIR [--out FILE]
     fastdqn bench {buffer,learner,train} [ARGS...]
 

@@ -122,7 +122,8 @@ class DQNConfig:
 
     # --- logging, evaluation, checkpoints ----------------------------------------
     log_interval: int = 1_000
-    """Environment steps between metric rows (the only point where the loop reads device values)."""
+    """Environment steps between metric rows, where the loop reads the learner's metrics from the
+    device (otherwise it reads back only what the host needs: actions, and new priorities)."""
     eval_interval: int = 10_000
     """Environment steps between evaluations written to eval.csv; 0 evaluates only at the end."""
     eval_episodes: int = 10

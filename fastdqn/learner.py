@@ -4,14 +4,16 @@ The whole step (online and target forward passes, TD target, loss, backward, gra
 clipping, optimizer step, target-network update, new priorities and metric sums) is one
 function over static device tensors. On CPU, or with ``cuda_graph=False``, it runs eagerly;
 on CUDA it is run eagerly for a few warm-up calls, then captured once into a
-``torch.cuda.CUDAGraph`` and replayed. Both paths execute the same code, so the CPU tests
-exercise the graphed step's arithmetic too.
+``torch.cuda.CUDAGraph`` and replayed. Both paths execute the same code but in two places:
+the graph's target update is a lerp whose weight is 0 or tau, counted on the device, where
+the eager step asks the host's count whether one is due (the CPU tests run both); and on CPU
+Adam is fused (``_fused_adam_step``, tested against a textbook Adam), where a graph runs the
+capturable one (tested against eager CUDA by the parity tests).
 
 Graph safety rules kept throughout: no ``.item()`` or other host syncs in the step, no
-data-dependent Python branches (the target update is a lerp whose weight is 0 or tau),
-gradients are preallocated and written in place, inputs are copied into static tensors (on
-CPU, where nothing is captured, the step reads the caller's batch directly), and the
-optimizer is capturable. The only wait is for a batch's own copy out of pinned host
+data-dependent Python branches, gradients are preallocated and written in place, inputs are
+copied into static tensors (on CPU, where nothing is captured, the step reads the caller's
+batch directly), and the optimizer is capturable. The only wait is for a batch's own copy out of pinned host
 memory, after the step is queued (see ``Learner._copy_inputs``). Exploration's random
 numbers are drawn on the host (``Learner.act_rng``, as CleanRL and SB3 draw them) and copied
 in with the observations, so the action graph holds no device RNG state that another

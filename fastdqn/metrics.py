@@ -183,8 +183,8 @@ PROGRESS_INTERVAL_S = 0.5
 
 
 class RunLogger:
-    """Writes one run's files. Rows past ``resume_step`` (written after the checkpoint a
-    resumed run restarts from) are dropped, so the CSVs read as one uninterrupted run."""
+    """Writes one run's files. Resumed (``resume``), rows past ``start_step`` (written after the
+    checkpoint the run restarts from) are dropped, so the CSVs read as one uninterrupted run."""
 
     def __init__(self, run_dir: str | os.PathLike, config_record: dict, *, total_steps: int,
                  start_step: int = 0, wall_time_offset: float = 0.0, resume: bool = False,

@@ -10,8 +10,9 @@ for the other. Here they run at once, in two threads that share the lock-free re
     act with the actor's copy of the network      every K updates: publish the weights
     send the actions (the other envs step)        prioritized replay: new priorities
 
-- envpool's async mode steps ``num_envs`` environments and hands back ``num_envs // 2``
-  at a time, so the envs of one half step while the actor acts on the other.
+- For Atari, envpool's async mode steps ``num_envs`` environments and hands back
+  ``num_envs // 2`` at a time (``env_batch_size``), so the envs of one half step while the
+  actor acts on the other.
 - A ``RateLimiter`` holds updates per env step at the synchronous engine's schedule
   (``DQN.updates_due``): the learner never runs ahead of it and the actor never more than
   ``max_lag`` updates ahead of the learner. Before each checkpoint, evaluation and at the
