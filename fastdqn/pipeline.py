@@ -363,7 +363,7 @@ class AsyncPipeline:
         if thread.is_alive():
             raise RuntimeError(f"the learner thread did not stop within {JOIN_TIMEOUT_S:.0f} s") from error
         if self._learner_error is not None:
-            if error is not None and not isinstance(error, _Stop):
+            if error is not None:
                 self._learner_error.add_note(f"the actor stopped with {type(error).__name__}: {error}")
             raise self._learner_error
         if error is not None:

@@ -49,8 +49,9 @@ class RateLimiter:
         self._changed = threading.Condition()
         self.max_owed = 0
         """The most updates the learner ever owed (``schedule(steps) - updates``), for reports."""
-        self.actor_wait_s = 0.0
         self.learner_wait_s = 0.0
+        """Seconds the learner spent waiting for updates to come due (the actor's waits are the
+        pipeline's to time)."""
 
     # ------------------------------------------------------------------ state
     @property
@@ -89,7 +90,7 @@ class RateLimiter:
 
     def await_insert(self, n: int, timeout: float | None = None) -> bool:
         """Block until ``n`` more steps may be stored; False if closed or timed out first."""
-        return self._wait(lambda: self._insert_allowed(n), timeout, "actor_wait_s")
+        return self._wait(lambda: self._insert_allowed(n), timeout)
 
     def inserted(self, n: int) -> None:
         """``n`` more env steps were stored (and may be sampled)."""
@@ -100,12 +101,12 @@ class RateLimiter:
 
     def await_caught_up(self, timeout: float | None = None) -> bool:
         """Block until every due update is done (e.g. before a checkpoint); False if closed or timed out."""
-        return self._wait(lambda: self._updates >= self._schedule(self._steps), timeout, "actor_wait_s")
+        return self._wait(lambda: self._updates >= self._schedule(self._steps), timeout)
 
     # ------------------------------------------------------------------ learner side
     def acquire(self, timeout: float | None = None) -> int:
         """Block until an update is due; return how many are due now (0 if closed or timed out first)."""
-        if not self._wait(lambda: self._updates < self._schedule(self._steps), timeout, "learner_wait_s"):
+        if not self._wait(lambda: self._updates < self._schedule(self._steps), timeout, timed=True):
             return 0
         with self._changed:
             return self._schedule(self._steps) - self._updates
@@ -117,9 +118,10 @@ class RateLimiter:
             self._changed.notify_all()
 
     # ------------------------------------------------------------------
-    def _wait(self, ready: Callable[[], bool], timeout: float | None, clock: str) -> bool:
+    def _wait(self, ready: Callable[[], bool], timeout: float | None, timed: bool = False) -> bool:
         start = time.perf_counter()
         with self._changed:
             ok = self._changed.wait_for(lambda: self._closed or ready(), timeout)
-            setattr(self, clock, getattr(self, clock) + time.perf_counter() - start)
+            if timed:
+                self.learner_wait_s += time.perf_counter() - start
             return ok and not self._closed

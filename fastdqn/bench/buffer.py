@@ -323,23 +323,6 @@ def _disk_speed(directory: str, nbytes: int, repeats: int) -> dict:
     return {"write_gbps": statistics.median(writes), "read_gbps": statistics.median(reads)}
 
 
-def _save_load_missing(subject: FastDQN, settings: Settings) -> str | None:
-    """Why a small buffer cannot be saved and loaded (a missing feature), or None."""
-    import fastdqn
-
-    subject.build(64 * NUM_ENVS, prioritized=False, seed=settings.seed)
-    _fill(subject, 8 * NUM_ENVS, Log("probe"))
-    try:
-        with tempfile.TemporaryDirectory(dir=settings.tmpdir) as tmp:
-            subject.buf.save(os.path.join(tmp, "probe.fastdqn"))
-            fastdqn.ReplayBuffer.load(os.path.join(tmp, "probe.fastdqn"))
-    except (AttributeError, ImportError, NotImplementedError) as error:
-        return f"{type(error).__name__}: {error}"
-    finally:
-        subject.release()
-    return None
-
-
 def _bench_save_load(stream: AtariStream, settings: Settings, log: Log) -> dict:
     import fastdqn
 
@@ -351,9 +334,6 @@ def _bench_save_load(stream: AtariStream, settings: Settings, log: Log) -> dict:
     if shortfall:
         return {"status": f"skipped: {shortfall}"}
     subject = FastDQN(stream)
-    missing = _save_load_missing(subject, settings)
-    if missing:
-        return {"status": f"skipped: save/load not available: {missing}"}
     subject.build(settings.save_capacity, prioritized=False, seed=settings.seed)
     _fill(subject, settings.save_capacity, log)
     held = subject.held()

@@ -45,7 +45,7 @@ import warnings
 
 from fastdqn.bench.report import (busy_lines, check_out_dir, command_line, device_error, machine_info, machine_name,
                                   report_stem, write_report)
-from fastdqn.config import DQNConfig, int_at_least
+from fastdqn.config import MAX_SEED, DQNConfig, int_at_least, preset_for_env
 from fastdqn.bench.pipelines import figures, run_async, run_envpool_raw, run_sync
 from fastdqn.signals import die_with_parent
 
@@ -64,8 +64,6 @@ def log(message: str) -> None:
 def bench_config(env_id: str, steps: int | None, seed: int, device: str, num_envs: int | None = None):
     """The env's preset for ``steps`` env steps (None: the preset's own total_steps) and
     ``num_envs`` envs (None: the preset's)."""
-    from fastdqn.config import DQNConfig, preset_for_env
-
     preset = preset_for_env(env_id)
     config = DQNConfig.preset(preset, seed=seed, device=device, eval_episodes=0, save_buffer=False,
                               checkpoint_interval=0)
@@ -91,7 +89,7 @@ def sb3_arguments(config, num_envs: int) -> dict:
         target_update_interval=max(round(config.target_update_interval / config.replay_ratio), 1),
         exploration_fraction=config.exploration_fraction, exploration_initial_eps=config.start_epsilon,
         exploration_final_eps=config.end_epsilon, max_grad_norm=config.max_grad_norm or 1e9,
-        seed=config.seed, device=config.device if config.device != "auto" else "auto", verbose=0,
+        seed=config.seed, device=config.device, verbose=0,
     )
 
 
@@ -346,7 +344,6 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = set(systems) - set(SYSTEMS)
     if unknown or not systems:
         parser.error(f"--systems must name some of {', '.join(SYSTEMS)}, got {args.systems!r}")
-    from fastdqn.config import MAX_SEED, DQNConfig
     from fastdqn.envs import env_backend, is_atari_id
 
     if args.seed > MAX_SEED:
