@@ -166,10 +166,12 @@ class DQN:
         self._stop_at_once = None  # how a second Ctrl-C stops the running pipeline; None: KeyboardInterrupt
 
     # ------------------------------------------------------------------ pieces
-    def _make_train_env(self, step: int):
+    def _make_train_env(self, step: int, batch_size: int | None = None):
+        """The training envs as made at ``step`` (seeded by it), in envpool's async mode when
+        ``batch_size`` is below num_envs."""
         c = self.config
         return make_env(self.env_id, c.num_envs, env_seed(c.seed, step), mode="train", protocol=c.protocol,
-                        backend=c.backend)
+                        backend=c.backend, batch_size=batch_size)
 
     def _make_buffer(self):
         from fastdqn.replay import PrioritizedReplayBuffer, ReplayBuffer

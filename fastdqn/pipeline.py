@@ -48,8 +48,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from fastdqn.agent import env_seed, next_boundary
-from fastdqn.envs import make_env
+from fastdqn.agent import next_boundary
 from fastdqn.learner import network_tensors
 from fastdqn.rate_limiter import RateLimiter
 from fastdqn.signals import handling
@@ -420,8 +419,7 @@ class AsyncPipeline:
         while step < total:
             segment_start = step  # a requested stop cuts the segment once it has a step of its own
             t = time.perf_counter()
-            env = make_env(agent.env_id, n, env_seed(c.seed, step), mode="train", protocol=c.protocol,
-                           backend=c.backend, batch_size=batch)
+            env = agent._make_train_env(step, batch_size=batch)
             watch.lap("make_env", t)
             try:
                 last_obs = np.zeros((n, *agent.obs_shape), agent.env.obs_dtype)
