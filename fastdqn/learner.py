@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fastdqn import manual_mlp
-from fastdqn.networks import MLP, NatureCNN
+from fastdqn.networks import MLP, NatureCNN, check_obs_shape
 
 __all__ = ["GRAPH_WARMUP_CALLS", "Learner", "network_tensors"]
 
@@ -178,9 +178,7 @@ class Learner:
                  cuda_graph: bool | str = "auto", actor_copy: bool = False, seed: int | None = None):
         if not isinstance(q_network, nn.Module):
             raise TypeError(f"q_network must be a torch.nn.Module, got {type(q_network).__name__}")
-        obs_shape = tuple(obs_shape)
-        if not obs_shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in obs_shape):
-            raise ValueError(f"obs_shape must be a non-empty tuple of positive ints, got {obs_shape!r}")
+        obs_shape = check_obs_shape(obs_shape)
         for name, value in (("batch_size", batch_size), ("num_envs", num_envs),
                             ("target_update_interval", target_update_interval)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -10,6 +10,7 @@ the device, so the host never converts a batch. Only uint8 frames are pixels to 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -115,6 +116,15 @@ class NatureCNN(nn.Module):
         return self.head(self.body(frames))
 
 
+def check_obs_shape(obs_shape) -> tuple[int, ...]:
+    """``obs_shape`` as a tuple of Python ints (numpy's too); ValueError unless it is a non-empty
+    sequence of positive integers."""
+    obs_shape = tuple(obs_shape)
+    if not obs_shape or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in obs_shape):
+        raise ValueError(f"obs_shape must be a non-empty tuple of positive ints, got {obs_shape!r}")
+    return tuple(int(d) for d in obs_shape)
+
+
 def build_q_network(obs_shape: Sequence[int], num_actions: int, *, hidden_sizes: Sequence[int] = (120, 84),
                     dueling: bool = False) -> nn.Module:
     """The default Q-network for an observation shape: image (C, H, W) -> NatureCNN, else MLP.
@@ -122,9 +132,7 @@ def build_q_network(obs_shape: Sequence[int], num_actions: int, *, hidden_sizes:
     A 3-D observation is taken as channels-first frames (a frame stack). Anything else is
     flattened into a vector for the MLP.
     """
-    obs_shape = tuple(obs_shape)
-    if not obs_shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in obs_shape):
-        raise ValueError(f"obs_shape must be a non-empty tuple of positive ints, got {obs_shape!r}")
+    obs_shape = check_obs_shape(obs_shape)
     if len(obs_shape) == 3:
         if obs_shape[2] <= 4 < obs_shape[0]:  # gymnasium's image convention, (H, W, C)
             raise ValueError(f"image observations must be channels-first (C, H, W), as torch's convolutions take "

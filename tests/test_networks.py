@@ -1,5 +1,6 @@
 """Q-networks: output shapes, the dueling combination, input scaling, the factory."""
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -97,6 +98,7 @@ def test_build_q_network_picks_cnn_for_images_and_mlp_otherwise():
     assert isinstance(mlp, MLP) and mlp(torch.zeros(1, 4)).shape == (1, 2)
     flat = build_q_network((2, 5), 3)
     assert isinstance(flat, MLP) and flat.obs_dim == 10
+    assert isinstance(build_q_network(np.array([4, 84, 84]), 6), NatureCNN)  # numpy's ints, as a gym space's shape
 
 
 @pytest.mark.parametrize("call, match", [
