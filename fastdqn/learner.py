@@ -217,10 +217,10 @@ class Learner:
         self.cuda_graph = device.type == "cuda" and cuda_graph in ("auto", True)
 
         self.q_network = q_network.to(device)
-        # Submodules the user put in eval mode inside a network in train mode (a frozen batch
-        # norm of a pretrained encoder) stay in eval mode while the rest trains.
-        self._frozen_submodules = ([m for m in q_network.modules() if not m.training] if q_network.training
-                                   else [])
+        # Training puts back each submodule's own mode, as it was before acting switched them all
+        # to eval: one the user froze (a pretrained encoder's batch norm) stays in eval mode. A
+        # network handed over in eval mode as a whole trains as a whole.
+        self._train_modes = {m: m.training for m in q_network.modules()} if q_network.training else None
         try:
             with torch.no_grad():  # in eval mode: batch norm's running statistics do not see the probe
                 probe = self.q_network.eval()(torch.zeros((2, *obs_shape), dtype=self.obs_dtype, device=device))
@@ -629,12 +629,15 @@ class Learner:
             if training:
                 self._train_mode()
             else:
+                self._train_modes = {m: m.training for m in self.q_network.modules()}
                 self.q_network.eval()
 
     def _train_mode(self) -> None:
-        self.q_network.train()
-        for module in self._frozen_submodules:
-            module.eval()
+        if self._train_modes is None:
+            self.q_network.train()
+        else:
+            for module, training in self._train_modes.items():
+                module.training = training
 
     def _act_on(self, obs: torch.Tensor) -> torch.Tensor:
         with self._no_autograd():

@@ -843,6 +843,25 @@ def test_submodules_the_user_froze_in_eval_mode_stay_frozen_while_the_rest_train
     assert not torch.equal(online[0].weight, network[0].weight)  # it did train
 
 
+def test_each_submodules_own_mode_comes_back_for_training():
+    encoder = torch.nn.Sequential(torch.nn.Linear(OBS_DIM, 16), torch.nn.BatchNorm1d(16), torch.nn.Dropout(0.2))
+    network = torch.nn.Sequential(encoder, torch.nn.ReLU(), torch.nn.Linear(16, NUM_ACTIONS))
+    encoder.eval()
+    encoder[2].train()  # a frozen encoder that keeps its dropout on
+    learner = make_learner(network)
+    online = learner.q_network
+    rng = np.random.default_rng(0)
+    obs = torch.as_tensor(rng.normal(size=(4, OBS_DIM)).astype(np.float32))
+    learner.update(make_batch(rng))
+    assert [m.training for m in online.modules()] == [True, False, False, False, True, True, True]
+    online[2].eval()  # frozen by the user between two updates, after the learner was made
+    for _ in range(2):
+        learner.act(obs, 0.0)
+        assert not any(m.training for m in online.modules())
+        learner.update(make_batch(rng))
+        assert [m.training for m in online.modules()] == [True, False, False, False, True, True, False]
+
+
 class MaskedQ(torch.nn.Module):
     """Q-values with an additive action mask, a buffer holding -inf (an action never allowed)."""
 
