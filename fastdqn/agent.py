@@ -173,6 +173,15 @@ class DQN:
         return make_env(self.env_id, c.num_envs, env_seed(c.seed, step), mode="train", protocol=c.protocol,
                         backend=c.backend, batch_size=batch_size)
 
+    def _use_config_threads(self) -> int:
+        """Sets the config's torch_threads for this thread (OpenMP's count is per thread), for a
+        learn() or evaluate() call; returns the caller's count, which the call puts back: other
+        torch work in the process keeps its own."""
+        callers = torch.get_num_threads()
+        if self.config.torch_threads:
+            torch.set_num_threads(self.config.effective_torch_threads)
+        return callers
+
     def _make_buffer(self):
         from fastdqn.replay import PrioritizedReplayBuffer, ReplayBuffer
 
@@ -329,10 +338,8 @@ class DQN:
         logger = RunLogger(self.run_dir, self._config_record(total), total_steps=total,
                            start_step=self.env_steps, wall_time_offset=self.wall_time, resume=self.env_steps > 0,
                            tensorboard=self.tensorboard, progress=self.progress)
-        callers_threads = torch.get_num_threads()  # put back at the end: other torch work in this process keeps its own
+        callers_threads = self._use_config_threads()
         try:
-            if c.torch_threads:  # OpenMP's thread count is per thread: set it in whichever thread learns
-                torch.set_num_threads(c.effective_torch_threads)
             self._unfinished_total_steps = total
             if self.env_steps >= total:  # no step to take
                 self._finish_run(total, logger, stopped_at_its_end)
@@ -612,7 +619,11 @@ class DQN:
         if video is not None:
             check_video_path(video)  # found out now, not after the games
         seed = self.config.seed + 1 if seed is None else seed
-        returns, protocol = self._play(episodes, epsilon, seed, video)
+        callers_threads = self._use_config_threads()
+        try:
+            returns, protocol = self._play(episodes, epsilon, seed, video)
+        finally:
+            torch.set_num_threads(callers_threads)
         return {"env": self.env_id, "episodes": episodes, "mean_return": float(np.mean(returns)),
                 "std_return": float(np.std(returns)), "returns": returns,
                 "protocol": f"{protocol}; epsilon-greedy, epsilon {epsilon:g}", "epsilon": float(epsilon)}

@@ -48,12 +48,12 @@ class DQNConfig:
     Linux CPU, where two threads would take turns on Python's GIL; thread otherwise). Unused
     by the sync pipeline."""
     torch_threads: int = 2
-    """CPU threads torch may use while learn() runs (the caller's setting is put back after), at
-    most one per core this process may run on (0 leaves torch's default: all cores). On a 2-core
-    Xeon, idle, `fastdqn train` (CartPole, 50k steps) took 7.7 s on two threads and 8.6 s on
-    one. But OpenMP's threads wait for each other spinning: while another process kept one core
-    busy the same run took 15-30 s on two threads against 7.6-8.1 s on one (the Nature CNN's
-    update: 228 against 44 ms). On a machine shared with other work, set 1."""
+    """CPU threads torch may use while learn() or evaluate() runs (the caller's setting is put
+    back after), at most one per core this process may run on (0 leaves torch's default: all
+    cores). On a 2-core Xeon, idle, `fastdqn train` (CartPole, 50k steps) took 7.7 s on two
+    threads and 8.6 s on one. But OpenMP's threads wait for each other spinning: while another
+    process kept one core busy the same run took 15-30 s on two threads against 7.6-8.1 s on one
+    (the Nature CNN's update: 228 against 44 ms). On a machine shared with other work, set 1."""
 
     # --- environment ---------------------------------------------------------
     protocol: str = "cleanrl"
@@ -232,6 +232,8 @@ class DQNConfig:
     def parse_overrides(assignments: list[str]) -> dict:
         """``key=value`` strings (from ``--set``) as {field: value}, each parsed by its field's type
         (``key`` may spell ``_`` as ``-``); ValueError for anything else."""
+        if not isinstance(assignments, str):
+            assignments = list(assignments)  # (a generator is read once)
         if isinstance(assignments, str) or not all(isinstance(a, str) for a in assignments):
             raise TypeError(f"assignments must be a list of 'key=value' strings, got {assignments!r}")
         hints = typing.get_type_hints(DQNConfig)
@@ -394,8 +396,9 @@ _CLASSIC_PRESETS = {"CartPole": "cartpole", "Acrobot": "acrobot"}
 
 def preset_for_env(env_id: str) -> str:
     """The preset ``fastdqn train --env ID`` starts from when no --preset is given."""
+    registered = env_id.rpartition(":")[2]  # gymnasium's "module:Env-v0" is Env-v0
     for prefix, name in _CLASSIC_PRESETS.items():
-        if env_id.startswith(prefix):
+        if registered.startswith(prefix):
             return name
     from fastdqn.envs import is_atari_id  # (gymnasium, which the buffer alone does not need)
 

@@ -3,8 +3,8 @@
 Both map a batch of observations to one Q-value per action, shape (batch, num_actions),
 and both take an optional dueling head (Wang et al., 2016). Observations may arrive in
 their storage dtype (uint8 frames, float32 vectors); the cast happens inside forward, on
-the device, so the host never converts a batch. Only uint8 frames are pixels to scale by
-1/255 (as in SB3): float images are taken as they come.
+the device, so the host never converts a batch. Integer frames are pixels, scaled by 1/255;
+float images are taken as they come, as SB3 takes them.
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ class MLP(nn.Module):
 class NatureCNN(nn.Module):
     """The convolutional Q-network of Mnih et al. (2015), for stacked 84x84 frames.
 
-    Takes frames (batch, in_channels, H, W): uint8 pixels, scaled by 1/255 inside forward,
-    or float frames, taken as they are (already scaled the way the env means them).
+    Takes frames (batch, in_channels, H, W): integer pixels (uint8), scaled by 1/255 inside
+    forward, or float frames, taken as they are (already scaled the way the env means them).
     ``input_size`` is (H, W) and only sets the width of the first linear layer. With
     ``dueling``, the 512-unit fully connected layer is split into a value and an advantage
     stream of 512 units each, as in Wang et al. (2016).
@@ -112,7 +112,7 @@ class NatureCNN(nn.Module):
         self.head = DuelingHead(stream(1), stream(num_actions)) if dueling else stream(num_actions)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        frames = obs.float() * (1.0 / 255.0) if obs.dtype == torch.uint8 else obs.float()
+        frames = obs.float() if obs.is_floating_point() else obs.float() * (1.0 / 255.0)
         return self.head(self.body(frames))
 
 

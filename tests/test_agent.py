@@ -572,6 +572,8 @@ def test_config_validation_and_overrides():
     assert set(DQNConfig.field_docs()) == set(config.to_dict())
     with pytest.raises(TypeError, match="assignments must be a list of 'key=value' strings, got 'seed=1'"):
         DQNConfig().with_overrides("seed=1")  # (not read letter by letter)
+    assert DQNConfig().with_overrides(f"{k}={v}" for k, v in {"seed": 5, "batch_size": 7}.items()) == \
+        DQNConfig(seed=5, batch_size=7)  # (a generator, read once)
     with pytest.raises(TypeError, match="from_dict expects a dict of config fields, got list"):
         DQNConfig.from_dict([("seed", 1)])
     with pytest.raises(TypeError, match=r"hidden_sizes must be a tuple of ints, got tuple \(True,\)"):
@@ -608,6 +610,11 @@ def test_torch_threads_are_capped_at_the_cores_the_process_may_use(monkeypatch, 
     agent.learner.update = lambda *args, **kwargs: (seen.add(torch.get_num_threads()), update(*args, **kwargs))[1]
     agent.learn()
     assert seen == {1} and torch.get_num_threads() == 3  # learn() used the capped count, then put the caller's back
+    seen.clear()
+    predict = agent.predict
+    agent.predict = lambda *args, **kwargs: (seen.add(torch.get_num_threads()), predict(*args, **kwargs))[1]
+    agent.evaluate(2)
+    assert seen == {1} and torch.get_num_threads() == 3  # and so does evaluate()
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     assert DQNConfig(torch_threads=2).effective_torch_threads == 2
@@ -616,6 +623,7 @@ def test_torch_threads_are_capped_at_the_cores_the_process_may_use(monkeypatch, 
 
 def test_presets_follow_env():
     assert preset_for_env("CartPole-v1") == "cartpole"
+    assert preset_for_env("gymnasium.envs.classic_control:CartPole-v1") == "cartpole"  # gymnasium's module:id
     assert preset_for_env("Pong-v5") == "atari" and preset_for_env("ALE/Pong-v5") == "atari"
     # CleanRL's own ids, which the gymnasium fallback plays as Atari, get its dqn_atari settings too.
     assert preset_for_env("BreakoutNoFrameskip-v4") == preset_for_env("Breakout-v4") == "atari"

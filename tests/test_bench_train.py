@@ -355,6 +355,7 @@ def test_set_changes_every_systems_config_and_names_the_report_apart(tmp_path, m
     ("total_steps=100", "--set total_steps: use --steps"),
     ("num-envs=4", "--set num_envs: use --num-envs"),
     ("eval_interval=1000", "--set eval_interval: evaluations during the run would be timed with it"),
+    ("eval_epsilon=0.05", "--set eval_epsilon: every system is evaluated greedily"),
 ])
 def test_bad_set_assignments_are_refused_before_any_system_runs(tmp_path, capsys, monkeypatch, assignment, error):
     monkeypatch.setattr(bench_train, "in_fresh_process", lambda *args: pytest.fail("a system ran"))

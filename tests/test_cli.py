@@ -411,9 +411,9 @@ def test_console_entry_point_reports_errors_without_traceback(tmp_path):
 
 
 def _cli(args, pythonpath=None, cwd=None):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
+    """``python -m fastdqn.cli ARGS`` in a new process, with ``pythonpath`` before the caller's PYTHONPATH."""
+    paths = [str(pythonpath)] if pythonpath is not None else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     return subprocess.run([sys.executable, "-m", "fastdqn.cli", *args], capture_output=True, text=True, timeout=300,
                           env=env, cwd=cwd)
 

@@ -69,13 +69,14 @@ def test_nature_cnn_scales_uint8_frames_and_matches_the_paper_layout(dueling):
     assert torch.allclose(net.head(features), q, atol=1e-5)
 
 
-def test_nature_cnn_scales_only_uint8_pixels_and_takes_float_frames_as_they_are():
+def test_nature_cnn_scales_integer_pixels_and_takes_float_frames_as_they_are():
     torch.manual_seed(0)
     net = NatureCNN(2, 3, input_size=(40, 40))
     pixels = torch.randint(0, 256, (2, 2, 40, 40), dtype=torch.uint8)
     scaled = pixels.to(torch.float32) / 255.0
     torch.testing.assert_close(net(scaled), net(pixels))
     torch.testing.assert_close(net(scaled.double()), net(pixels))
+    torch.testing.assert_close(net(pixels.long()), net(pixels))
 
 
 def test_nature_cnn_adapts_its_linear_layer_to_other_frame_sizes():

@@ -355,7 +355,9 @@ def main(argv: list[str] | None = None) -> dict:
     for field, instead in (("total_steps", "use --steps"), ("num_envs", "use --num-envs"),
                            ("seed", "use --seed"), ("device", "use --device"),
                            ("eval_episodes", "use --eval-episodes (after the timed run)"),
-                           ("eval_interval", "evaluations during the run would be timed with it")):
+                           ("eval_interval", "evaluations during the run would be timed with it"),
+                           ("eval_epsilon", "every system is evaluated greedily, as SB3's deterministic "
+                                            "evaluation")):
         if field in overrides:
             parser.error(f"--set {field}: {instead}")
     env_ids = list(dict.fromkeys(args.env or DEFAULT_ENVS))  # each env once
