@@ -46,6 +46,7 @@ from fastdqn.envs import make_env
 from fastdqn.learner import Learner
 from fastdqn.metrics import RunDirectoryLock, RunLogger, atomic_write_bytes, read_config, read_csv
 from fastdqn.networks import build_q_network
+from fastdqn.progress import make_progress
 from fastdqn.replay import _cast_bounds
 from fastdqn.signals import handling
 from fastdqn.video import VideoWriter, check_video_path
@@ -602,7 +603,7 @@ class DQN:
         return int(actions[0]) if single else actions
 
     def evaluate(self, episodes: int = 10, epsilon: float | None = None, seed: int | None = None,
-                 video: str | os.PathLike | None = None) -> dict:
+                 video: str | os.PathLike | None = None, progress: bool = False) -> dict:
         """Run ``episodes`` full evaluation episodes (raw game scores for Atari, under the
         config's protocol) and return {"env", "episodes", "mean_return", "std_return",
         "returns", "protocol", "epsilon"}; the protocol names the epsilon too. Each of up to 8
@@ -610,7 +611,10 @@ class DQN:
 
         video: a .gif or .mp4 path; the first env's first episode (the first of the returns) is
         recorded there as the env renders it (Atari: the 210x160 colour screen, in real time),
-        and finished when that episode ends."""
+        and finished when that episode ends.
+
+        progress: show the episodes played as they end (a bar on a terminal, else a line every
+        10 s), for evaluations that take a while (Atari games on a CPU)."""
         if isinstance(episodes, bool) or not isinstance(episodes, numbers.Integral) or episodes < 1:
             raise ValueError(f"episodes must be a positive int, got {episodes!r}")
         episodes = int(episodes)
@@ -621,15 +625,15 @@ class DQN:
         seed = self.config.seed + 1 if seed is None else seed
         callers_threads = self._use_config_threads()
         try:
-            returns, protocol = self._play(episodes, epsilon, seed, video)
+            returns, protocol = self._play(episodes, epsilon, seed, video, progress)
         finally:
             torch.set_num_threads(callers_threads)
         return {"env": self.env_id, "episodes": episodes, "mean_return": float(np.mean(returns)),
                 "std_return": float(np.std(returns)), "returns": returns,
                 "protocol": f"{protocol}; epsilon-greedy, epsilon {epsilon:g}", "epsilon": float(epsilon)}
 
-    def _play(self, episodes: int, epsilon: float, seed: int,
-              video: str | os.PathLike | None) -> tuple[list[float], str]:
+    def _play(self, episodes: int, epsilon: float, seed: int, video: str | os.PathLike | None,
+              progress: bool = False) -> tuple[list[float], str]:
         num_envs = next(k for k in range(min(episodes, 8), 0, -1) if episodes % k == 0)
         per_env = episodes // num_envs
         env = make_env(self.env_id, num_envs, seed, mode="eval", protocol=self.config.protocol,
@@ -642,6 +646,7 @@ class DQN:
         returns: list[list[float]] = [[] for _ in range(num_envs)]
         with env:
             recording = VideoWriter(video, env.render_fps) if video is not None else None
+            shown = make_progress(episodes, 0, f"{self.env_id} evaluation", unit="episode") if progress else None
             try:
                 obs = env.reset()
                 if recording is not None:
@@ -657,10 +662,15 @@ class DQN:
                     if recording is not None and returns[0]:  # env 0's first game is over, and so is its video
                         recording.close()
                         recording = None
+                    if shown is not None:
+                        done = [r for env_returns in returns for r in env_returns]
+                        shown.show(len(done), f"mean return {np.mean(done):.1f}" if done else "")
                     obs = result.obs
             finally:
                 if recording is not None:
                     recording.discard()
+                if shown is not None:
+                    shown.close()
             protocol = env.protocol_description
         return [r for env_returns in returns for r in env_returns], protocol
 

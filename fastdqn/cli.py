@@ -5,7 +5,7 @@
                   [--set key=value ...] [--resume DIR] [--no-progress] [--no-tensorboard]
                   [--gym-packages MODULE ...]
     fastdqn eval RUN_DIR_OR_CHECKPOINT [--episodes N] [--epsilon E] [--seed S] [--device D] [--json]
-                 [--video FILE] [--gym-packages MODULE ...]
+                 [--video FILE] [--no-progress] [--gym-packages MODULE ...]
     fastdqn plot RUN_DIR [--out FILE]
     fastdqn bench {buffer,learner,train} [ARGS...]
 
@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--video", default=None, metavar="FILE",
                     help="record the first episode as the env renders it (Atari: the colour screen) "
                          "to a .gif, or an .mp4 (H.264; needs imageio-ffmpeg)")
+    ev.add_argument("--no-progress", action="store_true",
+                    help="no progress of the episodes on stderr (a bar on a terminal, else a line every 10 s)")
     _add_gym_packages(ev)
 
     plot = sub.add_parser("plot", help="write a learning-curve PNG of a run")
@@ -287,7 +289,8 @@ def _eval(args) -> int:
         agent = DQN.load(args.path, device=args.device, load_buffer=False, progress=False, tensorboard=False)
         try:
             seed = args.seed if args.seed is not None else agent.config.seed + 1
-            result = agent.evaluate(args.episodes, epsilon=args.epsilon, seed=seed, video=args.video)
+            result = agent.evaluate(args.episodes, epsilon=args.epsilon, seed=seed, video=args.video,
+                                    progress=not args.no_progress)
         finally:
             agent.close()
     if args.json:

@@ -44,12 +44,12 @@ class ProgressPostfix:
 
 
 class ProgressBar:
-    """tqdm's bar: steps, rate and ETA, then the postfix."""
+    """tqdm's bar: steps (or other ``unit``s), rate and ETA, then the postfix."""
 
-    def __init__(self, total_steps: int, start_step: int, name: str) -> None:
+    def __init__(self, total_steps: int, start_step: int, name: str, unit: str = "step") -> None:
         from tqdm import tqdm
 
-        self._tqdm = tqdm(total=total_steps, initial=start_step, unit="step", unit_scale=True, dynamic_ncols=True,
+        self._tqdm = tqdm(total=total_steps, initial=start_step, unit=unit, unit_scale=True, dynamic_ncols=True,
                           desc=name)
 
     def show(self, step: int, text: str) -> None:
@@ -69,11 +69,12 @@ class ProgressBar:
 class ProgressLines:
     """One line every ``interval_s`` seconds and one at the end, e.g.
     ``Pong-v5: 1,200,000/10,000,000 steps (12%), 8,123 steps/s, ETA 0:18:03, return -3.2, ...``
-    (the rate since the previous line)."""
+    (the rate since the previous line); counting other ``unit``s, ``episodes`` say."""
 
-    def __init__(self, total_steps: int, start_step: int, name: str, *, interval_s: float = LINE_INTERVAL_S,
-                 file: TextIO | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.total_steps, self.name, self.interval_s = total_steps, name, interval_s
+    def __init__(self, total_steps: int, start_step: int, name: str, unit: str = "step", *,
+                 interval_s: float = LINE_INTERVAL_S, file: TextIO | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.total_steps, self.name, self.unit, self.interval_s = total_steps, name, unit, interval_s
         self._file = file if file is not None else sys.stderr
         self._clock = clock
         self._start_step, self._start_time = start_step, clock()
@@ -88,8 +89,9 @@ class ProgressLines:
         rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
         eta = _clock_time((self.total_steps - step) / rate) if rate > 0 and step < self.total_steps else "0:00:00"
         self._last_step, self._last_time = step, now
-        self.write(f"{self.name}: {step:,}/{self.total_steps:,} steps ({100 * step / self.total_steps:.0f}%), "
-                   f"{rate:,.0f} steps/s, ETA {eta}" + (f", {text}" if text else ""))
+        speed = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"
+        self.write(f"{self.name}: {step:,}/{self.total_steps:,} {self.unit}s ({100 * step / self.total_steps:.0f}%), "
+                   f"{speed} {self.unit}s/s, ETA {eta}" + (f", {text}" if text else ""))
 
     def write(self, text: str) -> None:
         show_line(text, self._file)
@@ -98,12 +100,12 @@ class ProgressLines:
         pass
 
 
-def make_progress(total_steps: int, start_step: int, name: str) -> ProgressBar | ProgressLines:
+def make_progress(total_steps: int, start_step: int, name: str, unit: str = "step") -> ProgressBar | ProgressLines:
     """A bar on a terminal or in a Jupyter notebook (which redraws it in place), lines
     anywhere else."""
     stream = sys.stderr
     interactive = stream is not None and (stream.isatty() or type(stream).__module__.startswith("ipykernel"))
-    return (ProgressBar if interactive else ProgressLines)(total_steps, start_step, name)
+    return (ProgressBar if interactive else ProgressLines)(total_steps, start_step, name, unit)
 
 
 def _clock_time(seconds: float) -> str:

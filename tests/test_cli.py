@@ -107,6 +107,29 @@ def test_progress_lines_come_every_interval_and_at_the_end_with_the_recent_rate(
     assert out.getvalue().splitlines()[-1] == "Pong-v5: 10,000/10,000 steps (100%), 317 steps/s, ETA 0:00:00, x"
 
 
+def test_progress_lines_count_other_units_with_the_rate_of_slow_ones():
+    from fastdqn.progress import ProgressLines
+
+    now, out = [0.0], io.StringIO()
+    lines = ProgressLines(10, 0, "Pong-v5 evaluation", "episode", interval_s=10.0, file=out, clock=lambda: now[0])
+    for episodes, t in [(2, 5.0), (3, 12.0), (10, 40.0)]:
+        now[0] = t
+        lines.show(episodes, "mean return -20.0")
+    assert out.getvalue().splitlines() == [
+        "Pong-v5 evaluation: 3/10 episodes (30%), 0.25 episodes/s, ETA 0:00:28, mean return -20.0",
+        "Pong-v5 evaluation: 10/10 episodes (100%), 0.25 episodes/s, ETA 0:00:00, mean return -20.0"]
+
+
+def test_eval_shows_the_episodes_played_unless_told_not_to(run_dir, capsys):
+    assert main(["eval", str(run_dir), "--episodes", "3", "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)  # stdout holds the JSON alone; progress goes to stderr
+    assert captured.err.splitlines()[-1].startswith("CartPole-v1 evaluation: 3/3 episodes (100%)")
+    assert captured.err.splitlines()[-1].endswith(f"mean return {result['mean_return']:.1f}")
+    assert main(["eval", str(run_dir), "--episodes", "3", "--json", "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_the_progress_display_moves_between_metrics_rows_with_the_last_rows_figures(tmp_path, monkeypatch):
     from fastdqn import metrics
 
