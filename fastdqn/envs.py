@@ -204,6 +204,7 @@ class VecEnv:
         self._age = np.zeros(num_envs, np.int64)  # valid steps since the episode started, capped at the stack size
         self._started = False
         self._closed = False
+        self._in_flight = 0  # envs sent (or reset asynchronously) whose results recv has not returned
 
     # ---- public interface -------------------------------------------------------------------------
 
@@ -252,10 +253,16 @@ class VecEnv:
         if n and (actions.min() < 0 or actions.max() >= self.num_actions):
             raise ValueError(f"actions must be in [0, {self.num_actions}), got {actions.min()}..{actions.max()}")
         self._send(actions, env_ids)
+        self._in_flight += n
 
     def recv(self) -> StepResult:
         """The next batch of `batch_size` transitions (rows follow `env_ids`)."""
+        self._check_open()
+        if self._in_flight < self.batch_size:  # it would wait forever (envpool), or return nothing
+            raise RuntimeError(f"recv() with {self._in_flight} envs stepping, fewer than its batch of "
+                               f"{self.batch_size}: send() actions (after reset() or async_reset()) first")
         obs, raw_rewards, terminated, truncated, game_over, env_ids = self._recv()
+        self._in_flight -= len(env_ids)
         raw_rewards = raw_rewards.astype(np.float32, copy=False)
         truncated = truncated & ~terminated
         valid = ~self._resetting[env_ids]
@@ -331,6 +338,7 @@ class VecEnv:
                 obs[rows, :first] = obs[rows, first : first + 1]
 
     def _begin(self, resetting: bool) -> None:
+        self._in_flight = self.num_envs if resetting else 0
         self._resetting[:] = resetting
         self._age[:] = 0
         self._returns[:] = 0.0

@@ -26,6 +26,7 @@ import copy
 import gc
 import math
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -330,6 +331,7 @@ class Learner:
         self._next_offset = zeros(batch_size, dtype=torch.int64)
 
         self._host_batches: dict[int, tuple[list, dict]] = {}  # see _cpu_batch
+        self._seen_once: dict[int, weakref.ref] = {}
         self._target_forwards: dict[int, manual_mlp.MLPForward] = {}  # see target_values
         self._static_batch = {"obs": self._obs, "actions": self._actions, "rewards": self._rewards,
                               "next_obs": self._next_obs, "discounts": self._discounts, "weights": self._weights}
@@ -361,6 +363,12 @@ class Learner:
         ``next_q`` (CPU, observation batches, no Double DQN): ``target_values(next_obs)`` of
         this batch, computed ahead for several batches in one forward pass while the target
         network stays as it is. The step is then the same as without it.
+
+        Prioritized replay: afterwards ``new_priorities`` (batch_size,) on the device holds the
+        batch's |TD errors|, for ``buffer.update_priorities(batch.indices,
+        learner.new_priorities.cpu().numpy())``. Observations must come in the learner's
+        obs_dtype and actions as integers in [0, num_actions): a TypeError or ValueError naming
+        the field otherwise, before anything changes.
         """
         field = _field_getter(batch)
         frame_layout = field("frames") is not None
@@ -407,24 +415,50 @@ class Learner:
             expected = getattr(self, "_" + name).shape
             if value.shape != expected:
                 raise ValueError(f"batch.{name} must have shape {tuple(expected)}, got {tuple(value.shape)}")
+            self._check_dtype(f"batch.{name}", value, name)
+            if name == "actions" and value.device.type == "cpu" and len(value) \
+                    and (int(value.min()) < 0 or int(value.max()) >= self.num_actions):
+                raise ValueError(f"batch.actions must be in [0, {self.num_actions}), got {int(value.min())}.."
+                                 f"{int(value.max())}")
             sources[name] = value
         return sources
+
+    def _check_dtype(self, name: str, value: torch.Tensor, field: str) -> None:
+        """Observations in the learner's obs_dtype (a cast would change them: floats truncated
+        to uint8, uint8 pixels made floats that the Nature CNN does not scale), integer actions
+        and offsets, floating-point rewards, discounts and weights."""
+        if field in ("obs", "next_obs", "frames"):
+            if value.dtype != self.obs_dtype:
+                raise TypeError(f"{name} must have dtype {self.obs_dtype} (the learner's obs_dtype), got {value.dtype}")
+        elif field in ("actions", "next_offset"):
+            if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+                raise TypeError(f"{name} must hold integers, got {value.dtype}")
+        elif not value.dtype.is_floating_point:
+            raise TypeError(f"{name} must be floating point, got {value.dtype}")
 
     def _cpu_batch(self, names, values) -> dict[str, torch.Tensor]:
         """The batch as CPU tensors of the step's dtypes. A caller that samples into the same
         arrays each time (as the agent does, into a few sets of them) gets the tensors made the
         first time back: they share the arrays' memory, so they hold the new batch without any
-        conversion."""
-        seen, tensors = self._host_batches.get(id(values[0]), ((), None))
+        conversion. Arrays are kept only once they come a second time: fresh ones each update
+        (``buffer.sample(n)``) are let go."""
+        key = id(values[0])
+        seen, tensors = self._host_batches.get(key, ((), None))
         if len(seen) == len(values) and all(a is b for a, b in zip(seen, values)):
             return tensors
         sources = self._checked_batch(names, values)
         tensors = {name: value.to(self.device, getattr(self, "_" + name).dtype) for name, value in sources.items()}
         if all(tensors[name] is value for name, value in sources.items()) \
                 and all(isinstance(value, (np.ndarray, torch.Tensor)) for value in values):
-            if len(self._host_batches) >= MAX_HOST_BATCHES:
-                self._host_batches.clear()
-            self._host_batches[id(values[0])] = (values, tensors)
+            first_sight = self._seen_once.get(key)
+            if first_sight is not None and first_sight() is values[0]:
+                if len(self._host_batches) >= MAX_HOST_BATCHES:
+                    self._host_batches.clear()
+                self._host_batches[key] = (values, tensors)
+            else:
+                if len(self._seen_once) >= MAX_HOST_BATCHES:
+                    self._seen_once.clear()
+                self._seen_once[key] = weakref.ref(values[0])
         return tensors
 
     def _allocate_frames(self, shape) -> None:
@@ -573,11 +607,11 @@ class Learner:
         tensor that the next ``act`` call overwrites: copy it (e.g. ``.cpu()``) before then.
         Other N run eagerly. ``epsilon`` is a float or a 0-d tensor.
         """
-        obs = torch.as_tensor(obs)
-        if obs.shape[1:] != self.obs_shape:
-            raise ValueError(f"obs must have shape (N, *{self.obs_shape}), got {tuple(obs.shape)}")
+        obs = self._checked_obs(obs)
         if isinstance(epsilon, torch.Tensor):
             self._epsilon.copy_(epsilon, non_blocking=True)
+        elif isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.floating, np.integer)):
+            raise TypeError(f"epsilon must be a number or a 0-d tensor, got {type(epsilon).__name__}")
         else:
             self._epsilon.fill_(float(epsilon))
         if self.actor_network is self.q_network:  # (a copy stays in eval mode; the online one may be training)
@@ -617,11 +651,19 @@ class Learner:
         return isinstance(self._act_step, _GraphedStep) and self._act_step.graph is not None
 
     @torch.no_grad()
-    def q_values(self, obs: torch.Tensor) -> torch.Tensor:
-        """The online network's Q-values (N, num_actions) for observations (N, *obs_shape) on the device, in
-        eval mode."""
+    def q_values(self, obs) -> torch.Tensor:
+        """The online network's Q-values (N, num_actions) on the device, in eval mode, for
+        observations (N, *obs_shape) in obs_dtype (numpy, or torch on any device)."""
+        obs = self._checked_obs(obs)
         self._online_mode(training=False)
-        return self.q_network(obs)
+        return self.q_network(obs.to(self.device, non_blocking=True))
+
+    def _checked_obs(self, obs) -> torch.Tensor:
+        obs = torch.as_tensor(obs)
+        if obs.shape[1:] != self.obs_shape:
+            raise ValueError(f"obs must have shape (N, *{self.obs_shape}), got {tuple(obs.shape)}")
+        self._check_dtype("obs", obs, "obs")
+        return obs
 
     def _online_mode(self, training: bool) -> None:
         """Switches a user's online network between train and eval mode when that changes."""
@@ -674,6 +716,9 @@ class Learner:
         missing = {"q_network", "target_network", "optimizer", "num_updates"} - set(state)
         if missing:
             raise ValueError(f"learner state is missing {sorted(missing)}")
+        saved, ours = _optimizer_kind(state["optimizer"]), type(self.optimizer).__name__
+        if saved != ours:
+            raise ValueError(f"the saved optimizer state is {saved}'s; this learner's optimizer is {ours}")
         # Network weights are copied in place, so the captured graphs keep pointing at them.
         try:
             self.q_network.load_state_dict(state["q_network"])
@@ -702,3 +747,9 @@ class Learner:
         self.sync_actor()
         # The optimizer's state tensors were replaced: capture the update step again.
         self._graph_steps()
+
+
+def _optimizer_kind(state: dict) -> str:
+    """Which optimizer saved ``state`` (a torch optimizer state_dict): "Adam", "RMSprop" or "unknown"."""
+    groups = (state.get("param_groups") if isinstance(state, dict) else None) or [{}]
+    return "Adam" if "betas" in groups[0] else "RMSprop" if "alpha" in groups[0] else "unknown"

@@ -552,6 +552,31 @@ def test_bad_actions(backend):
         assert sorted([*env.recv().env_ids, *env.recv().env_ids]) == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("backend", ["envpool", "gymnasium"])
+def test_recv_without_envs_stepping_is_refused_rather_than_waiting_or_returning_nothing(backend):
+    with make_env("CartPole-v1", 2, backend=backend) as env:
+        with pytest.raises(RuntimeError, match="recv\\(\\) with 0 envs stepping"):
+            env.recv()  # before any reset
+        env.reset()
+        with pytest.raises(RuntimeError, match="send\\(\\) actions"):
+            env.recv()  # nothing sent
+        env.send(np.zeros(2, np.int64))
+        assert env.recv().valid.all()
+        with pytest.raises(RuntimeError, match="recv\\(\\) with 0 envs stepping"):
+            env.recv()  # the results were taken
+    if backend == "envpool":
+        with make_env("CartPole-v1", 4, batch_size=2) as env:  # async: envpool's recv would block forever
+            env.async_reset()
+            first, second = env.recv(), env.recv()
+            assert sorted([*first.env_ids, *second.env_ids]) == [0, 1, 2, 3]
+            with pytest.raises(RuntimeError, match="recv\\(\\) with 0 envs stepping, fewer than its batch of 2"):
+                env.recv()
+    env = make_env("CartPole-v1", 2, backend=backend)
+    env.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        env.recv()
+
+
 def test_a_closed_env_refuses_to_step_or_reset():
     env = make_env("CartPole-v1", 2, 0)
     env.reset()

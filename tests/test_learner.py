@@ -382,9 +382,65 @@ def test_bad_batches_raise_before_any_state_changes():
     no_weights = {k: v for k, v in batch.items() if k != "weights"}
     with pytest.raises(ValueError, match="weights"):
         learner.update(no_weights)
+    # Casts that would change the batch: observations of another dtype, float actions, integer rewards.
+    for field, value, error, match in [
+            ("obs", batch["obs"].astype(np.float64), TypeError, "batch.obs must have dtype torch.float32"),
+            ("next_obs", (batch["next_obs"] * 100).astype(np.uint8), TypeError, "batch.next_obs must have dtype"),
+            ("actions", batch["actions"] + 0.7, TypeError, "batch.actions must hold integers, got torch.float64"),
+            ("rewards", np.ones(BATCH, np.int64), TypeError, "batch.rewards must be floating point"),
+            ("actions", np.full(BATCH, NUM_ACTIONS), ValueError, rf"batch.actions must be in \[0, {NUM_ACTIONS}\)"),
+            ("actions", np.full(BATCH, -1), ValueError, r"batch.actions must be in \[0, 3\), got -1..-1")]:
+        with pytest.raises(error, match=match):
+            learner.update({**batch, field: value})
     assert learner.num_updates == 0
     assert all(torch.equal(a, b) for a, b in zip(params(learner.q_network), before))
     assert math.isnan(learner.metrics()["loss"])
+
+
+def test_acting_and_q_values_check_their_observations_alike():
+    learner = make_learner(make_net())
+    obs = np.random.default_rng(0).normal(size=(2, OBS_DIM)).astype(np.float32)
+    expected = learner.q_network(torch.as_tensor(obs))
+    torch.testing.assert_close(learner.q_values(obs), expected)  # numpy as act takes it
+    torch.testing.assert_close(learner.q_values(torch.as_tensor(obs)), expected)
+    for method in (lambda o: learner.act(o, 0.1), learner.q_values):
+        with pytest.raises(ValueError, match=r"obs must have shape \(N, \*\(3,\)\), got \(2, 4\)"):
+            method(np.zeros((2, 4), np.float32))
+        with pytest.raises(TypeError, match="obs must have dtype torch.float32"):
+            method(obs.astype(np.float64))
+    with pytest.raises(TypeError, match="epsilon must be a number or a 0-d tensor, got NoneType"):
+        learner.act(obs, None)
+
+
+def test_a_state_saved_under_the_other_optimizer_is_refused_before_anything_changes():
+    adam, rmsprop = make_learner(make_net(seed=1)), make_learner(make_net(seed=2), optimizer="rmsprop")
+    rng = np.random.default_rng(0)
+    adam.update(make_batch(rng))
+    before = params(rmsprop.q_network)
+    with pytest.raises(ValueError, match="the saved optimizer state is Adam's; this learner's optimizer is RMSprop"):
+        rmsprop.load_state_dict(adam.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(params(rmsprop.q_network), before))
+    rmsprop.update(make_batch(rng))  # and it still trains
+
+
+def test_fresh_host_batches_are_not_kept_and_reused_ones_are():
+    import gc
+    import weakref
+
+    learner = make_learner(make_net())
+    rng = np.random.default_rng(0)
+    fresh = []
+    for _ in range(5):  # a new batch each update, as buffer.sample(n) gives
+        batch = make_batch(rng)
+        fresh.append(weakref.ref(batch["obs"]))
+        learner.update(batch)
+        del batch
+    gc.collect()
+    assert all(ref() is None for ref in fresh[:-1])  # (the step's last tensors may still view the newest)
+    reused = make_batch(rng)  # sampled into the same arrays each time, as sample(n, out=) does
+    for _ in range(3):
+        learner.update(reused)
+    assert any(values[0] is reused["obs"] for values, _ in learner._host_batches.values())
 
 
 @pytest.mark.parametrize("kwargs, match", [
