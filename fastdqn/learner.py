@@ -416,10 +416,10 @@ class Learner:
             if value.shape != expected:
                 raise ValueError(f"batch.{name} must have shape {tuple(expected)}, got {tuple(value.shape)}")
             self._check_dtype(f"batch.{name}", value, name)
-            if name == "actions" and value.device.type == "cpu" and len(value) \
-                    and (int(value.min()) < 0 or int(value.max()) >= self.num_actions):
-                raise ValueError(f"batch.actions must be in [0, {self.num_actions}), got {int(value.min())}.."
-                                 f"{int(value.max())}")
+            if name == "actions" and value.device.type == "cpu" and len(value):  # (on the device it would sync)
+                low, high = (int(v) for v in torch.aminmax(value))
+                if low < 0 or high >= self.num_actions:
+                    raise ValueError(f"batch.actions must be in [0, {self.num_actions}), got {low}..{high}")
             sources[name] = value
         return sources
 
