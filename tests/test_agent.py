@@ -666,6 +666,18 @@ def test_the_keras_rl_example_runs_again_into_a_directory_of_its_own(tmp_path):
     assert len(runs) == 2 and all((run / "dqn_CartPole-v0_weights.pt").is_file() for run in runs)
 
 
+def test_the_own_loop_example_solves_cartpole_from_the_pieces(tmp_path):
+    """examples/own_loop.py: make_env, the buffer and the Learner composed by hand (seeded) reach
+    the 475 bar in 50k steps, as DQN does; its prioritized variant runs too."""
+    example = Path(__file__).parent.parent / "examples" / "own_loop.py"
+    for flags, bar in (([], 475.0), (["--steps", "3000", "--prioritized"], 0.0)):
+        proc = subprocess.run([sys.executable, str(example), *flags], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        score = float(re.search(r"evaluation: mean return ([\d.]+) over 10 episodes", proc.stdout).group(1))
+        assert score >= bar, proc.stdout
+
+
 def test_evaluating_an_env_without_a_time_limit_warns_that_it_may_never_end(own_env_module):
     own_env_module("fastdqn_test_unlimited", "FastdqnUnlimited-v0", max_episode_steps=None)
     agent = DQN("fastdqn_test_unlimited:FastdqnUnlimited-v0", DQNConfig(num_envs=2, hidden_sizes=(8,)),
