@@ -368,7 +368,9 @@ class Learner:
         batch's |TD errors|, for ``buffer.update_priorities(batch.indices,
         learner.new_priorities.cpu().numpy())``. Observations must come in the learner's
         obs_dtype and actions as integers in [0, num_actions): a TypeError or ValueError naming
-        the field otherwise, before anything changes.
+        the field otherwise, before anything changes. (Checked when the learner first meets a
+        batch's arrays: arrays sampled into again are not checked again, nor are the values of
+        actions already on the device, which would cost a sync.)
         """
         field = _field_getter(batch)
         frame_layout = field("frames") is not None
@@ -417,7 +419,7 @@ class Learner:
                 raise ValueError(f"batch.{name} must have shape {tuple(expected)}, got {tuple(value.shape)}")
             self._check_dtype(f"batch.{name}", value, name)
             if name == "actions" and value.device.type == "cpu" and len(value):  # (on the device it would sync)
-                low, high = (int(v) for v in torch.aminmax(value))
+                low, high = (int(v) for v in torch.aminmax(value.to(torch.int64)))  # (no kernel for uint16-64)
                 if low < 0 or high >= self.num_actions:
                     raise ValueError(f"batch.actions must be in [0, {self.num_actions}), got {low}..{high}")
             sources[name] = value

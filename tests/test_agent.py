@@ -666,6 +666,7 @@ def test_the_keras_rl_example_runs_again_into_a_directory_of_its_own(tmp_path):
     assert len(runs) == 2 and all((run / "dqn_CartPole-v0_weights.pt").is_file() for run in runs)
 
 
+@pytest.mark.slow
 def test_the_own_loop_example_solves_cartpole_from_the_pieces(tmp_path):
     """examples/own_loop.py: make_env, the buffer and the Learner composed by hand (seeded) reach
     the 475 bar in 50k steps, as DQN does; its prioritized variant runs too."""

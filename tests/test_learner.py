@@ -397,6 +397,21 @@ def test_bad_batches_raise_before_any_state_changes():
     assert math.isnan(learner.metrics()["loss"])
 
 
+def test_actions_of_any_integer_dtype_train():
+    from fastdqn import ReplayBuffer
+
+    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64, np.int32):
+        buffer = ReplayBuffer(64, (OBS_DIM,), obs_dtype=np.float32, action_dtype=dtype, seed=0)
+        obs = np.zeros((1, OBS_DIM), np.float32)
+        for step in range(10):
+            next_obs = np.full((1, OBS_DIM), step + 1.0, np.float32)
+            buffer.add(obs, np.array([2], dtype), np.zeros(1, np.float32), next_obs, [False], [False])
+            obs = next_obs
+        learner = make_learner(make_net())
+        learner.update(buffer.sample(BATCH))
+        assert learner.num_updates == 1, dtype
+
+
 def test_acting_and_q_values_check_their_observations_alike():
     learner = make_learner(make_net())
     obs = np.random.default_rng(0).normal(size=(2, OBS_DIM)).astype(np.float32)
