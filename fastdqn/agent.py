@@ -233,7 +233,7 @@ class DQN:
 
     def updates_due(self, step: int) -> int:
         """Updates that should have run by env step ``step``: one round of gradient_steps
-        per train_frequency steps after learning_starts, whatever num_envs is. None (0) before
+        per train_frequency steps after learning_starts, whatever num_envs is. 0 before
         every env has taken n_step steps, when the buffer may hold no complete n-step window."""
         return self.config.updates_due(step)
 
@@ -644,6 +644,7 @@ class DQN:
                           "max_episode_steps", stacklevel=3)
         rng = np.random.default_rng(seed)
         returns: list[list[float]] = [[] for _ in range(num_envs)]
+        played, score_sum = 0, 0.0  # for the progress display
         with env:
             recording = VideoWriter(video, env.render_fps) if video is not None else None
             shown = make_progress(episodes, 0, f"{self.env_id} evaluation", unit="episode") if progress else None
@@ -659,12 +660,12 @@ class DQN:
                     for i, game_return in zip(result.episode_env_ids, result.episode_returns):
                         if len(returns[i]) < per_env:
                             returns[i].append(float(game_return))
+                            played, score_sum = played + 1, score_sum + float(game_return)
                     if recording is not None and returns[0]:  # env 0's first game is over, and so is its video
                         recording.close()
                         recording = None
                     if shown is not None:
-                        done = [r for env_returns in returns for r in env_returns]
-                        shown.show(len(done), f"mean return {np.mean(done):.1f}" if done else "")
+                        shown.show(played, f"mean return {score_sum / played:.1f}" if played else "")
                     obs = result.obs
             finally:
                 if recording is not None:

@@ -728,11 +728,10 @@ def is_atari_id(env_id: str, backend: str = "auto") -> bool:
     (``Pong-v5``) and every id gymnasium's ALE registers (``ALE/Pong-v5``, CleanRL's
     ``PongNoFrameskip-v4``). False for an id neither knows."""
     try:
-        backend = env_backend(env_id, backend)
+        backend, name = _resolve(env_id, backend)
     except (ValueError, ImportError):
         return False
-    env_id = _registered_id(env_id)
-    return _envpool_module(env_id) == "envpool.atari" if backend == "envpool" else _is_gymnasium_atari(env_id)
+    return _envpool_module(name) == "envpool.atari" if backend == "envpool" else _is_gymnasium_atari(name)
 
 
 def _is_gymnasium_atari(env_id: str) -> bool:
@@ -798,8 +797,7 @@ def make_env(
         _check_int("max_episode_steps", max_episode_steps, 1)
         atari_protocol = dataclasses.replace(atari_protocol, max_episode_steps=max_episode_steps)
 
-    backend = env_backend(env_id, backend)
-    env_id = _registered_id(env_id)
+    backend, env_id = _resolve(env_id, backend)
     if backend == "gymnasium":
         if batch_size != num_envs:
             raise ValueError(f"batch_size < num_envs (async mode) needs envpool; {env_id} runs on gymnasium")
@@ -817,12 +815,17 @@ def make_env(
 def env_backend(env_id: str, backend: str = "auto") -> str:
     """Which package makes ``env_id`` with ``make_env(..., backend=backend)``: "envpool" or
     "gymnasium". ValueError, with close matches, for an id it does not know."""
+    return _resolve(env_id, backend)[0]
+
+
+def _resolve(env_id: str, backend: str) -> tuple[str, str]:
+    """``env_backend``'s answer, and the id as registered there (``_registered_id``)."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     name = _registered_id(env_id)
     envpool_ids = _envpool_ids() if backend != "gymnasium" else []
     if name in envpool_ids:
-        return "envpool"
+        return "envpool", name
     if backend == "envpool":
         if not envpool_ids:
             raise ImportError("backend='envpool' needs the envpool package (pip install envpool)")
@@ -832,7 +835,7 @@ def env_backend(env_id: str, backend: str = "auto") -> str:
         candidates = gymnasium_ids + ([] if backend == "gymnasium" else envpool_ids)
         raise ValueError(_unknown_id_message(env_id, candidates, "envpool or gymnasium"
                                              if backend == "auto" else "gymnasium"))
-    return "gymnasium"
+    return "gymnasium", name
 
 
 def _registered_id(env_id: str) -> str:

@@ -13,10 +13,10 @@ capturable one (tested against eager CUDA by the parity tests).
 Graph safety rules kept throughout: no ``.item()`` or other host syncs in the step, no
 data-dependent Python branches, gradients are preallocated and written in place, inputs are
 copied into static tensors (on CPU, where nothing is captured, the step reads the caller's
-batch directly), and the optimizer is capturable. The only wait is for a batch's own copy out of pinned host
-memory, after the step is queued (see ``Learner._copy_inputs``). Exploration's random
-numbers are drawn on the host (``Learner.act_rng``, as CleanRL and SB3 draw them) and copied
-in with the observations, so the action graph holds no device RNG state that another
+batch directly), and the optimizer is capturable. The only wait is for a batch's own copy out
+of pinned host memory, after the step is queued (see ``Learner._copy_inputs``). Exploration's
+random numbers are drawn on the host (``Learner.act_rng``, as CleanRL and SB3 draw them) and
+copied in with the observations, so the action graph holds no device RNG state that another
 thread's graph replays could touch.
 """
 
